@@ -1,0 +1,49 @@
+"""nbtune: plan, run and compare fine-tuning of language models from a notebook.
+
+`import nbtune` is light: torch, transformers, peft and plotly are imported only when a feature needs them,
+so `%load_ext nbtune` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from nbtune.config import ConfigError, TuneConfig
+
+__version__ = "0.1.0"
+
+# Public names that live in heavier modules, imported on first use.
+_LAZY = {
+    "train": "nbtune.runner",
+    "load_trained_model": "nbtune.training",
+    "launch": "nbtune.runner",
+    "resume": "nbtune.runner",
+    "Run": "nbtune.runner",
+    "RunStore": "nbtune.store",
+    "estimate_memory": "nbtune.estimator",
+    "MemoryEstimate": "nbtune.estimator",
+    "compare": "nbtune.compare",
+    "Comparison": "nbtune.compare",
+}
+
+__all__ = ["ConfigError", "TuneConfig", "__version__", "load_ipython_extension", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name == "widgets":
+        return importlib.import_module("nbtune.widgets")
+    raise AttributeError(f"module 'nbtune' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext nbtune`: register the %nbtune magics (the UI layer lives in nbtune.widgets)."""
+    importlib.import_module("nbtune.widgets.magics").load_ipython_extension(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    importlib.import_module("nbtune.widgets.magics").unload_ipython_extension(ipython)

@@ -1,0 +1,280 @@
+"""Examples for training: load the config's data source, split it, apply the template and tokenize.
+
+Sources: a built-in dataset ("nbtune:capitals"), a local csv/jsonl/json/parquet file, in-memory rows, or a
+datasets hub id. For causal LM the prompt is formatted from the row by `prompt_template` and the target is
+appended; only the target's tokens are trained on. Classification rows carry a label name or index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbtune.config import EMBEDDED_PREFIX, TuneConfig
+
+FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Columns:
+    """Which columns a source uses, after the built-in dataset's defaults are applied."""
+
+    text: str | None
+    target: str | None
+    label: str | None
+    template: str | None
+    labels: tuple[str, ...] = ()
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and eval examples plus what the run records about them."""
+
+    train: list[dict[str, list[int] | int]]
+    eval: list[dict[str, list[int] | int]]
+    columns: Columns
+    labels: tuple[str, ...]
+    fingerprint: str
+    truncated: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def builtin_dataset(source: Any) -> Any:
+    if isinstance(source, str) and source.startswith(EMBEDDED_PREFIX):
+        from nbtune import embedded
+
+        name = source[len(EMBEDDED_PREFIX):]
+        if name not in embedded.DATASETS:
+            allowed = ", ".join(EMBEDDED_PREFIX + n for n in embedded.DATASETS)
+            raise ValueError(f"data.source must be one of the built-in datasets {allowed} (got {source!r})")
+        return embedded.DATASETS[name]
+    return None
+
+
+def resolve_columns(config: TuneConfig, example: dict[str, Any] | None = None) -> Columns:
+    """The columns and template to use, taking defaults from a built-in dataset and checking they exist."""
+    d = config.data
+    spec = builtin_dataset(d.source)
+    text = d.text_column or (spec.text_column if spec else None)
+    target = d.target_column or (spec.target_column if spec else None)
+    label = d.label_column or (spec.label_column if spec else None)
+    template = d.prompt_template or (spec.prompt_template if spec else None)
+    labels = tuple(spec.labels) if spec else ()
+    if example is not None:
+        if text is None and template is None:
+            text = "text" if "text" in example else None
+        if text is None and template is None:
+            raise ValueError(f"data.text_column must name the input column; the data has {sorted(example)}")
+        for name, column in (("text_column", text), ("target_column", target), ("label_column", label)):
+            if column is not None and column not in example:
+                raise ValueError(f"data.{name} must be one of the data's columns {sorted(example)} (got {column!r})")
+        if template is not None:
+            try:
+                template.format(**example)
+            except (KeyError, IndexError) as err:
+                raise ValueError(
+                    f"data.prompt_template names a column the data lacks: {err} (columns: {sorted(example)})"
+                ) from None
+    return Columns(text=text, target=target, label=label, template=template, labels=labels)
+
+
+def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
+    """Raw rows of one split of the config's source."""
+    d = config.data
+    source = d.source
+    if isinstance(source, list):
+        return list(source)
+    spec = builtin_dataset(source)
+    if spec is not None:
+        from nbtune import embedded
+
+        if split not in spec.splits:
+            raise ValueError(f"data.split must be one of {', '.join(spec.splits)} for {source} (got {split!r})")
+        return embedded.load_rows(spec.name, split)
+    path = Path(source).expanduser()
+    if path.suffix in FILE_FORMATS:
+        if not path.exists():
+            raise FileNotFoundError(f"data.source {source!r} does not exist")
+        if split != d.split:
+            raise ValueError(f"data.eval_split {split!r}: a single file has no named splits; use a fraction like 0.1")
+        return _read_file(path)
+    from datasets import load_dataset
+
+    dataset = load_dataset(source, split=split, revision=d.revision)
+    return dataset.to_list()
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    from datasets import load_dataset
+
+    return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+
+
+def load_rows(config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval rows after the split and the sample caps (deterministic for a seed)."""
+    d = config.data
+    train = load_split(config, d.split)
+    if isinstance(d.eval_split, float):
+        rows = list(train)
+        random.Random(config.training.seed).shuffle(rows)
+        n_eval = max(1, int(len(rows) * d.eval_split))
+        eval_rows, train = rows[:n_eval], rows[n_eval:]
+    else:
+        eval_rows = load_split(config, d.eval_split)
+    if d.max_samples is not None:
+        train = train[: d.max_samples]
+    if d.max_eval_samples is not None:
+        eval_rows = eval_rows[: d.max_eval_samples]
+    if not train:
+        raise ValueError(f"data.source {_describe(d.source)} has no training rows")
+    return train, eval_rows
+
+
+def fingerprint(rows: list[dict[str, Any]], *more: list[dict[str, Any]]) -> str:
+    """A content hash of the rows actually used."""
+    digest = hashlib.sha256()
+    for part in (rows, *more):
+        for row in part:
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def format_prompt(columns: Columns, row: dict[str, Any]) -> str:
+    return columns.template.format(**row) if columns.template else str(row[columns.text])
+
+
+def target_text(columns: Columns, row: dict[str, Any]) -> str | None:
+    if columns.target is not None:
+        return str(row[columns.target])
+    if columns.label is not None:  # classification as generation: the label word is the answer
+        return " " + str(row[columns.label])
+    return None
+
+
+def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
+    """Tokenize train and eval rows for the config's task."""
+    train_rows, eval_rows = load_rows(config)
+    columns = resolve_columns(config, train_rows[0])
+    task = config.model.task
+    labels: tuple[str, ...] = ()
+    if task == "seq-cls":
+        if columns.label is None:
+            raise ValueError("data.label_column must name the class column for task seq-cls")
+        labels = columns.labels or tuple(sorted({str(r[columns.label]) for r in train_rows + eval_rows}))
+    counter = {"truncated": 0}
+    encode = {"causal-lm": _encode_causal, "seq2seq": _encode_seq2seq, "seq-cls": _encode_cls}[task]
+    max_length = config.data.max_length
+
+    def run(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [encode(tokenizer, columns, row, max_length, labels, counter) for row in rows]
+
+    train, evaluation = run(train_rows), run(eval_rows)
+    lengths = [len(x["input_ids"]) for x in train]
+    return PreparedData(
+        train=train, eval=evaluation, columns=columns, labels=labels,
+        fingerprint=fingerprint(train_rows, eval_rows), truncated=counter["truncated"],
+        stats={"train_rows": len(train), "eval_rows": len(evaluation),
+               "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)},
+    )
+
+
+def _truncate(ids: list[int], max_length: int, counter: dict[str, int]) -> list[int]:
+    if len(ids) > max_length:
+        counter["truncated"] += 1
+        return ids[:max_length]
+    return ids
+
+
+def _encode_causal(tok: Any, columns: Columns, row: dict[str, Any], max_length: int, labels: tuple[str, ...],
+                   counter: dict[str, int]) -> dict[str, Any]:
+    prompt_ids = tok(format_prompt(columns, row), add_special_tokens=True)["input_ids"]
+    target = target_text(columns, row)
+    if target is None:
+        ids = _truncate(prompt_ids + ([tok.eos_token_id] if tok.eos_token_id is not None else []), max_length, counter)
+        return {"input_ids": ids, "labels": list(ids)}
+    target_ids = tok(target, add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:
+        target_ids = target_ids + [tok.eos_token_id]
+    ids = _truncate(prompt_ids + target_ids, max_length, counter)
+    label_ids = ([-100] * len(prompt_ids) + target_ids)[: len(ids)]
+    return {"input_ids": ids, "labels": label_ids}
+
+
+def _encode_seq2seq(tok: Any, columns: Columns, row: dict[str, Any], max_length: int, labels: tuple[str, ...],
+                    counter: dict[str, int]) -> dict[str, Any]:
+    ids = _truncate(tok(format_prompt(columns, row))["input_ids"], max_length, counter)
+    target = target_text(columns, row) or ""
+    label_ids = _truncate(tok(text_target=target.strip())["input_ids"], max_length, counter)
+    return {"input_ids": ids, "labels": label_ids}
+
+
+def _encode_cls(tok: Any, columns: Columns, row: dict[str, Any], max_length: int, labels: tuple[str, ...],
+                counter: dict[str, int]) -> dict[str, Any]:
+    ids = _truncate(tok(format_prompt(columns, row))["input_ids"], max_length, counter)
+    value = row[columns.label]
+    if isinstance(value, int) and not isinstance(value, bool) and str(value) not in labels:
+        index = value
+    else:
+        if str(value) not in labels:
+            raise ValueError(f"data.label_column value {value!r} is not among the labels {labels}")
+        index = labels.index(str(value))
+    return {"input_ids": ids, "labels": index}
+
+
+class Collator:
+    """Right-pads a batch; labels of padding are -100 (ignored by the loss)."""
+
+    def __init__(self, pad_token_id: int, task: str):
+        self.pad_token_id = pad_token_id
+        self.task = task
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[i, :n] = torch.tensor(f["input_ids"])
+            attention[i, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        if self.task == "seq-cls":
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        else:
+            label_width = max(len(f["labels"]) for f in features)
+            labels = torch.full((len(features), label_width), -100, dtype=torch.long)
+            for i, f in enumerate(features):
+                labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
+            batch["labels"] = labels
+        return batch
+
+
+def preview(config: TuneConfig, tokenizer: Any = None, rows: int = 5) -> dict[str, Any]:
+    """What the builder's data preview shows: first formatted rows, row counts, token lengths, truncation."""
+    train_rows, eval_rows = load_rows(config)
+    columns = resolve_columns(config, train_rows[0])
+    shown = [{"input": format_prompt(columns, r), "target": target_text(columns, r) if columns.target or
+              config.model.task != "seq-cls" else None, "label": r.get(columns.label) if columns.label else None}
+             for r in train_rows[:rows]]
+    result: dict[str, Any] = {"rows": shown, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    if tokenizer is not None:
+        lengths = [len(tokenizer(format_prompt(columns, r) + (target_text(columns, r) or ""))["input_ids"])
+                   for r in train_rows]
+        result["token_lengths"] = lengths
+        result["truncated"] = sum(n > config.data.max_length for n in lengths)
+    return result
+
+
+def _describe(source: Any) -> str:
+    return f"<{len(source)} in-memory rows>" if isinstance(source, list) else repr(source)

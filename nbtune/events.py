@@ -1,0 +1,170 @@
+"""A run's event stream: what training does, as timestamped records that the charts, the disk and tests consume.
+
+Kinds: queued, started, step, eval, checkpoint, finished, stopped, failed. The training thread only appends
+(to the history, to the JSON-lines file, flushed per record, and to each subscriber's bounded queue); each
+subscriber is called on its own thread, so a slow or failing subscriber never slows or breaks training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("nbtune")
+
+TERMINAL = ("finished", "stopped", "failed")
+QUEUE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    time: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=_jsonable, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> Event:
+        d = json.loads(line)
+        return cls(kind=d["kind"], time=d["time"], data=d.get("data", {}))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _clean(data: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities become None (JSON has neither); tensors become numbers."""
+    out = {}
+    for k, v in data.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+class _Subscriber:
+    def __init__(self, callback: Callable[[Event], Any], name: str):
+        self.callback = callback
+        self.name = name
+        self.queue: queue.Queue[Event | None] = queue.Queue(QUEUE_SIZE)
+        self.dropped = 0
+        self.failed = False
+        self.thread = threading.Thread(target=self._deliver, name=f"nbtune-subscriber-{name}", daemon=True)
+        self.thread.start()
+
+    def put(self, event: Event) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("nbtune: subscriber %s is too slow; dropping events", self.name)
+
+    def _deliver(self) -> None:
+        while True:
+            event = self.queue.get()
+            if event is None:
+                return
+            try:
+                self.callback(event)
+            except Exception:  # a broken subscriber must not break training; say so once
+                if not self.failed:
+                    self.failed = True
+                    log.exception("nbtune: subscriber %s failed (further errors are not shown)", self.name)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+
+class EventStream:
+    """The events of one run: history in memory, a JSON-lines file, and subscribers."""
+
+    def __init__(self, path: Path | None = None, history: list[Event] | None = None):
+        self.history: list[Event] = list(history or [])
+        self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        self._subscribers: list[_Subscriber] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    @classmethod
+    def read(cls, path: Path) -> list[Event]:
+        """Events of a file; a torn last line (killed process) is skipped."""
+        events = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    events.append(Event.from_json(line))
+                except (json.JSONDecodeError, KeyError):
+                    continue
+        return events
+
+    def emit(self, kind: str, **data: Any) -> Event:
+        event = Event(kind=kind, time=time.time(), data=_clean(data))
+        with self._lock:
+            self.history.append(event)
+            if self._file is not None:
+                self._file.write(event.to_json() + "\n")
+                self._file.flush()
+            subscribers = list(self._subscribers)
+            self._changed.notify_all()
+        for s in subscribers:
+            s.put(event)
+        return event
+
+    def subscribe(self, callback: Callable[[Event], Any], replay: bool = True) -> Callable[[], None]:
+        """Call `callback(event)` for every event (first the past ones if `replay`); returns an unsubscribe."""
+        with self._lock:
+            sub = _Subscriber(callback, getattr(callback, "__name__", "callback"))
+            if replay:
+                for event in self.history:
+                    sub.put(event)
+            self._subscribers.append(sub)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if sub in self._subscribers:
+                    self._subscribers.remove(sub)
+            sub.close()
+
+        return unsubscribe
+
+    def __iter__(self) -> Iterator[Event]:
+        """All events so far, then new ones as they come, until the run ends."""
+        index = 0
+        while True:
+            with self._lock:
+                while index >= len(self.history):
+                    if self.history and self.history[-1].kind in TERMINAL:
+                        return
+                    self._changed.wait(timeout=0.5)
+                event = self.history[index]
+            index += 1
+            yield event
+            if event.kind in TERMINAL:
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            subscribers, self._subscribers = self._subscribers, []
+        for s in subscribers:
+            s.close()
+        for s in subscribers:
+            s.thread.join(timeout=5)

@@ -1,0 +1,186 @@
+"""The one registry of tuning methods.
+
+Each `Method` describes itself — name, family, one-line description, paper, its fields (type, default, range,
+help), its recommended learning rate, and how to apply it to a model — and the widget forms, the memory
+estimator, the docs and the config validation all read this same description. Entries stay pure data: the
+code that applies a method is named by a dotted path and imported only when a model is built, so reading the
+registry never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FIELD_KINDS = ("int", "float", "bool", "choice", "str", "str-list", "int-list")
+ALL_TASKS = ("causal-lm", "seq2seq", "seq-cls")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One parameter of a method, as a form shows it and as validation checks it."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+    optional: bool = False  # None is allowed (means "the library's automatic choice")
+
+    def check(self, value: Any, prefix: str = "method") -> str | None:
+        """An error message naming the field, the value and what is allowed, or None if the value is fine."""
+        name = f"{prefix}.{self.name}"
+        if value is None:
+            return None if self.optional else f"{name} is required ({self.help})"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"{name} must be true or false (got {value!r})"
+        if self.kind in ("int", "float"):
+            ok_type = isinstance(value, int) if self.kind == "int" else isinstance(value, (int, float))
+            if not ok_type or isinstance(value, bool):
+                return f"{name} must be {'an integer' if self.kind == 'int' else 'a number'} (got {value!r})"
+            if self.low is not None and value < self.low:
+                return f"{name} must be >= {self.low} (got {value!r})"
+            if self.high is not None and value > self.high:
+                return f"{name} must be <= {self.high} (got {value!r})"
+            return None
+        if self.kind == "choice":
+            allowed = ", ".join(str(c) for c in self.choices)
+            return None if value in self.choices else f"{name} must be one of {allowed} (got {value!r})"
+        if self.kind == "str":
+            return None if isinstance(value, str) else f"{name} must be text (got {value!r})"
+        if self.kind in ("str-list", "int-list"):
+            item = str if self.kind == "str-list" else int
+            if isinstance(value, (list, tuple)) and all(isinstance(v, item) for v in value):
+                if self.choices and any(v not in self.choices for v in value):
+                    return f"{name} items must be among {', '.join(map(str, self.choices))} (got {value!r})"
+                return None
+            what = "names" if item is str else "integers"
+            return f"{name} must be a list of {what} (got {value!r})"
+        return None
+
+
+@dataclass
+class MethodContext:
+    """What a method needs to know about the model it is applied to."""
+
+    task: str
+    model_config: Any = None  # transformers.PretrainedConfig
+    tokenizer: Any = None
+    num_labels: int | None = None
+    dtype: str = "fp32"
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. the teacher model for distillation
+
+
+@dataclass(frozen=True)
+class Method:
+    """A tuning method: how it looks in a form, how it is validated, and where its code lives."""
+
+    name: str
+    title: str
+    family: str
+    description: str
+    paper: str
+    fields: tuple[Field, ...]
+    apply: str  # "module:function" — fn(model, params, ctx) -> model to train
+    learning_rate: float
+    tasks: tuple[str, ...] = ALL_TASKS
+    is_peft: bool = True  # the artifact is a PEFT adapter loadable by peft.PeftModel.from_pretrained
+    load_kwargs: str | None = None  # "module:function" — fn(params, ctx) -> extra from_pretrained kwargs
+    compute_loss: str | None = None  # "module:function" — fn(model, inputs, ctx) -> loss (training only)
+    callbacks: str | None = None  # "module:function" — fn(model, params, ctx) -> list of TrainerCallback
+    save: str | None = None  # "module:function" — fn(model, directory, ctx); default: model.save_pretrained
+    load_trained: str | None = None  # "module:function" — fn(base_model, directory) -> trained model
+    virtual_tokens: str | None = None  # field whose value is the number of tokens added to every sequence
+    generated: bool = False  # generated from an installed peft config class
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"method {self.name!r} has no field {name!r}; fields: {[f.name for f in self.fields]}")
+
+    def defaults(self) -> dict[str, Any]:
+        return {f.name: f.default for f in self.fields}
+
+    def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Params with defaults filled in, in field order."""
+        return {f.name: params.get(f.name, f.default) for f in self.fields}
+
+    def check(self, params: dict[str, Any], task: str | None = None) -> list[tuple[str, str]]:
+        """Every problem of these params as (dotted field, message)."""
+        out = []
+        known = {f.name for f in self.fields}
+        for key in params:
+            if key not in known:
+                allowed = ", ".join(sorted(known)) or "none"
+                out.append((f"method.{key}", f"method.{key} is not a parameter of {self.name}; allowed: {allowed}"))
+        for f in self.fields:
+            message = f.check(params.get(f.name, f.default))
+            if message:
+                out.append((f"method.{f.name}", message))
+        if task is not None and task not in self.tasks:
+            out.append(("model.task", f"model.task {task!r} is not supported by {self.name}; it supports {', '.join(self.tasks)}"))
+        return out
+
+    def hook(self, attribute: str) -> Callable[..., Any] | None:
+        """Import and return one of the dotted-path hooks ('apply', 'load_kwargs', ...), or None."""
+        path = getattr(self, attribute)
+        if path is None:
+            return None
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_METHODS: dict[str, Method] = {}
+_generated_loaded = False
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (a later entry of the same name replaces the earlier one)."""
+    _METHODS[method.name] = method
+    return method
+
+
+def _ensure_builtin() -> None:
+    if not _METHODS:
+        importlib.import_module("nbtune.methods.builtin")
+
+
+def _ensure_generated() -> None:
+    global _generated_loaded
+    if not _generated_loaded:
+        _generated_loaded = True
+        _ensure_builtin()
+        importlib.import_module("nbtune.methods.generated").register_peft_methods()
+
+
+def find(name: str) -> Method | None:
+    """The method of this name, or None. Generated peft entries are loaded only when a name is not built in."""
+    _ensure_builtin()
+    if name not in _METHODS:
+        _ensure_generated()
+    return _METHODS.get(name)
+
+
+def get(name: str) -> Method:
+    method = find(name)
+    if method is None:
+        raise ValueError(f"method.name must be one of {', '.join(names())} (got {name!r})")
+    return method
+
+
+def all_methods(include_generated: bool = True) -> list[Method]:
+    """Every registered method; built-in ones first, in registry order."""
+    _ensure_builtin()
+    if include_generated:
+        _ensure_generated()
+    methods = list(_METHODS.values())
+    return [m for m in methods if not m.generated] + [m for m in methods if m.generated]
+
+
+def names(include_generated: bool = True) -> list[str]:
+    return [m.name for m in all_methods(include_generated)]

@@ -1,0 +1,281 @@
+"""Runs inside the notebook kernel: `launch` returns a `Run` at once and trains on a background thread.
+
+One run trains at a time per process (one device): a second launch while one trains is queued, visible as
+state "queued", and starts when the first ends. A finished run with the same cache key is served from the
+store at once, without importing torch, unless `force=True`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from nbtune.config import TuneConfig
+from nbtune.events import TERMINAL, Event, EventStream
+from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
+
+log = logging.getLogger("nbtune")
+
+
+class Run:
+    """A handle on one run: live while it trains, and the same API for a run read back from the store."""
+
+    def __init__(self, record: RunRecord, config: TuneConfig, events: EventStream, cached: bool = False):
+        self.record = record
+        self.config = config
+        self.events = events
+        self.cached = cached
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._resume_from: Path | None = None
+        self._model: Any = None
+        self.extra_callbacks: list[Any] = []  # extra TrainerCallbacks (fault injection in tests, custom hooks)
+        if record.summary is not None:
+            self._done.set()
+
+    def __repr__(self) -> str:
+        return f"<nbtune.Run {self.id} {self.status}>"
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def path(self) -> Path:
+        return self.record.path
+
+    @property
+    def status(self) -> str:
+        """queued, running, finished, stopped, failed or interrupted."""
+        return self.record.state
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return self.record.summary
+
+    @property
+    def error(self) -> str | None:
+        summary = self.summary or {}
+        return summary.get("error")
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.record.artifact_path
+
+    @property
+    def metrics(self) -> Any:
+        """Step and eval metrics as a pandas DataFrame (one row per event, `kind` says which)."""
+        import pandas as pd
+
+        rows = []
+        for e in list(self.events.history):
+            if e.kind in ("step", "eval"):
+                row = {"kind": e.kind, "time": e.time}
+                for k, v in e.data.items():
+                    if k == "memory" and isinstance(v, dict):
+                        row.update({f"memory_{name}": value for name, value in v.items()})
+                    else:
+                        row[k] = v
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    @property
+    def model(self) -> Any:
+        """The trained model, loaded from the artifact on first use."""
+        if self._model is None:
+            if not self.artifact_path.exists():
+                raise RuntimeError(f"run {self.id} has no artifact (state {self.status})")
+            from nbtune.training import load_trained_model
+
+            self._model = load_trained_model(self)
+        return self._model
+
+    def stop(self) -> None:
+        """Stop at the next step boundary, keeping what was learned (state "stopped", with a checkpoint)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> Run:
+        """Block until the run ends (or `timeout` seconds pass); returns the run."""
+        self._done.wait(timeout)
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def subscribe(self, callback: Callable[[Event], Any], replay: bool = True) -> Callable[[], None]:
+        """Call `callback(event)` on every event, the past ones first; returns a function that unsubscribes."""
+        return self.events.subscribe(callback, replay=replay)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events)
+
+
+class _Device:
+    """The one worker thread that trains queued runs in order."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Run] = queue.Queue()
+        self.current: Run | None = None
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def submit(self, run: Run) -> None:
+        with self.lock:
+            self.queue.put(run)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._work, name="nbtune-training", daemon=True)
+                self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                run = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                with self.lock:
+                    if self.queue.empty():
+                        self.thread = None
+                        return
+                continue
+            self.current = run
+            try:
+                _train(run)
+            finally:
+                self.current = None
+
+
+_DEVICE = _Device()
+
+
+def _train(run: Run) -> None:
+    """Train one run on this thread and record how it ended; never raises."""
+    from nbtune import training
+
+    record = run.record
+    record.update_meta(state="running", started=time.time())
+    summary: dict[str, Any]
+    try:
+        if run._stop.is_set():
+            raise training.StopRequested
+        summary = training.execute(run.config, record.path, run.events, run._stop, run._resume_from,
+                                   extra_callbacks=run.extra_callbacks)
+    except training.StopRequested:
+        summary = {"state": "stopped", "step": 0, "error": None, "note": "stopped before the first step"}
+    except Exception as err:  # any failure ends the run with the reason; the kernel stays usable
+        summary = training.failure_summary(run.config, err, run.events)
+    finally:
+        gc.collect()
+        _empty_cuda_cache()
+    summary.setdefault("cache", {k: record.meta.get(k) for k in ("key", "config_hash", "data_id", "model_id")})
+    write_atomic(record.path / "summary.json", _json(summary))
+    record.update_meta(state=summary["state"], ended=time.time())
+    kind = summary["state"] if summary["state"] in TERMINAL else "failed"
+    run.events.emit(kind, **{k: summary.get(k) for k in ("step", "error", "final_eval_loss", "wall_time_s")})
+    run.events.close()
+    run._done.set()
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _json(data: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str)
+
+
+def open_run(record: RunRecord) -> Run:
+    """A Run handle for a stored run (no training, no model loading)."""
+    events = EventStream(history=EventStream.read(record.events_path))
+    return Run(record, record.config, events, cached=True)
+
+
+def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunStore | str | Path | None = None,
+           force: bool = False) -> Run:
+    """Start training `config` on a background thread and return its Run at once.
+
+    A finished run of the same config, data and base model is returned from the store instead (no training,
+    no model loading) unless `force=True`. A launch while another run trains is queued.
+    """
+    config = _as_config(config)
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    key = cache_key(config)
+    if not force:
+        cached = store.find_finished(key["key"])
+        if cached is not None:
+            return open_run(cached)
+    record = store.create(config, key)
+    run = Run(record, config, EventStream(record.events_path))
+    run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0))
+    _DEVICE.submit(run)
+    return run
+
+
+def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = None) -> Run:
+    """Continue a stopped or interrupted run from its last checkpoint, as a new run in the same store."""
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    if isinstance(run, Run):
+        run = run.record
+    record = store.get(run) if isinstance(run, str) else run
+    if record.state not in ("stopped", "interrupted", "failed"):
+        raise ValueError(f"run {record.id} is {record.state}; only stopped, interrupted or failed runs resume")
+    checkpoint = record.latest_checkpoint()
+    if checkpoint is None:
+        raise ValueError(f"run {record.id} has no checkpoint to resume from")
+    config = record.config
+    new = store.create(config, {k: record.meta[m] for k, m in
+                                (("key", "key"), ("config_hash", "config_hash"), ("data", "data_id"), ("model", "model_id"))})
+    new.update_meta(resumed_from=record.id)
+    resumed = Run(new, config, EventStream(new.events_path))
+    resumed._resume_from = checkpoint
+    resumed.events.emit("queued", resumed_from=record.id, checkpoint=str(checkpoint))
+    _DEVICE.submit(resumed)
+    return resumed
+
+
+def train(config: TuneConfig | dict[str, Any] | str | None = None, store: RunStore | str | Path | None = None,
+          force: bool = False, progress: bool = True) -> Run:
+    """Train in the foreground (headless use): launch, show progress, wait; returns the ended Run."""
+    run = launch(config, store=store, force=force)
+    if progress and not run.done:
+        _show_progress(run)
+    run.wait()
+    return run
+
+
+def _show_progress(run: Run) -> None:
+    from tqdm.auto import tqdm
+
+    bar = None
+    for event in run:
+        if event.kind == "started":
+            bar = tqdm(total=event.data.get("total_steps"), desc=f"{run.config.method.name}", unit="step")
+        elif event.kind == "step" and bar is not None:
+            bar.n = event.data["step"]
+            bar.set_postfix(loss=f"{event.data['loss']:.4f}")
+            bar.refresh()
+        elif event.kind == "eval" and bar is not None and event.data.get("loss") is not None:
+            bar.set_postfix(eval_loss=f"{event.data['loss']:.4f}")
+    if bar is not None:
+        bar.close()
+
+
+def _as_config(config: TuneConfig | dict[str, Any] | str | None) -> TuneConfig:
+    if config is None:
+        return TuneConfig()
+    if isinstance(config, TuneConfig):
+        return config
+    if isinstance(config, dict):
+        return TuneConfig.from_dict(config)
+    return TuneConfig.from_yaml(config)
