@@ -114,7 +114,7 @@ def _make_callback_classes() -> tuple[type, type]:
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001
             metrics = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()
-                       if not k.endswith(("_runtime", "_per_second"))}
+                       if not k.endswith(("_runtime", "_per_second")) and k not in ("epoch", "step")}
             if "loss" in metrics and metrics["loss"] is not None and math.isfinite(metrics["loss"]):
                 metrics.setdefault("perplexity", math.exp(min(metrics["loss"], 50.0)))
             self.events.emit("eval", step=state.global_step, epoch=state.epoch, **metrics)
@@ -132,6 +132,16 @@ def _make_callback_classes() -> tuple[type, type]:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
 
     return EventCallback, MethodTrainer
+
+
+def _checkpointing_args(arguments_class: type, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing under the name this transformers uses (v5 renamed it "activation")."""
+    import inspect
+
+    names = inspect.signature(arguments_class.__init__).parameters
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _accuracy(eval_prediction: Any) -> dict[str, float]:
@@ -162,6 +172,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
 
     stop = stop or threading.Event()
     started = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()
     t = config.training
     method = registry.get(config.method.name)
     params = config.method_params
@@ -207,8 +218,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         optim_args="momentum=0.9" if t.optimizer == "sgd" else None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
         data_seed=t.seed,
