@@ -1,0 +1,142 @@
+"""Methods applied through peft: build the peft config from the registry params and wrap the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune.methods.registry import MethodContext
+
+PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq-cls": "SEQ_CLS"}
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def apply_lora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, _lora_config(params, ctx))
+
+
+def _lora_config(params: dict[str, Any], ctx: MethodContext) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type=PEFT_TASK[ctx.task],
+        r=params["r"],
+        lora_alpha=params["alpha"],
+        lora_dropout=params["dropout"],
+        target_modules=params["target_modules"] or None,
+        use_dora=params["use_dora"],
+        use_rslora=params["use_rslora"],
+    )
+
+
+def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, Any]:
+    """`from_pretrained` kwargs that load the base in 4 bits (bitsandbytes; runs on CPU and CUDA)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = ctx.dtype if params["compute_dtype"] == "auto" else params["compute_dtype"]
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=params["quant_type"],
+        bnb_4bit_use_double_quant=params["double_quant"],
+        bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[compute]),
+    )}
+
+
+def apply_qlora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    """LoRA on a 4-bit base. An unquantized model (a meta skeleton being counted) just gets LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Gradient checkpointing is the engine's choice (training.gradient_checkpointing), not the method's.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, _lora_config(params, ctx))
+
+
+def apply_prompt_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    """Soft prompt; init "text" copies the embeddings of init_text's tokens (repeated to fill the prompt)."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+
+    n = params["num_virtual_tokens"]
+    if params["init"] == "text" and not params["init_text"]:
+        raise ValueError("method.init_text must be non-empty text when method.init is 'text' (got '')")
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=PEFT_TASK[ctx.task], num_virtual_tokens=n))
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    if params["init"] == "text" and not embedding.weight.is_meta:
+        if ctx.tokenizer is None:
+            raise ValueError("method.init 'text' needs the model's tokenizer (none was given)")
+        ids = ctx.tokenizer(params["init_text"], add_special_tokens=False)["input_ids"]
+        ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+        words = peft_model.get_input_embeddings()
+        with torch.no_grad():
+            index = torch.tensor(ids, device=words.weight.device)
+            # Repeated over num_transformer_submodules (2 for encoder-decoder) as peft lays the prompt out.
+            values = words(index).to(embedding.weight.dtype)
+            embedding.weight.copy_(values.repeat(embedding.weight.shape[0] // n, 1))
+    return peft_model
+
+
+def apply_prefix_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(
+        task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"],
+        prefix_projection=True, encoder_hidden_size=params["encoder_hidden_size"]))
+
+
+def apply_p_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    from peft import PromptEncoderConfig, get_peft_model
+
+    return get_peft_model(model, PromptEncoderConfig(
+        task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"],
+        encoder_reparameterization_type=params["encoder"].upper(),
+        encoder_hidden_size=params["encoder_hidden_size"]))
+
+
+def apply_p_tuning_v2(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(
+        task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"], prefix_projection=False))
+
+
+def apply_ia3(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    from peft import IA3Config, get_peft_model
+
+    return get_peft_model(model, IA3Config(
+        task_type=PEFT_TASK[ctx.task], target_modules=params["target_modules"] or None,
+        feedforward_modules=params["feedforward_modules"] or None))
+
+
+def apply_adalora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
+    """AdaLoRA over the run's length (`ctx.extras["total_steps"]`; a counted skeleton uses the shortest schedule)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    tinit, tfinal = params["tinit"], params["tfinal"]
+    if params["target_r"] > params["init_r"]:
+        raise ValueError(f"method.target_r must be <= method.init_r ({params['init_r']}) (got {params['target_r']})")
+    total = ctx.extras.get("total_steps") or tinit + tfinal + 1
+    if tinit + tfinal >= total:
+        raise ValueError(f"method.tinit + method.tfinal must be less than the training steps ({total}) "
+                         f"(got tinit={tinit}, tfinal={tfinal}); lower them or train longer")
+    return get_peft_model(model, AdaLoraConfig(
+        task_type=PEFT_TASK[ctx.task], init_r=params["init_r"], target_r=params["target_r"],
+        lora_alpha=params["alpha"], lora_dropout=params["dropout"], tinit=tinit, tfinal=tfinal,
+        deltaT=params["deltaT"], total_step=total, target_modules=params["target_modules"] or None))
+
+
+def adalora_callbacks(model: Any, params: dict[str, Any], ctx: MethodContext) -> list[Any]:
+    """A callback that reallocates AdaLoRA's rank budget after each optimizer step.
+
+    transformers' Trainer calls `on_optimizer_step` after `optimizer.step()` and before `model.zero_grad()`,
+    so the gradients AdaLoRA scores importance with are still there (peft's documented order).
+    """
+    from transformers import TrainerCallback
+
+    class AdaLoraBudget(TrainerCallback):
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model.base_model.update_and_allocate(state.global_step)
+
+    return [AdaLoraBudget()]
