@@ -58,37 +58,56 @@ def _clean(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Subscriber:
-    def __init__(self, callback: Callable[[Event], Any], name: str):
+    """One callback fed from its own thread: first the events so far (`backlog`), then a bounded queue.
+
+    When the queue is full the oldest waiting event is dropped, so a slow subscriber still sees the latest
+    state and the run's last event; it is told once, in the log.
+    """
+
+    def __init__(self, callback: Callable[[Event], Any], name: str, backlog: list[Event]):
         self.callback = callback
         self.name = name
+        self.backlog = backlog
         self.queue: queue.Queue[Event | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
         self.failed = False
         self.thread = threading.Thread(target=self._deliver, name=f"nbtune-subscriber-{name}", daemon=True)
         self.thread.start()
 
-    def put(self, event: Event) -> None:
+    def put(self, event: Event | None) -> None:
+        while True:
+            try:
+                self.queue.put_nowait(event)
+                return
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    continue
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("nbtune: subscriber %s is too slow; dropping its oldest events", self.name)
+
+    def _call(self, event: Event) -> None:
         try:
-            self.queue.put_nowait(event)
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("nbtune: subscriber %s is too slow; dropping events", self.name)
+            self.callback(event)
+        except Exception:  # a broken subscriber must not break training; say so once
+            if not self.failed:
+                self.failed = True
+                log.exception("nbtune: subscriber %s failed (further errors are not shown)", self.name)
 
     def _deliver(self) -> None:
+        for event in self.backlog:
+            self._call(event)
+        self.backlog = []
         while True:
             event = self.queue.get()
             if event is None:
                 return
-            try:
-                self.callback(event)
-            except Exception:  # a broken subscriber must not break training; say so once
-                if not self.failed:
-                    self.failed = True
-                    log.exception("nbtune: subscriber %s failed (further errors are not shown)", self.name)
+            self._call(event)
 
     def close(self) -> None:
-        self.queue.put(None)
+        self.put(None)
 
 
 class EventStream:
@@ -100,6 +119,7 @@ class EventStream:
         self._subscribers: list[_Subscriber] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self.closed = path is None and history is not None  # a stream read back from disk gets no new events
 
     @classmethod
     def read(cls, path: Path) -> list[Event]:
@@ -127,13 +147,17 @@ class EventStream:
         return event
 
     def subscribe(self, callback: Callable[[Event], Any], replay: bool = True) -> Callable[[], None]:
-        """Call `callback(event)` for every event (first the past ones if `replay`); returns an unsubscribe."""
+        """Call `callback(event)` for every event (first the past ones if `replay`); returns an unsubscribe.
+
+        The callback runs on its own thread; on an ended stream it gets the past events and then stops.
+        """
         with self._lock:
-            sub = _Subscriber(callback, getattr(callback, "__name__", "callback"))
-            if replay:
-                for event in self.history:
-                    sub.put(event)
-            self._subscribers.append(sub)
+            name = getattr(callback, "__qualname__", None) or type(callback).__name__
+            sub = _Subscriber(callback, name, list(self.history) if replay else [])
+            if self.closed:
+                sub.close()
+            else:
+                self._subscribers.append(sub)
 
         def unsubscribe() -> None:
             with self._lock:
@@ -149,7 +173,7 @@ class EventStream:
         while True:
             with self._lock:
                 while index >= len(self.history):
-                    if self.history and self.history[-1].kind in TERMINAL:
+                    if self.closed or (self.history and self.history[-1].kind in TERMINAL):
                         return
                     self._changed.wait(timeout=0.5)
                 event = self.history[index]
@@ -159,11 +183,14 @@ class EventStream:
                 return
 
     def close(self) -> None:
+        """End the stream: close the file, let subscribers finish what they have, wake iterators."""
         with self._lock:
+            self.closed = True
             if self._file is not None:
                 self._file.close()
                 self._file = None
             subscribers, self._subscribers = self._subscribers, []
+            self._changed.notify_all()
         for s in subscribers:
             s.close()
         for s in subscribers:

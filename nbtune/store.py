@@ -31,6 +31,10 @@ log = logging.getLogger("nbtune")
 
 EXPORTED = ("meta.json", "config.yaml", "events.jsonl", "summary.json", "artifact")
 ENDED = ("finished", "stopped", "failed")
+# What an archive may carry: data, never code or pickles (.bin, .pt, .pkl are refused).
+SAFE_SUFFIXES = (".json", ".jsonl", ".yaml", ".safetensors", ".txt", ".model", ".md")
+# A run directory this young without its meta.json is being created by another kernel, not damaged.
+CREATING_GRACE_S = 30.0
 
 
 def default_root() -> Path:
@@ -52,7 +56,16 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _pid_alive(pid: int | None, host: str | None) -> bool:
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux clock ticks since boot), so a reused pid is not taken for the same
+    process; None where /proc is not available."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int | None, host: str | None, started: str | None = None) -> bool:
     if not pid or host != socket.gethostname():
         return host is not None and host != socket.gethostname()  # another machine's run: assume alive
     try:
@@ -61,7 +74,7 @@ def _pid_alive(pid: int | None, host: str | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return started is None or process_start(pid) in (None, started)
 
 
 def cache_key(config: TuneConfig) -> dict[str, str]:
@@ -99,7 +112,8 @@ class RunRecord:
         if summary is not None:
             return summary.get("state", "failed")
         state = self.meta.get("state", "queued")
-        if state in ("running", "queued") and not _pid_alive(self.meta.get("pid"), self.meta.get("host")):
+        if state in ("running", "queued") and not _pid_alive(self.meta.get("pid"), self.meta.get("host"),
+                                                             self.meta.get("pid_start")):
             return "interrupted"
         return state
 
@@ -121,9 +135,13 @@ class RunRecord:
         return self.path / "artifact"
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (the Trainer writes trainer_state.json last), or None."""
         folder = self.path / "checkpoints"
-        checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
-        return checkpoints[-1] if checkpoints else None
+        if not folder.exists():
+            return None
+        complete = [p for p in folder.glob("checkpoint-*")
+                    if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
+        return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
     def update_meta(self, **changes: Any) -> None:
         self.meta.update(changes)
@@ -154,13 +172,15 @@ class RunStore:
                 continue
         path = self.runs_dir / run_id
         meta = {"id": run_id, "created": time.time(), "state": "queued", "pid": os.getpid(),
-                "host": socket.gethostname(), "method": config.method.name, **{f"{k}_id" if k in ("data", "model") else k: v for k, v in key.items()}}
+                "pid_start": process_start(os.getpid()), "host": socket.gethostname(), "method": config.method.name, **{f"{k}_id" if k in ("data", "model") else k: v for k, v in key.items()}}
         write_atomic(path / "config.yaml", config.to_yaml())
         write_atomic(path / "meta.json", json.dumps(meta, indent=2))
         return RunRecord(run_id, path, meta)
 
     def _read(self, path: Path) -> RunRecord | None:
         try:
+            if not (path / "meta.json").exists() and time.time() - path.stat().st_mtime < CREATING_GRACE_S:
+                return None  # another kernel is creating it right now
             meta = json.loads((path / "meta.json").read_text())
             if not isinstance(meta, dict) or "key" not in meta:
                 raise ValueError("meta.json lacks the cache key")
@@ -198,32 +218,57 @@ class RunStore:
         return max(matches, key=lambda r: r.meta.get("created", 0)) if matches else None
 
     def delete(self, run_id: str) -> None:
-        shutil.rmtree(self.get(run_id).path)
+        """Remove a run and its files; a run still queued or training is refused (stop it first)."""
+        record = self.get(run_id)
+        if record.state in ("running", "queued"):
+            raise ValueError(f"run {run_id} is {record.state}; stop it before deleting it")
+        # Rename first so that no reader ever sees a half-deleted run.
+        doomed = self.runs_dir / f".deleting-{run_id}-{os.getpid()}"
+        record.path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def export(self, run_ids: list[str], archive: str | Path) -> Path:
-        """Write runs (config, events, summary, artifact; no checkpoints) to one .tar.gz archive."""
+        """Write ended runs (config, events, summary, artifact; no checkpoints) to one .tar.gz archive.
+
+        Files an import would refuse (pickles, code) are left out with a warning naming them.
+        """
+        records = [self.get(run_id) for run_id in run_ids]
+        for record in records:
+            if record.state in ("running", "queued"):
+                raise ValueError(f"run {record.id} is {record.state}; export it once it has ended")
         archive = Path(archive)
-        with tarfile.open(archive, "w:gz") as tar:
-            for run_id in run_ids:
-                record = self.get(run_id)
+
+        def only_data(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            if info.isfile() and not info.name.endswith(SAFE_SUFFIXES):
+                log.warning("nbtune: export leaves out %s (not JSON, YAML or safetensors)", info.name)
+                return None
+            return info if info.isfile() or info.isdir() else None
+
+        partial = archive.with_name(f".{archive.name}.partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            for record in records:
                 for name in EXPORTED:
                     if (record.path / name).exists():
-                        tar.add(record.path / name, arcname=f"{run_id}/{name}")
+                        tar.add(record.path / name, arcname=f"{record.id}/{name}", filter=only_data)
+        os.replace(partial, archive)
         return archive
 
     def import_(self, archive: str | Path) -> list[str]:
         """Add the runs of an archive. Only JSON, YAML and safetensors/tokenizer files are taken, never code
         or pickles; an archive with links or paths escaping the store is refused whole."""
-        allowed = (".json", ".jsonl", ".yaml", ".safetensors", ".txt", ".model", ".md")
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
             for m in members:
                 parts = Path(m.name).parts
-                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+                if (m.name.startswith(("/", "\\")) or ".." in parts or not parts or parts[0] in (".", "")
+                        or parts[0].startswith(".") or ":" in m.name or not (m.isfile() or m.isdir())):
                     raise ValueError(f"archive {archive} refused: unsafe entry {m.name!r}")
-                if m.isfile() and not m.name.endswith(allowed):
+                if m.isfile() and not m.name.endswith(SAFE_SUFFIXES):
                     raise ValueError(f"archive {archive} refused: {m.name!r} is not JSON, YAML or safetensors")
             run_ids = sorted({Path(m.name).parts[0] for m in members})
+            for run_id in run_ids:
+                if f"{run_id}/meta.json" not in {m.name.removeprefix("./") for m in members}:
+                    raise ValueError(f"archive {archive} refused: run {run_id!r} has no meta.json")
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             imported = []
             for run_id in run_ids:
@@ -237,9 +282,12 @@ class RunStore:
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         with tar.extractfile(m) as src, open(dest, "wb") as out:  # type: ignore[union-attr]
                             shutil.copyfileobj(src, out)
+                if self._read(staging) is None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise ValueError(f"archive {archive} refused: run {run_id!r} is damaged")
                 try:
                     staging.rename(target)
                     imported.append(run_id)
-                except OSError:
+                except OSError:  # another kernel imported it at the same moment
                     shutil.rmtree(staging, ignore_errors=True)
         return imported
