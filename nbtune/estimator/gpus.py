@@ -1,0 +1,38 @@
+"""The GPUs a plan is checked against: name -> usable memory in bytes, plus "custom" sizes."""
+
+from __future__ import annotations
+
+GB = 10**9
+GIB = 2**30
+
+# Memory as sold (decimal GB as the vendors state it); what torch can use is a little less (see fits()).
+GPUS: dict[str, dict[str, object]] = {
+    "t4": {"title": "NVIDIA T4 16 GB", "bytes": 15 * GIB + 655 * 2**20},
+    "l4": {"title": "NVIDIA L4 24 GB", "bytes": 22 * GIB + 500 * 2**20},
+    "a10": {"title": "NVIDIA A10 24 GB", "bytes": 22 * GIB + 500 * 2**20},
+    "rtx-4090": {"title": "NVIDIA RTX 4090 24 GB", "bytes": 23 * GIB + 600 * 2**20},
+    "a100-40gb": {"title": "NVIDIA A100 40 GB", "bytes": 39 * GIB + 500 * 2**20},
+    "a100-80gb": {"title": "NVIDIA A100 80 GB", "bytes": 79 * GIB + 300 * 2**20},
+    "h100-80gb": {"title": "NVIDIA H100 80 GB", "bytes": 79 * GIB + 300 * 2**20},
+    "h200": {"title": "NVIDIA H200 141 GB", "bytes": 139 * GIB + 800 * 2**20},
+}
+ALIASES = {"4090": "rtx-4090", "a100": "a100-80gb", "h100": "h100-80gb", "a100-40": "a100-40gb",
+           "a100-80": "a100-80gb", "h100-80": "h100-80gb", "h200-141gb": "h200"}
+
+
+def gpu_bytes(gpu: str | int | float) -> tuple[str, int]:
+    """(title, usable bytes) of a GPU name ("a100-40gb"), a "custom:48" size in GB, or a size in bytes."""
+    if isinstance(gpu, (int, float)) and not isinstance(gpu, bool):
+        return (f"custom {gpu / GB:.0f} GB", int(gpu))
+    key = str(gpu).strip().lower().replace("_", "-").replace(" ", "-")
+    if key.startswith("custom"):
+        _, _, size = key.partition(":")
+        try:
+            gb = float(size.removesuffix("gb"))
+        except ValueError:
+            raise ValueError(f"gpu must be 'custom:<GB>' like 'custom:48' (got {gpu!r})") from None
+        return (f"custom {gb:g} GB", int(gb * GB))
+    key = ALIASES.get(key, key)
+    if key not in GPUS:
+        raise ValueError(f"gpu must be one of {', '.join(GPUS)} or 'custom:<GB>' (got {gpu!r})")
+    return (str(GPUS[key]["title"]), int(GPUS[key]["bytes"]))  # type: ignore[call-overload]
