@@ -84,6 +84,15 @@ def _classes() -> tuple[type, type]:
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             return self.adapter(self.projection(*args, **kwargs))
 
+        # Some models read their projection's weight directly (T5 checks `wo.weight.dtype`).
+        @property
+        def weight(self) -> Any:
+            return self.projection.weight
+
+        @property
+        def bias(self) -> Any:
+            return getattr(self.projection, "bias", None)
+
     return BottleneckAdapter, Adapted
 
 

@@ -13,6 +13,8 @@ from typing import Any
 from nbtune.config import TuneConfig
 from nbtune.methods.registry import MethodContext
 
+REAL_SKELETON_LIMIT = 50_000_000  # parameters; above this a method that cannot run on meta is not counted
+
 
 def _logical_numel(p: Any) -> int:
     quant_state = getattr(p, "quant_state", None)
@@ -38,7 +40,10 @@ def trainable_parameters(config: TuneConfig, model_config: Any = None) -> tuple[
     """(trainable, total) for the config's model and method, counted exactly on a meta-device skeleton.
 
     No weights are read or allocated. QLoRA is counted as LoRA on the unquantized skeleton (quantizing needs
-    real weights; the logical counts are the same). Distillation counts the student it trains.
+    real weights; the logical counts are the same). Distillation counts the student it trains. A few peft
+    methods compute their initial values from the weights (BOFT, FRoD, UniLoRA); they cannot be built on the
+    meta device, so small models (up to `REAL_SKELETON_LIMIT` parameters) are counted on randomly initialised
+    CPU weights instead, and larger ones raise ValueError.
     """
     import torch
 
@@ -50,7 +55,16 @@ def trainable_parameters(config: TuneConfig, model_config: Any = None) -> tuple[
     method = registry.get(config.method.name)
     ctx = MethodContext(task=task, model_config=model_config, num_labels=getattr(model_config, "num_labels", None),
                         dtype=config.model.dtype, extras={"total_steps": config.training.max_steps})
+    apply = method.hook("apply")
     with torch.device("meta"):
         model = auto_class(task).from_config(model_config)
-        model = method.hook("apply")(model, config.method_params, ctx)
-    return count_parameters(model)
+        base_total = count_parameters(model)[1]
+        try:
+            return count_parameters(apply(model, config.method_params, ctx))
+        except (NotImplementedError, RuntimeError) as error:
+            meta_error = error
+    if base_total > REAL_SKELETON_LIMIT:
+        raise ValueError(f"method {method.name} cannot be counted without real weights on a model of {base_total:,} "
+                         f"parameters (on the meta device: {meta_error})")
+    model = auto_class(task).from_config(model_config)
+    return count_parameters(apply(model, config.method_params, ctx))
