@@ -105,6 +105,7 @@ class TrainingConfig:
     seed: int = 0
     eval_every: int | None = 50
     log_every: int = 5
+    checkpoint_every: int | None = None  # steps between resumable checkpoints (only the latest is kept)
 
 
 SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "training": TrainingConfig}
@@ -212,6 +213,8 @@ class TuneConfig:
         if t.eval_every is not None:
             _positive_int(out, "training.eval_every", t.eval_every)
         _positive_int(out, "training.log_every", t.log_every)
+        if t.checkpoint_every is not None:
+            _positive_int(out, "training.checkpoint_every", t.checkpoint_every)
         return out
 
     # ----- derived values ---------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One run trains at a time per process (one device): a second launch while one trains is queued, visible as
 state "queued", and starts when the first ends. A finished run with the same cache key is served from the
-store at once, without importing torch, unless `force=True`.
+store at once, without importing torch, unless `force=True`. The kernel's interrupt button does not reach
+the training thread; `Run.stop()` does (and `train()` turns an interrupt into a stop).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Run:
         self._done = threading.Event()
         self._resume_from: Path | None = None
         self._model: Any = None
+        self._live = False  # True while this process trains (or has queued) it
         self.extra_callbacks: list[Any] = []  # extra TrainerCallbacks (fault injection in tests, custom hooks)
         if record.summary is not None:
             self._done.set()
@@ -97,17 +99,30 @@ class Run:
         return self._model
 
     def stop(self) -> None:
-        """Stop at the next step boundary, keeping what was learned (state "stopped", with a checkpoint)."""
+        """Stop at the next step boundary, keeping what was learned (state "stopped", with a checkpoint).
+
+        Safe to call at any time and more than once; a queued run ends without training.
+        """
         self._stop.set()
 
     def wait(self, timeout: float | None = None) -> Run:
-        """Block until the run ends (or `timeout` seconds pass); returns the run."""
-        self._done.wait(timeout)
+        """Block until the run ends (or `timeout` seconds pass); returns the run.
+
+        A run trained by another kernel is followed through the store.
+        """
+        if self._live or self._done.is_set():
+            self._done.wait(timeout)
+            return self
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.record.state in ("running", "queued") and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.5)
+        if self.record.state not in ("running", "queued"):
+            self._done.set()
         return self
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done.is_set() or (not self._live and self.record.state not in ("running", "queued"))
 
     def subscribe(self, callback: Callable[[Event], Any], replay: bool = True) -> Callable[[], None]:
         """Call `callback(event)` on every event, the past ones first; returns a function that unsubscribes."""
@@ -153,32 +168,61 @@ class _Device:
 _DEVICE = _Device()
 
 
-def _train(run: Run) -> None:
-    """Train one run on this thread and record how it ended; never raises."""
-    from nbtune import training
+_ACTIVE: dict[str, Run] = {}  # runs queued or training in this process, by id
 
+
+def _train(run: Run) -> None:
+    """Train one run on this thread and record how it ended; never raises, always ends the run."""
     record = run.record
-    record.update_meta(state="running", started=time.time())
-    summary: dict[str, Any]
     try:
-        if run._stop.is_set():
-            raise training.StopRequested
-        summary = training.execute(run.config, record.path, run.events, run._stop, run._resume_from,
-                                   extra_callbacks=run.extra_callbacks)
-    except training.StopRequested:
-        summary = {"state": "stopped", "step": 0, "error": None, "note": "stopped before the first step"}
-    except Exception as err:  # any failure ends the run with the reason; the kernel stays usable
-        summary = training.failure_summary(run.config, err, run.events)
-    finally:
-        gc.collect()
+        summary = _execute(run)
+        gc.collect()  # the model, optimizer and data are unreachable now; free them before the next run
         _empty_cuda_cache()
-    summary.setdefault("cache", {k: record.meta.get(k) for k in ("key", "config_hash", "data_id", "model_id")})
-    write_atomic(record.path / "summary.json", _json(summary))
-    record.update_meta(state=summary["state"], ended=time.time())
-    kind = summary["state"] if summary["state"] in TERMINAL else "failed"
-    run.events.emit(kind, **{k: summary.get(k) for k in ("step", "error", "final_eval_loss", "wall_time_s")})
-    run.events.close()
-    run._done.set()
+        summary.setdefault("cache", {k: record.meta.get(k) for k in ("key", "config_hash", "data_id", "model_id")})
+        write_atomic(record.path / "summary.json", _json(summary))
+        record.update_meta(state=summary["state"], ended=time.time())
+        kind = summary["state"] if summary["state"] in TERMINAL else "failed"
+        run.events.emit(kind, **{k: summary.get(k) for k in
+                                 ("step", "error", "reason", "checkpoint", "final_eval_loss", "wall_time_s")})
+    except BaseException:  # recording the end failed (disk full?): still end the run, never hang a waiter
+        log.exception("nbtune: could not record the end of run %s", run.id)
+    finally:
+        run.events.close()
+        _ACTIVE.pop(run.id, None)
+        run._done.set()
+
+
+def _execute(run: Run) -> dict[str, Any]:
+    """Train and return the summary, whatever happens: stopped, finished, or failed with the reason."""
+    record = run.record
+    try:
+        from nbtune import training
+
+        record.update_meta(state="running", started=time.time())
+        try:
+            if run._stop.is_set():
+                raise training.StopRequested
+            summary = training.execute(run.config, record.path, run.events, run._stop, run._resume_from,
+                                       extra_callbacks=run.extra_callbacks)
+        except training.StopRequested:
+            summary = {"state": "stopped", "step": 0, "error": None, "method": run.config.method.name,
+                       "checkpoint": None}
+        if summary["state"] == "stopped":
+            summary["reason"] = "stopped by Run.stop()" if summary["step"] else "stopped before the first step"
+        return summary
+    except BaseException as err:  # any failure ends the run with the reason; the kernel stays usable
+        try:
+            summary = training.failure_summary(run.config, err, run.events)
+        except BaseException as inner:  # even describing the failure failed: keep the original error
+            summary = {"state": "failed", "step": 0, "error": f"{type(err).__name__}: {err}",
+                       "note": f"failure_summary raised {inner!r}"}
+        checkpoint = record.latest_checkpoint()
+        summary["checkpoint"] = str(checkpoint) if checkpoint else None
+        if checkpoint is not None and summary.get("error_type") == "LossNotFinite":
+            summary["error"] += f"; the last good checkpoint ({checkpoint.name}) is kept"
+        summary["reason"] = summary.get("error")
+        log.warning("nbtune: run %s failed: %s", run.id, summary.get("error"))
+        return summary
 
 
 def _empty_cuda_cache() -> None:
@@ -196,9 +240,20 @@ def _json(data: dict[str, Any]) -> str:
 
 
 def open_run(record: RunRecord) -> Run:
-    """A Run handle for a stored run (no training, no model loading)."""
+    """A Run handle for a stored run (no training, no model loading); the live handle if this kernel trains it."""
+    active = _ACTIVE.get(record.id)
+    if active is not None:
+        return active
     events = EventStream(history=EventStream.read(record.events_path))
     return Run(record, record.config, events, cached=True)
+
+
+def _start(run: Run, **queued: Any) -> Run:
+    run._live = True
+    _ACTIVE[run.id] = run
+    run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0), **queued)
+    _DEVICE.submit(run)
+    return run
 
 
 def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunStore | str | Path | None = None,
@@ -216,41 +271,49 @@ def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunSt
         if cached is not None:
             return open_run(cached)
     record = store.create(config, key)
-    run = Run(record, config, EventStream(record.events_path))
-    run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0))
-    _DEVICE.submit(run)
-    return run
+    return _start(Run(record, config, EventStream(record.events_path)))
 
 
 def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = None) -> Run:
-    """Continue a stopped or interrupted run from its last checkpoint, as a new run in the same store."""
-    store = store if isinstance(store, RunStore) else RunStore(store)
+    """Continue a stopped or interrupted run from its last checkpoint, as a new run in the same store.
+
+    The new run records `resumed_from`; its step count continues from the checkpoint's. A run that ended
+    before any checkpoint (stopped before the first step, or killed without `training.checkpoint_every`)
+    starts again from step 0.
+    """
     if isinstance(run, Run):
+        store = store or RunStore(run.path.parent.parent)
         run = run.record
+    store = store if isinstance(store, RunStore) else RunStore(store)
     record = store.get(run) if isinstance(run, str) else run
     if record.state not in ("stopped", "interrupted", "failed"):
         raise ValueError(f"run {record.id} is {record.state}; only stopped, interrupted or failed runs resume")
     checkpoint = record.latest_checkpoint()
     if checkpoint is None:
-        raise ValueError(f"run {record.id} has no checkpoint to resume from")
+        log.warning("nbtune: run %s has no checkpoint; its resumption starts from step 0", record.id)
     config = record.config
     new = store.create(config, {k: record.meta[m] for k, m in
                                 (("key", "key"), ("config_hash", "config_hash"), ("data", "data_id"), ("model", "model_id"))})
     new.update_meta(resumed_from=record.id)
     resumed = Run(new, config, EventStream(new.events_path))
     resumed._resume_from = checkpoint
-    resumed.events.emit("queued", resumed_from=record.id, checkpoint=str(checkpoint))
-    _DEVICE.submit(resumed)
-    return resumed
+    return _start(resumed, resumed_from=record.id, checkpoint=str(checkpoint) if checkpoint else None)
 
 
 def train(config: TuneConfig | dict[str, Any] | str | None = None, store: RunStore | str | Path | None = None,
           force: bool = False, progress: bool = True) -> Run:
-    """Train in the foreground (headless use): launch, show progress, wait; returns the ended Run."""
+    """Train in the foreground (headless use): launch, show progress, wait; returns the ended Run.
+
+    An interrupt (Ctrl-C, the kernel's stop button) stops the run at the next step boundary and keeps it.
+    """
     run = launch(config, store=store, force=force)
-    if progress and not run.done:
-        _show_progress(run)
-    run.wait()
+    try:
+        if progress and not run.done:
+            _show_progress(run)
+        run.wait()
+    except KeyboardInterrupt:
+        run.stop()
+        run.wait()
     return run
 
 
@@ -263,7 +326,8 @@ def _show_progress(run: Run) -> None:
             bar = tqdm(total=event.data.get("total_steps"), desc=f"{run.config.method.name}", unit="step")
         elif event.kind == "step" and bar is not None:
             bar.n = event.data["step"]
-            bar.set_postfix(loss=f"{event.data['loss']:.4f}")
+            loss = event.data.get("loss")
+            bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}")
             bar.refresh()
         elif event.kind == "eval" and bar is not None and event.data.get("loss") is not None:
             bar.set_postfix(eval_loss=f"{event.data['loss']:.4f}")

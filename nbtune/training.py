@@ -120,10 +120,19 @@ def _make_callback_classes() -> tuple[type, type]:
             self.events.emit("eval", step=state.global_step, epoch=state.epoch, **metrics)
 
     class MethodTrainer(Trainer):
-        """A Trainer whose training loss may come from the method (e.g. distillation)."""
+        """A Trainer whose training loss may come from the method (e.g. distillation), and which never
+        saves a checkpoint whose trainable weights are NaN or infinite (so the last one kept is good)."""
 
         method_loss = None
         method_context = None
+
+        def _save_checkpoint(self, model, trial):  # noqa: ANN001
+            import torch
+
+            for name, p in self.model.named_parameters():
+                if p.requires_grad and not bool(torch.isfinite(p).all()):
+                    raise LossNotFinite(f"the weights became non-finite ({name}) at step {self.state.global_step}")
+            return super()._save_checkpoint(model, trial)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             if self.method_loss is not None and model.training:
@@ -226,7 +235,9 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         eval_steps=t.eval_every,
         eval_on_start=bool(prepared.eval),
         logging_steps=t.log_every,
-        save_strategy="no",
+        save_strategy="steps" if t.checkpoint_every else "no",
+        save_steps=t.checkpoint_every or 500,
+        save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         use_cpu=not on_gpu,
@@ -263,6 +274,9 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except StopRequested:
         stopped_early = True
+    except Exception as err:
+        err.step_reached = trainer.state.global_step  # type: ignore[attr-defined]  # for the failure summary
+        raise
     stopped = stopped_early or stop.is_set()
     train_seconds = time.perf_counter() - started - load_seconds
     step = trainer.state.global_step
@@ -359,14 +373,21 @@ def failure_summary(config: TuneConfig, err: BaseException, events: EventStream)
     import traceback
 
     steps = [e.data for e in events.history if e.kind == "step"]
-    step = steps[-1]["step"] if steps else 0
-    summary: dict[str, Any] = {"state": "failed", "step": step, "error_type": type(err).__name__,
-                               "traceback": "".join(traceback.format_exception(err))[-4000:]}
+    step = getattr(err, "step_reached", None)
+    if step is None:
+        step = steps[-1]["step"] if steps else 0
+    summary: dict[str, Any] = {"state": "failed", "step": step, "method": config.method.name,
+                               "error_type": type(err).__name__,
+                               "traceback": "".join(traceback.format_exception(err))[-4000:],
+                               "versions": library_versions()}
     if _is_out_of_memory(err):
         summary["error"] = f"out of memory at step {step}"
         summary["suggestions"] = _memory_suggestions(config)
         if summary["suggestions"]:
-            summary["error"] += "; try " + summary["suggestions"][0]["description"]
+            first = summary["suggestions"][0]
+            summary["error"] += "; try " + first["description"]
+            if first.get("total_bytes"):
+                summary["error"] += f" (estimated peak {first['total_bytes'] / 2**30:.1f} GiB)"
     elif isinstance(err, LossNotFinite):
         summary["error"] = f"{err}; lower training.learning_rate or set training.max_grad_norm"
     else:

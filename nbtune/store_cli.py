@@ -1,0 +1,144 @@
+"""The store's part of the `nbtune` command: list, show, delete, export and import runs.
+
+`nbtune.cli` calls `add_store_parsers(subparsers)`; each command reads the store without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import time
+from typing import Any
+
+from nbtune.store import RunRecord, RunStore
+
+
+def add_store_parsers(subparsers: Any) -> None:
+    """Register `runs`, `show`, `delete`, `export` and `import` on an argparse subparsers object."""
+
+    def command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help)
+        p.add_argument("--store", help="run store folder (default: $NBTUNE_HOME or ./.nbtune)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("runs", "list the runs of the store with state, method and eval loss", _runs)
+    p.add_argument("--state", help="only runs in this state (finished, stopped, failed, running, interrupted)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("show", "show one run: config, summary, library versions", _show)
+    p.add_argument("run", help="run id (a unique prefix is enough)")
+    p = command("delete", "delete runs and their files", _delete)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough)")
+    p = command("export", "write runs to one .tar.gz archive (JSON and safetensors only)", _export)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough)")
+    p.add_argument("-o", "--output", required=True, help="archive to write, e.g. results.tar.gz")
+    p = command("import", "add the runs of an archive to the store (never executes code)", _import)
+    p.add_argument("archive", help="a .tar.gz written by `nbtune export`")
+
+
+def _store(args: argparse.Namespace) -> RunStore:
+    return RunStore(args.store)
+
+
+def _find(store: RunStore, prefix: str) -> RunRecord:
+    matches = [r for r in store.list() if r.id.startswith(prefix)]
+    exact = [r for r in matches if r.id == prefix]
+    if exact or len(matches) == 1:
+        return (exact or matches)[0]
+    if not matches:
+        raise SystemExit(f"nbtune: no run {prefix!r} in {store.root}")
+    raise SystemExit(f"nbtune: {prefix!r} names {len(matches)} runs; give more of the id")
+
+
+def run_row(record: RunRecord) -> dict[str, Any]:
+    """The figures a listing shows for one run."""
+    summary = record.summary or {}
+    return {"id": record.id, "state": record.state, "method": record.meta.get("method"),
+            "step": summary.get("step"), "eval_loss": summary.get("final_eval_loss"),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(record.meta.get("created", 0)))}
+
+
+def _runs(args: argparse.Namespace) -> int:
+    rows = [run_row(r) for r in _store(args).list()]
+    if args.state:
+        rows = [r for r in rows if r["state"] == args.state]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {_store(args).root}")
+        return 0
+    header = ("id", "state", "method", "step", "eval_loss", "created")
+    cells = [[_cell(r[h]) for h in header] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    for line in [list(header), *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _show(args: argparse.Namespace) -> int:
+    record = _find(_store(args), args.run)
+    summary = record.summary or {}
+    print(f"run               {record.id}")
+    print(f"state             {record.state}" + (f" ({summary['error']})" if summary.get("error") else ""))
+    print(f"path              {record.path}")
+    for name in ("method", "step", "total_steps", "final_train_loss", "final_eval_loss", "best_eval_loss",
+                 "base_eval_loss", "trainable_params", "tokens_per_s", "wall_time_s", "checkpoint"):
+        if summary.get(name) is not None:
+            print(f"{name:<17} {_cell(summary[name])}")
+    if record.meta.get("resumed_from"):
+        print(f"resumed_from      {record.meta['resumed_from']}")
+    print(f"cache_key         {record.meta.get('key')} (config {record.meta.get('config_hash')}, "
+          f"data {record.meta.get('data_id')}, model {record.meta.get('model_id')})")
+    versions = summary.get("versions") or {}
+    if versions:
+        print("versions          " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    for suggestion in summary.get("suggestions") or []:
+        print(f"suggestion: {suggestion['description']}")
+    print("config:")
+    print("  " + (record.path / "config.yaml").read_text().rstrip().replace("\n", "\n  "))
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for prefix in args.runs:
+        record = _find(store, prefix)
+        try:
+            store.delete(record.id)
+        except ValueError as err:
+            print(f"nbtune: {err}", file=sys.stderr)
+            return 1
+        print(f"deleted {record.id}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    ids = [_find(store, prefix).id for prefix in args.runs]
+    try:
+        archive = store.export(ids, args.output)
+    except ValueError as err:
+        print(f"nbtune: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {len(ids)} run(s) to {archive}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        imported = store.import_(args.archive)
+    except (ValueError, OSError, tarfile.TarError) as err:
+        print(f"nbtune: {err}", file=sys.stderr)
+        return 1
+    print(f"imported {len(imported)} run(s) into {store.root}" + "".join(f"\n  {i}" for i in imported))
+    return 0
