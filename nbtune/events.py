@@ -160,10 +160,13 @@ class EventStream:
                 self._subscribers.append(sub)
 
         def unsubscribe() -> None:
+            """Stop delivery; events already emitted are still delivered before this returns."""
             with self._lock:
                 if sub in self._subscribers:
                     self._subscribers.remove(sub)
             sub.close()
+            if threading.current_thread() is not sub.thread:
+                sub.thread.join(timeout=5)
 
         return unsubscribe
 
