@@ -7,11 +7,16 @@ so `%load_ext nbtune` is instant.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from nbtune.config import ConfigError, TuneConfig
 
 __version__ = "0.1.0"
+
+# bitsandbytes warns at import on CPUs with AVX512-BF16 that it cannot fetch an optional kernel from the hub;
+# its own CPU kernels are used instead, so the warning only alarms users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Public names that live in heavier modules, imported on first use.
 _LAZY = {
