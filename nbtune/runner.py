@@ -257,11 +257,12 @@ def _start(run: Run, **queued: Any) -> Run:
 
 
 def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunStore | str | Path | None = None,
-           force: bool = False) -> Run:
+           force: bool = False, callbacks: list[Any] | None = None) -> Run:
     """Start training `config` on a background thread and return its Run at once.
 
     A finished run of the same config, data and base model is returned from the store instead (no training,
-    no model loading) unless `force=True`. A launch while another run trains is queued.
+    no model loading) unless `force=True`. A launch while another run trains is queued. `callbacks` are extra
+    transformers TrainerCallbacks for this run (custom hooks, fault injection in tests).
     """
     config = _as_config(config)
     store = store if isinstance(store, RunStore) else RunStore(store)
@@ -271,10 +272,13 @@ def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunSt
         if cached is not None:
             return open_run(cached)
     record = store.create(config, key)
-    return _start(Run(record, config, EventStream(record.events_path)))
+    run = Run(record, config, EventStream(record.events_path))
+    run.extra_callbacks = list(callbacks or [])
+    return _start(run)
 
 
-def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = None) -> Run:
+def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = None,
+           callbacks: list[Any] | None = None) -> Run:
     """Continue a stopped or interrupted run from its last checkpoint, as a new run in the same store.
 
     The new run records `resumed_from`; its step count continues from the checkpoint's. A run that ended
@@ -297,6 +301,7 @@ def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = Non
     new.update_meta(resumed_from=record.id)
     resumed = Run(new, config, EventStream(new.events_path))
     resumed._resume_from = checkpoint
+    resumed.extra_callbacks = list(callbacks or [])
     return _start(resumed, resumed_from=record.id, checkpoint=str(checkpoint) if checkpoint else None)
 
 

@@ -235,6 +235,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         eval_steps=t.eval_every,
         eval_on_start=bool(prepared.eval),
         logging_steps=t.log_every,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the step event (and stop the run), not be averaged away
         save_strategy="steps" if t.checkpoint_every else "no",
         save_steps=t.checkpoint_every or 500,
         save_total_limit=1,
@@ -402,27 +403,40 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def _memory_suggestions(config: TuneConfig) -> list[dict[str, Any]]:
-    """The estimator's cheapest fitting changes, or plain advice when it cannot tell."""
+    """The cheapest changes that would fit, cheapest first: the estimator's, checked against this GPU, or
+    plain advice (micro-batch with more accumulation, gradient checkpointing, QLoRA) with estimated peaks."""
+    import torch
+
     try:
         from nbtune.estimator import estimate_memory
 
-        estimate = estimate_memory(config)
-        return [{"description": s.description, "changes": s.changes, "total_bytes": s.total_bytes}
-                for s in estimate.suggestions]
-    except Exception:
-        t = config.training
-        plain = []
-        if t.micro_batch_size > 1:
-            plain.append({"description": f"training.micro_batch_size {max(1, t.micro_batch_size // 2)} with "
-                          f"training.gradient_accumulation_steps {t.gradient_accumulation_steps * 2}",
-                          "changes": {"training.micro_batch_size": max(1, t.micro_batch_size // 2),
-                                      "training.gradient_accumulation_steps": t.gradient_accumulation_steps * 2}})
-        if not t.gradient_checkpointing:
-            plain.append({"description": "training.gradient_checkpointing true",
-                          "changes": {"training.gradient_checkpointing": True}})
-        if config.method.name != "qlora":
-            plain.append({"description": "method qlora", "changes": {"method": "qlora"}})
-        return plain
+        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        fitting = estimate_memory(config, gpu=gpu).suggestions if gpu else []
+        if fitting:
+            return [{"description": s["title"], "changes": s["changes"], "total_bytes": s.get("total_bytes"),
+                     "fits": s.get("fits")} for s in fitting]
+    except Exception:  # the estimator is advice; a failed run's summary never fails for it
+        estimate_memory = None
+    t = config.training
+    plain: list[tuple[str, dict[str, Any]]] = []
+    if t.micro_batch_size > 1:
+        smaller, more = max(1, t.micro_batch_size // 2), t.gradient_accumulation_steps * 2
+        plain.append((f"training.micro_batch_size {smaller} with training.gradient_accumulation_steps {more}",
+                      {"training.micro_batch_size": smaller, "training.gradient_accumulation_steps": more}))
+    if not t.gradient_checkpointing:
+        plain.append(("training.gradient_checkpointing true", {"training.gradient_checkpointing": True}))
+    if config.method.name != "qlora":
+        plain.append(("method qlora", {"method": "qlora"}))
+    out = []
+    for description, changes in plain:
+        total = None
+        if estimate_memory is not None:
+            try:
+                total = estimate_memory(config.replace(**changes)).total_bytes
+            except Exception:
+                total = None
+        out.append({"description": description, "changes": changes, "total_bytes": total})
+    return out
 
 
 def load_trained_model(run: Any) -> Any:
