@@ -1,0 +1,87 @@
+"""nbtune's embedded default: a tiny pre-trained base model and built-in datasets, shipped as package data.
+
+Users write `nbtune:tiny` as the model and `nbtune:<dataset>` as the data source; everything works offline.
+The files are made by `python -m nbtune.embedded.build` from the fictional world in `world.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+
+EMBEDDED_MODEL = "nbtune:tiny"
+BASE_MODEL_DIR = pathlib.Path(__file__).parent / "base"
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A built-in dataset: its task, columns and how a row becomes model input."""
+
+    name: str
+    task: str  # "causal-lm" or "seq-cls"
+    description: str
+    text_column: str  # the input; for causal-lm the prompt
+    target_column: str | None  # the completion (causal-lm), else None
+    label_column: str | None  # the label name (seq-cls), else None
+    labels: tuple[str, ...]  # label names for seq-cls, () otherwise
+    prompt_template: str  # str.format over a row's columns
+    splits: tuple[str, ...] = ("train", "eval")
+
+
+DATASETS: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in (
+        BuiltinDataset(
+            name="capitals",
+            task="causal-lm",
+            description="Answer 'What is the capital of X?' for fictional countries. Eval countries are held "
+            "out of train but described in the base's pre-training text, so only a pre-trained "
+            "base can answer them.",
+            text_column="prompt",
+            target_column="completion",
+            label_column=None,
+            labels=(),
+            prompt_template="Q: What is the capital of {country}?\nA:",
+        ),
+        BuiltinDataset(
+            name="regions",
+            task="seq-cls",
+            description="Classify which region (north, south, east, west) a fictional country lies in. Eval "
+            "countries are held out of train; the facts come from the base's pre-training.",
+            text_column="text",
+            target_column=None,
+            label_column="label",
+            labels=("north", "south", "east", "west"),
+            prompt_template="{text}",
+        ),
+        BuiltinDataset(
+            name="sentiment",
+            task="seq-cls",
+            description="Classify short product reviews as positive or negative.",
+            text_column="text",
+            target_column=None,
+            label_column="label",
+            labels=("positive", "negative"),
+            prompt_template="{text}",
+        ),
+    )
+}
+
+
+def dataset_path(name: str, split: str) -> pathlib.Path:
+    """The jsonl file of a built-in dataset split."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown built-in dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+    if split not in DATASETS[name].splits:
+        raise ValueError(
+            f"dataset {name!r} has no split {split!r}; allowed: {', '.join(DATASETS[name].splits)}"
+        )
+    return DATA_DIR / name / f"{split}.jsonl"
+
+
+def load_rows(name: str, split: str) -> list[dict]:
+    """The rows of a built-in dataset split, as dicts of column values."""
+    with dataset_path(name, split).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
