@@ -18,6 +18,7 @@ import torch
 from nbtune.config import TuneConfig
 from nbtune.methods import artifacts, registry
 from nbtune.methods.counting import count_parameters, trainable_parameters
+from nbtune.methods.peft_methods import disable_cpu_inference_repacking
 from nbtune.methods.registry import MethodContext
 from nbtune.models import auto_class
 
@@ -56,9 +57,18 @@ def model_config(task: str, **changes: Any) -> Any:
     if task == "seq2seq":
         return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                         num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **changes)
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                       **{"attention_bias": True, "mlp_bias": True, "num_labels": 3, **changes})
+    return LlamaConfig(**{"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                          "pad_token_id": 0, "attention_bias": True, "mlp_bias": True, "num_labels": 3, **changes})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny models run fastest on one thread; several threads on a shared, busy CPU wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +152,9 @@ def check_method(name: str, task: str, directory: Path, tmp_path: Path, params: 
         expected = model(**inputs).logits
     artifacts.save_trained(model, method, tmp_path / "artifact", ctx)
     fresh = load_base(directory, task, load_kwargs)
+    if getattr(fresh, "is_loaded_in_4bit", False):
+        # Same 4-bit kernel as in training: bitsandbytes' CPU inference layout computes in bf16 (~2e-3 apart).
+        disable_cpu_inference_repacking(fresh)
     if method.is_peft:
         from peft import PeftModel
 
@@ -193,3 +206,154 @@ def test_generated_peft_method(name: str, base_dirs: dict[str, Path], tmp_path: 
     method = registry.get(name)
     assert method.generated and method.is_peft and method.fields
     check_method(name, "causal-lm", base_dirs["causal-lm"], tmp_path, TINY_PARAMS.get(name))
+
+
+# ----- the registry as forms, docs and validation read it ------------------------------------------------------
+def test_registry_lists_the_built_in_methods_then_one_per_other_peft_method() -> None:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    assert registry.names(include_generated=False) == BUILT_IN
+    names = registry.names()
+    assert names[:len(BUILT_IN)] == BUILT_IN
+    peft_names = {t.value.lower().replace("_", "-") for t in PEFT_TYPE_TO_CONFIG_MAPPING}
+    assert set(names) == set(BUILT_IN) | peft_names
+    for method in registry.all_methods():
+        assert method.title and method.description and method.paper and method.learning_rate > 0
+        assert all(f.help and f.check(f.default) is None for f in method.fields), method.name
+        if method.virtual_tokens:
+            assert method.field(method.virtual_tokens).kind == "int"
+    assert [registry.get(n).virtual_tokens for n in ("prompt-tuning", "p-tuning", "lora")] == [
+        "num_virtual_tokens", "num_virtual_tokens", None]
+
+
+def test_reading_the_built_in_registry_does_not_import_torch() -> None:
+    code = ("import sys; from nbtune.methods import registry; "
+            "assert registry.names(include_generated=False); registry.get('qlora').defaults(); "
+            "assert 'torch' not in sys.modules and 'peft' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validation_names_field_value_and_what_is_allowed() -> None:
+    lora = registry.get("lora")
+    assert lora.check({"r": 0}) == [("method.r", "method.r must be >= 1 (got 0)")]
+    [(field, message)] = lora.check({"rank": 8})
+    assert field == "method.rank" and "not a parameter of lora" in message and "alpha" in message
+    assert "must be one of top-only, bottom-frozen (got 'middle')" in registry.get("freeze").check(
+        {"mode": "middle"})[0][1]
+    with pytest.raises(Exception, match=r"method.r must be >= 1 \(got 0\)"):
+        TuneConfig(method={"name": "lora", "r": 0})
+
+
+def test_bitfit_on_a_model_without_biases_says_so_and_suggests_lora_or_ia3() -> None:
+    model = auto_class("causal-lm").from_config(model_config("causal-lm", attention_bias=False, mlp_bias=False))
+    ctx = MethodContext(task="causal-lm")
+    with pytest.raises(ValueError, match="bitfit needs bias parameters, but LlamaForCausalLM has none.*lora or ia3"):
+        registry.get("bitfit").hook("apply")(model, {}, ctx)
+
+
+def test_freeze_with_more_layers_than_the_model_has_names_the_limit() -> None:
+    model = auto_class("causal-lm").from_config(model_config("causal-lm"))
+    params = registry.get("freeze").resolve({"layers": 5})
+    with pytest.raises(ValueError, match=r"method.layers must be between 0 and 2, the layer count of "
+                                         r"LlamaForCausalLM \(got 5\)"):
+        registry.get("freeze").hook("apply")(model, params, MethodContext(task="causal-lm"))
+
+
+def test_freeze_top_only_trains_the_top_layer_and_head_only() -> None:
+    model = auto_class("causal-lm").from_config(model_config("causal-lm"))
+    registry.get("freeze").hook("apply")(model, registry.get("freeze").resolve({}), MethodContext(task="causal-lm"))
+    trained = {n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
+               for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"layers", "norm", "lm_head"}
+    assert not any(p.requires_grad for p in model.model.layers[0].parameters())
+    assert all(p.requires_grad for p in model.model.layers[1].parameters())
+
+
+# ----- method details ------------------------------------------------------------------------------------------
+def test_adalora_reallocates_its_budget_with_live_gradients_inside_the_trainer(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    method = registry.get("adalora")
+    params = method.resolve({"tinit": 0, "tfinal": 1, "deltaT": 1})
+    ctx = MethodContext(task="causal-lm", extras={"total_steps": 3})
+    model = method.hook("apply")(auto_class("causal-lm").from_config(model_config("causal-lm")), params, ctx)
+    seen = []
+    allocate = model.base_model.update_and_allocate
+
+    def spy(global_step: int) -> None:
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        seen.append((global_step, all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)))
+        allocate(global_step)
+
+    model.base_model.update_and_allocate = spy
+    rows = [{k: v[0] for k, v in batch("causal-lm").items()}] * 6
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows,
+            callbacks=method.hook("callbacks")(model, params, ctx)).train()
+    assert seen == [(0, True), (1, True), (2, True)]
+
+
+def test_prompt_tuning_text_init_starts_from_the_embeddings_of_the_text() -> None:
+    def tokenizer(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [10 + len(word) for word in text.split()]}
+
+    method = registry.get("prompt-tuning")
+    params = method.resolve({"num_virtual_tokens": 5, "init": "text", "init_text": "ab abc"})
+    base = auto_class("causal-lm").from_config(model_config("causal-lm"))
+    model = method.hook("apply")(base, params, MethodContext(task="causal-lm", tokenizer=tokenizer))
+    prompt = model.prompt_encoder["default"].embedding.weight
+    words = model.get_input_embeddings().weight
+    torch.testing.assert_close(prompt, words[[12, 13, 12, 13, 12]])
+
+
+def test_distillation_student_starts_from_every_other_teacher_layer_and_matches_the_loss() -> None:
+    teacher = auto_class("causal-lm").from_config(model_config("causal-lm", num_hidden_layers=4))
+    method = registry.get("distillation")
+    ctx = MethodContext(task="causal-lm")
+    student = method.hook("apply")(teacher, method.resolve({"alpha": 0.25}), ctx)
+    assert ctx.extras["teacher"] is teacher and not teacher.training
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    for j, i in enumerate((0, 2)):
+        for (_, s), (_, t) in zip(student.model.layers[j].state_dict().items(),
+                                  teacher.model.layers[i].state_dict().items(), strict=True):
+            assert torch.equal(s, t)
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+
+    # a student identical to its teacher has nothing left to distil: only the hard-label term remains
+    twin = method.hook("apply")(teacher, method.resolve({"alpha": 0.25, "student_layers": 4}), ctx)
+    loss, outputs = method.hook("compute_loss")(twin.eval(), batch("causal-lm"), ctx)
+    torch.testing.assert_close(loss, 0.75 * outputs.loss)
+
+
+def test_counting_a_7b_llama_is_exact_and_fast() -> None:
+    import time
+
+    from transformers import LlamaConfig
+
+    llama_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32)
+    counts = {}
+    for name in ("full", "lora", "qlora"):
+        start = time.perf_counter()
+        counts[name] = trainable_parameters(TuneConfig(model={"name_or_path": "llama-7b"}, method=name), llama_7b)
+        assert time.perf_counter() - start < 2.0
+    assert counts["full"] == (6_738_415_616, 6_738_415_616)
+    lora = 32 * 2 * 2 * 4096 * 16  # q_proj and v_proj of 32 layers, A and B of rank 16
+    assert counts["lora"] == counts["qlora"] == (lora, 6_738_415_616 + lora)
+
+
+def test_qlora_keeps_training_after_an_evaluation_on_cpu(base_dirs: dict[str, Path]) -> None:
+    method = registry.get("qlora")
+    params, ctx = method.resolve({}), MethodContext(task="causal-lm")
+    base = load_base(base_dirs["causal-lm"], "causal-lm", method.hook("load_kwargs")(params, ctx))
+    assert base.is_loaded_in_4bit
+    model = method.hook("apply")(base, params, ctx)
+    inputs = batch("causal-lm")
+    for training in (True, False, True):  # the engine evaluates between training steps
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            loss = model(**inputs).loss
+        if training:
+            loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

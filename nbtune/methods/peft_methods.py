@@ -51,7 +51,22 @@ def apply_qlora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     if getattr(model, "is_loaded_in_4bit", False):
         # Gradient checkpointing is the engine's choice (training.gradient_checkpointing), not the method's.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        disable_cpu_inference_repacking(model)
     return get_peft_model(model, _lora_config(params, ctx))
+
+
+def disable_cpu_inference_repacking(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference during evaluation.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight in place to an inference-only
+    layout the first time it runs in eval mode; training forwards after that go through the inference kernel
+    and fail ("a view of a leaf Variable that requires grad is being used in an in-place operation" with a
+    bias; the layout also needs in_features divisible by 64). Evaluation between training steps must not do
+    that, so the generic dequantize path is kept (slower on CPU, and irrelevant on CUDA).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_prompt_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:

@@ -179,7 +179,8 @@ def all_methods(include_generated: bool = True) -> list[Method]:
     if include_generated:
         _ensure_generated()
     methods = list(_METHODS.values())
-    return [m for m in methods if not m.generated] + [m for m in methods if m.generated]
+    built_in = [m for m in methods if not m.generated]
+    return built_in + [m for m in methods if m.generated] if include_generated else built_in
 
 
 def names(include_generated: bool = True) -> list[str]:
