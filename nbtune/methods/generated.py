@@ -164,7 +164,11 @@ def apply_peft(peft_type: str, model: Any, params: dict[str, Any], ctx: MethodCo
 
     from nbtune.methods.peft_methods import PEFT_TASK
 
-    config_class = next(c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if getattr(t, "value", t) == peft_type)
+    classes = {getattr(t, "value", t): c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    if peft_type not in classes:
+        raise ValueError(f"method {_method_name(peft_type)!r} is not a method of the installed peft; "
+                         f"it has {', '.join(sorted(map(_method_name, classes)))}")
+    config_class = classes[peft_type]
     return get_peft_model(model, config_class(task_type=PEFT_TASK[ctx.task], **params))
 
 
