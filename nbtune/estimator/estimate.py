@@ -143,7 +143,8 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
     t = config.training
     d = f.dims
     h, inter, a, vocab = d["h"], d["I"], d["a"], d["V"]
-    wb = DTYPE_BYTES[config.model.dtype]
+    # prepare_model_for_kbit_training upcasts embeddings and norms to fp32: the hidden states follow them
+    wb = f.residual_bytes or DTYPE_BYTES[config.model.dtype]
     autocast = t.precision in ("fp16", "bf16") and wb == 4
     act = 2 if (wb == 2 or autocast) else 4  # bytes of a matmul output
     b = t.micro_batch_size
@@ -188,24 +189,31 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
 
     # ----- activations saved for the backward, per token -----
     def layer_bytes(layer: Any) -> float:
-        if f.family == "gated":
-            per = 8 * h + act * (3 * h + 3 * inter)  # RMSNorm fp32 copies; attention q/k/v/out; SwiGLU
-            if layer.full:
-                per += act * (4 * h + inter) + (10 * h if autocast else 0)  # inputs of trainable Linear layers
-            elif layer.quantized:
-                per += act * (3 * h + inter)  # bitsandbytes 4-bit matmuls save their input
-        else:  # LayerNorm, GELU MLP, dropout masks (Korthikanti et al. 2022)
-            per = act * (5 * h + inter) + 2 * h
-            if layer.full or layer.quantized:
-                per += act * (3 * h + inter)
+        # bitsandbytes' 4-bit matmul is outside autocast: its outputs keep the hidden states' dtype
+        # (attention itself is autocast: sdpa runs in 16-bit; the MLP's elementwise ops stay in wb)
+        act_l = wb if layer.quantized else act
+        per = layer_core(layer, act, act_l)
         for d_in, r, p, lbytes in layer.lora:
-            la = 2 if autocast else lbytes
+            la = 2 if t.precision in ("fp16", "bf16") else lbytes  # lora_A runs under autocast
             mask = (1 if device == "cuda" else lbytes) if p > 0 else 0
             per += d_in * (la + mask) + r * la
-        if layer.other_trainable:
-            per += act * h
+        for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
+            per += act * (d_in + min(d_in, d_out))
+        per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
         if config.model.attn_implementation == "eager":
-            per += a * kv_seq * (4 + (act if act < 4 else 0))
+            per += a * kv_seq * (4 + (act_l if act_l < 4 else 0))
+        return per
+
+    def layer_core(layer: Any, act: int, act_mlp: int) -> float:
+        if f.family == "gated":
+            per = 8 * h + act * 3 * h + act_mlp * 3 * inter  # RMSNorm fp32 copies; attention q/k/v/out; SwiGLU
+            if layer.full:
+                per += act * (4 * h + inter) + (10 * h if autocast else 0)  # inputs of trainable Linear layers
+            # bitsandbytes >= 0.45 4-bit matmuls save only the packed weight, not their input
+        else:  # LayerNorm, GELU MLP, dropout masks (Korthikanti et al. 2022)
+            per = act * (5 * h + inter) + 2 * h
+            if layer.full:
+                per += act * (3 * h + inter)
         return per
 
     per_layer = [layer_bytes(layer) * tokens + 2 * act * h * f.prefix_tokens * b for layer in f.layers]

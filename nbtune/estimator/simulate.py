@@ -150,7 +150,7 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     tracker = Tracker()
     quantized_ids = info["quantized_ids"]
     wb = DTYPE_BYTES[config.model.dtype]
-    autocast = t.precision in ("fp16", "bf16") and wb == 4
+    autocast = t.precision in ("fp16", "bf16") and wb == 4  # (with 16-bit weights autocast changes nothing)
     b, s = t.micro_batch_size, config.data.max_length
     vocab = int(model_config.vocab_size)
     with FakeTensorMode(allow_non_fake_inputs=False) as fake_mode, tracker:

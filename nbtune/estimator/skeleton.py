@@ -27,6 +27,8 @@ class LayerFacts:
     quantized: bool  # bitsandbytes Linear layers save their input for the backward
     lora: tuple[tuple[int, int, float, int], ...] = ()  # (in_features, r, dropout, adapter bytes) per LoRA module
     other_trainable: int = 0  # trainable elements that are neither Linear weights nor LoRA (biases, IA3 vectors)
+    added: tuple[tuple[int, int], ...] = ()  # (in, out) of trainable Linear layers the method added (adapters)
+    vectors: int = 0  # elements of trainable scaling vectors (IA3): each saves the tensor it scales
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Facts:
     virtual_tokens: int
     prefix_tokens: int  # prefix tuning lengthens keys/values, not the sequence
     forced_checkpointing: bool  # the method turned gradient checkpointing on (e.g. prepare_model_for_kbit_training)
+    residual_bytes: int = 0  # element size of the hidden states (the input embeddings' dtype after the method)
     teacher_bytes: int = 0  # a frozen teacher kept beside the student (distillation)
     dims: dict[str, int] = field(default_factory=dict)
     family: str = "gated"  # "gated": RMSNorm + gated MLP (Llama-like); "gpt": LayerNorm + 2-matrix MLP
@@ -118,8 +121,9 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
                 quantized.add(id(module.weight))
         setattr(model, f"is_loaded_in_{quant['bits']}bit", True)
     ctx.model_config = model.config
+    base_ids = {id(p) for p in model.parameters()}
     model = method.hook("apply")(model, params, ctx)
-    return model, {"quant": quant, "quantized_ids": quantized, "method": method, "params": params, "ctx": ctx}
+    return model, {"base_ids": base_ids, "quant": quant, "quantized_ids": quantized, "method": method, "params": params, "ctx": ctx}
 
 
 def _quant_settings(qc: Any) -> dict[str, Any]:
@@ -162,9 +166,13 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
     lora_by_layer: dict[str, list[tuple[int, int, float, int]]] = {}
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, torch.nn.ModuleDict) and len(lora_a):
+        if isinstance(lora_a, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and len(lora_a):
             adapter = next(iter(lora_a))
             a_layer = lora_a[adapter]
+            if isinstance(a_layer, torch.nn.Parameter):  # AdaLoRA keeps raw (r, in) matrices
+                a_shape, a_bytes = (int(a_layer.shape[1]), int(a_layer.shape[0])), a_layer.element_size()
+            else:
+                a_shape, a_bytes = (int(a_layer.in_features), int(a_layer.out_features)), a_layer.weight.element_size()
             drop = module.lora_dropout[adapter] if hasattr(module, "lora_dropout") else None
             p = float(getattr(drop, "p", 0.0) or 0.0)
             for sub in module.modules():
@@ -173,8 +181,7 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
                         lora_ids.add(id(prm))
             match = _LAYER.match(name + ".")
             if match:
-                lora_by_layer.setdefault(f"{match[1]}.{match[2]}", []).append(
-                    (int(a_layer.in_features), int(a_layer.out_features), p, a_layer.weight.element_size()))
+                lora_by_layer.setdefault(f"{match[1]}.{match[2]}", []).append((*a_shape, p, a_bytes))
 
     seen: set[int] = set()
     total = trainable = weight_bytes = trainable_bytes = qparams = 0
@@ -185,6 +192,11 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
     layer_quant: dict[str, bool] = {}
     layer_other: dict[str, int] = {}
     layer_linear: dict[str, int] = {}
+    layer_added: dict[str, list[tuple[int, int]]] = {}
+    layer_vectors: dict[str, int] = {}
+    base_ids = info["base_ids"]
+    if not base_ids & {id(p) for p in model.parameters()}:  # a new model (a distillation student) is all "base"
+        base_ids = {id(p) for p in model.parameters()}
     outside_linear = 0
     before_trainable = head_trainable = False
     for name, prm in model.named_parameters(remove_duplicate=False):
@@ -198,7 +210,8 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         if lkey and lkey not in layer_full:
             layer_keys.append(lkey)
             layer_full[lkey] = layer_quant[lkey] = False
-            layer_other[lkey] = layer_linear[lkey] = 0
+            layer_other[lkey] = layer_linear[lkey] = layer_vectors[lkey] = 0
+            layer_added[lkey] = []
         is_linear = id(prm) in linear_weight_ids
         if id(prm) in quantized_ids:
             qparams += n
@@ -228,17 +241,21 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         if lkey:
             if id(prm) in lora_ids:
                 pass
+            elif is_linear and id(prm) not in base_ids:
+                layer_added[lkey].append((int(prm.shape[1]), int(prm.shape[0])))
             elif is_linear:
                 layer_full[lkey] = True
             else:
                 layer_other[lkey] += n
+                if id(prm) not in base_ids and prm.dim() >= 1 and not name.endswith("bias"):
+                    layer_vectors[lkey] += n
         elif any(part in name for part in _BEFORE_LAYERS):
             before_trainable = True
         else:
             head_trainable = True
 
     trainable_layers = [i for i, k in enumerate(layer_keys)
-                        if layer_full[k] or layer_other[k] or k in lora_by_layer]
+                        if layer_full[k] or layer_other[k] or k in lora_by_layer or layer_added[k]]
     virtual, prefix = _virtual_tokens(model, method, info["params"])
     if before_trainable or prefix:
         first = 0
@@ -248,7 +265,7 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         first = len(layer_keys)
     layers = tuple(
         LayerFacts(full=layer_full[k], quantized=layer_quant[k], lora=tuple(lora_by_layer.get(k, ())),
-                   other_trainable=layer_other[k])
+                   other_trainable=layer_other[k], added=tuple(layer_added[k]), vectors=layer_vectors[k])
         for k in layer_keys[first:])
     copies = sum(layer_linear[k] for k in layer_keys[first:]) + outside_linear
     family = "gated" if any(".gate_proj." in n or ".w1." in n for n, _ in model.named_parameters()) else "gpt"
@@ -267,7 +284,14 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         total_layers=len(layer_keys), head_trainable=head_trainable, autocast_copy_elems=copies,
         virtual_tokens=virtual, prefix_tokens=prefix,
         forced_checkpointing=bool(getattr(_base(model), "is_gradient_checkpointing", False)),
-        teacher_bytes=teacher_bytes, dims=dims, family=family)
+        residual_bytes=_embedding_bytes(model), teacher_bytes=teacher_bytes, dims=dims, family=family)
+
+
+def _embedding_bytes(model: Any) -> int:
+    try:
+        return int(model.get_input_embeddings().weight.element_size())
+    except (AttributeError, NotImplementedError):
+        return 0
 
 
 def _base(model: Any) -> Any:

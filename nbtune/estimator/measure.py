@@ -1,0 +1,117 @@
+"""Ground truth on CPU: exact bytes of one real training step of a small model (for tests and benchmarks).
+
+Parameters, gradients and optimizer state are summed from the tensors after the step; activations are the
+unique storages that autograd saves for the backward (torch.autograd.graph.saved_tensors_hooks), parameters
+excluded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune.config import TuneConfig
+from nbtune.estimator.skeleton import build_model
+
+
+def make_optimizer(config: TuneConfig, params: list[Any]) -> Any:
+    """The optimizer the Trainer builds for `training.optimizer` (bitsandbytes ones need CUDA)."""
+    import torch
+
+    name = config.training.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
+    import bitsandbytes as bnb
+
+    cls = {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw": bnb.optim.PagedAdamW32bit,
+           "paged-adamw-8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=1e-4)
+
+
+def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[str, int]:
+    """Bytes of weights, trainable weights, gradients, optimizer state and saved activations of one CPU step."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, info = build_model(config, model_config, device="cpu")
+    quant_bytes = 0
+    if info["quant"]["bits"]:
+        model, quant_bytes = _quantized_model(config, model_config, info)
+    model.train()
+    if config.training.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher = info["ctx"].extras.get("teacher")
+    t = config.training
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    b, s = t.micro_batch_size, config.data.max_length
+    ids = torch.randint(0, int(model_config.vocab_size), (b, s))
+    labels = torch.zeros((b,), dtype=torch.long) if config.model.task == "seq-cls" else ids
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    skip |= {x.untyped_storage().data_ptr() for x in model.buffers()}
+    saved: dict[int, int] = {}
+
+    def pack(x: Any) -> Any:
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    autocast = t.precision in ("fp16", "bf16")  # the Trainer autocasts whenever bf16/fp16 is set
+    optimizer = make_optimizer(config, trainable)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    if teacher is not None:
+        with torch.no_grad():
+            teacher(input_ids=ids)
+    loss.backward()
+    optimizer.step()
+
+    def nbytes(tensors: Any) -> int:
+        return sum(x.numel() * x.element_size() for x in tensors)
+
+    state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {
+        "weights": nbytes(params) + quant_bytes,
+        "quantization_constants": quant_bytes,
+        "trainable_weights": nbytes(trainable),
+        "gradients": nbytes(p.grad for p in trainable if p.grad is not None),
+        "optimizer_state": nbytes(state),
+        "saved_activations": sum(saved.values()),
+        "tokens": b * s,
+    }
+
+
+def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]) -> tuple[Any, int]:
+    """The model really loaded in 4 bits by bitsandbytes (on CPU), with its method; and its constants' bytes."""
+    import tempfile
+
+    import torch
+
+    from nbtune.methods import MethodContext
+    from nbtune.models import TORCH_DTYPES, auto_class
+
+    method, params = info["method"], info["params"]
+    ctx = MethodContext(task=config.model.task, model_config=model_config, dtype=config.model.dtype)
+    kwargs = method.hook("load_kwargs")(params, ctx)
+    with tempfile.TemporaryDirectory() as folder:
+        auto_class(config.model.task).from_config(model_config).save_pretrained(folder)
+        model = auto_class(config.model.task).from_pretrained(
+            folder, dtype=getattr(torch, TORCH_DTYPES[config.model.dtype]), device_map="cpu", **kwargs)
+    constants: dict[int, int] = {}
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is None:
+            continue
+        tensors = [state.absmax] + ([state.state2.absmax] if getattr(state, "state2", None) is not None else [])
+        for x in tensors:
+            constants[x.untyped_storage().data_ptr()] = x.numel() * x.element_size()
+    ctx.model_config = model.config
+    return method.hook("apply")(model, params, ctx), sum(constants.values())
