@@ -1,0 +1,303 @@
+"""The notebook UI without a browser: ipywidgets' dummy comm, a real run on the embedded default, a fake clock."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nbtune import TuneConfig, ui_support
+from nbtune.events import Event, EventStream
+from nbtune.methods import registry
+
+pytest.importorskip("ipywidgets")
+
+from nbtune.widgets.builder import Builder  # noqa: E402
+from nbtune.widgets.dashboard import Dashboard  # noqa: E402
+
+NEVER = 3600.0  # a debounce that never fires during a test: no estimate runs unless the test asks for one
+
+
+def tiny(**changes: object) -> TuneConfig:
+    """The embedded default, cut down to a few seconds of CPU training."""
+    base = {"training.max_steps": 6, "training.log_every": 1, "training.eval_every": 3, "data.max_samples": 48,
+            "data.max_eval_samples": 16, "training.micro_batch_size": 4}
+    return TuneConfig().replace(**{**base, **changes})
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+# ----- the builder -------------------------------------------------------------------------------------------
+
+def test_the_method_dropdown_lists_every_registry_method_with_its_description():
+    b = Builder(debounce_s=NEVER)
+    options = dict((value, label) for label, value in b.method.options)
+    assert list(options) == registry.names()
+    for m in registry.all_methods():
+        assert m.description in options[m.name]
+
+
+def test_changing_the_method_swaps_in_its_registry_fields_with_help_as_tooltips():
+    b = Builder(debounce_s=NEVER)
+    for method in registry.all_methods():
+        b.method.value = method.name
+        shown = {d.split(".", 1)[1]: c for d, c in b.controls.items() if d.startswith("method.")}
+        assert list(shown) == [f.name for f in method.fields], method.name
+        for f in method.fields:
+            tip = shown[f.name].input.tooltip if shown[f.name].input.has_trait("tooltip") else \
+                shown[f.name].input.description_tooltip
+            assert tip == f.help
+    b.method.value = "lora"
+    assert "method.r" in b.controls and "method.feedforward_modules" not in b.controls
+    b.method.value = "ia3"
+    assert "method.r" not in b.controls and "method.feedforward_modules" in b.controls
+    assert b.config.method.name == "ia3"
+
+
+def test_shared_method_fields_keep_their_value_across_a_switch():
+    b = Builder(debounce_s=NEVER)
+    b.controls["method.r"].input.value = 4
+    b.method.value = "qlora"
+    assert b.controls["method.r"].value == 4
+    assert b.config.method_params["r"] == 4
+
+
+def test_a_bad_value_marks_its_field_with_the_message_and_disables_launch():
+    b = Builder(debounce_s=NEVER)
+    assert not b.launch_button.disabled
+    batch = b.controls["training.micro_batch_size"]
+    batch.input.value = 0
+    assert b.launch_button.disabled
+    assert batch.problem == "training.micro_batch_size must be an integer >= 1 (got 0)"
+    assert "must be an integer &gt;= 1 (got 0)" in batch.message.value
+    assert batch.message.layout.display != "none" and "nbtune-invalid" in batch.input._dom_classes
+    assert "1 problem" in b.status.value
+
+    b.controls["method.r"].input.value = 0  # a registry field is validated the same way
+    assert "method.r must be >= 1" in b.controls["method.r"].problem
+    assert "2 problems" in b.status.value
+    lr = b.controls["training.learning_rate"]
+    lr.input.value = "fast"
+    assert lr.problem == "training.learning_rate must be > 0 and <= 1 (got 'fast')"
+
+    batch.input.value = 8
+    b.controls["method.r"].input.value = 8
+    lr.input.value = "2e-4"
+    assert not b.launch_button.disabled
+    assert batch.problem is None and batch.message.value == "" and "nbtune-invalid" not in batch.input._dom_classes
+    assert b.config.training.micro_batch_size == 8 and b.config.training.learning_rate == 2e-4
+
+
+def test_the_builder_starts_from_a_config_and_reads_it_back():
+    config = TuneConfig(method={"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                        training={"learning_rate": 1e-3, "max_steps": 20, "eval_every": None},
+                        data={"max_samples": 100, "eval_split": 0.2})
+    b = Builder(config, debounce_s=NEVER)
+    assert b.config.to_dict(resolved=True) == config.to_dict(resolved=True)
+    assert b.controls["method.target_modules"].input.value == "q_proj, v_proj"
+
+
+def test_code_and_yaml_export_and_yaml_loads_back_into_the_form():
+    b = Builder(tiny(), debounce_s=NEVER)
+    assert b.code.value == b.config.to_code() and "nbtune.launch(config)" in b.code.value
+    assert TuneConfig.from_yaml(b.yaml.value).to_dict() == b.config.to_dict()
+    namespace: dict[str, object] = {}
+    exec(b.code.value.replace("run = nbtune.launch(config)", ""), namespace)  # the cell is runnable
+    assert namespace["config"].to_dict(resolved=True) == b.config.to_dict(resolved=True)
+
+    other = tiny(method="ia3", **{"training.micro_batch_size": 2})
+    b.load_yaml(other.to_yaml())
+    assert b.method.value == "ia3" and b.config.to_dict(resolved=True) == other.to_dict(resolved=True)
+    b.load_yaml("training: {micro_batch_size: -1}")
+    assert "training.micro_batch_size" in b.load_message.value and b.method.value == "ia3"
+
+
+def test_in_memory_rows_survive_the_form():
+    rows = [{"text": f"say {i}", "target": f" {i}"} for i in range(20)]
+    config = TuneConfig(data={"source": rows, "text_column": "text", "target_column": "target", "eval_split": 0.25})
+    b = Builder(config, debounce_s=NEVER)
+    assert b.controls["data.source"].input.disabled
+    assert b.config.data.source == rows
+
+
+def test_data_preview_shows_templated_rows_counts_and_truncation():
+    b = Builder(tiny(**{"data.max_length": 12}), debounce_s=NEVER)
+    result = b.preview()
+    assert result is not None and result["train_rows"] == 48
+    assert result["truncated"] == sum(n > 12 for n in result["token_lengths"]) > 0
+    assert result["rows"][0]["input"] in b.preview_out.value.replace("&#x27;", "'")
+    assert "longer than max_length 12" in b.preview_out.value
+
+
+# ----- the memory panel --------------------------------------------------------------------------------------
+
+def test_the_memory_panel_draws_estimate_memory_of_the_forms_config():
+    from nbtune.estimator import estimate_memory
+
+    b = Builder(tiny(), debounce_s=0)
+    b.controls["training.micro_batch_size"].input.value = 8
+    b.memory.gpu.value = "l4"
+    expected = estimate_memory(b.config, gpu="l4")
+    assert b.memory.segments == [(k, v) for k, v in expected.breakdown.items() if v]
+    assert sum(v for _, v in b.memory.segments) == expected.total_bytes
+    assert expected.verdict in b.memory.verdict.value
+
+
+def test_a_suggestion_applies_itself_to_the_form():
+    b = Builder(tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096}), debounce_s=0)
+    assert "does not fit" in b.memory.verdict.value
+    suggestions = b.memory.estimate.suggestions
+    assert suggestions and len(b.memory.suggestions.children) == len(suggestions) + 1
+    first = suggestions[0]
+    b.memory.suggestions.children[1].click()
+    for dotted, value in first["changes"].items():
+        assert b.controls[dotted].value == value
+    assert b.memory.estimate.total_bytes == first["total_bytes"]
+
+
+def test_an_invalid_form_clears_the_estimate_instead_of_showing_a_stale_one():
+    b = Builder(tiny(), debounce_s=0)
+    b.controls["data.max_length"].input.value = 2
+    assert "Fix the marked fields" in b.memory.verdict.value
+
+
+# ----- launching, the dashboard, stopping --------------------------------------------------------------------
+
+def test_launch_trains_the_embedded_default_and_the_dashboard_follows_it(tmp_path: Path):
+    b = Builder(tiny(), store=tmp_path, debounce_s=NEVER)
+    b.launch_button.click()
+    run, dash = b.run, b.dashboard
+    assert run is not None and dash.run is run
+    dash.wait(timeout=300)
+    assert run.status == "finished"
+    assert dash.progress.state == "finished" and dash.progress.step == 6
+    steps = [e for e in run.events.history if e.kind == "step"]
+    counts = {t["name"]: len(t["x"]) for t in dash.figure["data"]}
+    assert counts["train loss"] == len(steps) == 6 and counts["eval loss"] >= 2
+    assert dash.bar.value == dash.bar.max == 6 and dash.stop_button.disabled
+    assert "finished" in dash.status_html.value
+
+    again = Dashboard(run.id, store=tmp_path)  # reopened from the store alone
+    assert again.progress.state == "finished"
+    assert {t["name"]: len(t["x"]) for t in again.figure["data"]} == counts
+
+
+def test_stop_from_the_dashboard_stops_the_run(tmp_path: Path):
+    b = Builder(tiny(**{"training.max_steps": 400}), store=tmp_path, debounce_s=NEVER)
+    b.launch()
+    dash = b.dashboard
+    wait_until(lambda: dash.progress.step >= 2)
+    dash.stop_button.click()
+    assert dash.stop_button.disabled and dash.stop_button.description.startswith("Stopping")
+    dash.wait(timeout=120)
+    assert b.run.status == "stopped" and dash.progress.state == "stopped"
+    assert dash.progress.step < 400
+    assert "Stopped on request" in dash.status_html.value
+
+
+def test_a_failed_run_says_why_in_plain_words(tmp_path: Path):
+    config = tiny(**{"data.source": str(tmp_path / "missing.jsonl")})
+    from nbtune import launch
+
+    dash = Dashboard(launch(config, store=tmp_path), widgets=True)
+    dash.wait(timeout=120)
+    assert dash.progress.state == "failed"
+    assert "missing.jsonl" in dash.status_html.value and "Failed" in dash.status_html.value
+
+
+# ----- throttling and bounded display ------------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_run(history: list[Event] | None = None, status: str = "running") -> SimpleNamespace:
+    config = TuneConfig()
+    return SimpleNamespace(
+        id="fake", config=config, status=status, summary=None, done=status != "running",
+        events=EventStream(history=history or []), subscribe=lambda callback, replay=True: (lambda: None),
+        stop=lambda: None, wait=lambda timeout=None: None)
+
+
+def step_event(step: int, t: float) -> Event:
+    return Event("step", t, {"step": step, "total_steps": 100_000, "epoch": step / 1000, "loss": 1 / step,
+                             "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_s": 500.0, "elapsed_s": t,
+                             "memory": {"rss": 2**30, "peak_rss": 2**30}})
+
+
+def test_redraws_are_throttled_to_two_per_second_on_a_fake_clock():
+    clock = FakeClock()
+    dash = Dashboard(fake_run(), clock=clock, trailing=False, widgets=True)
+    for step in range(1, 1001):  # 100 events a second for 10 seconds
+        clock.now = step * 0.01
+        dash._on_event(step_event(step, clock.now))
+    assert 19 <= dash.renders <= 21
+    assert dash.progress.step == 1000  # every event was folded in, drawn or not
+
+    clock.now = 10.2  # within the window: no redraw, the next allowed one batches everything
+    dash._on_event(step_event(1001, clock.now))
+    assert dash.renders <= 21
+
+
+def test_live_traces_never_exceed_two_thousand_points_while_the_store_keeps_all():
+    clock = FakeClock()
+    dash = Dashboard(fake_run(), clock=clock, trailing=False, widgets=True)
+    for step in range(1, 20_001):
+        clock.now += 0.01
+        dash._on_event(step_event(step, clock.now))
+    clock.now += 1.0
+    dash._on_event(step_event(20_000, clock.now))
+    counts = {t["name"]: len(t["x"]) for t in dash.figure["data"]}
+    assert 1000 <= counts["train loss"] <= 2000
+    assert dash.figure["data"][0]["x"][-1] == 20_000  # the latest point is always shown
+    assert len(dash.progress.series["train loss"]) == 20_000
+
+
+def test_folding_an_event_costs_the_same_late_in_a_long_run():
+    series = ui_support.Series(max_points=2000)
+    for i in range(200_000):
+        series.append(i, float(i))
+    assert len(series.view()[0]) <= 2001 and series._stride <= 128
+    x, y = series.full(max_points=5000)
+    assert len(x) <= 5000 and x[-1] == 199_999
+
+
+def test_a_finished_run_in_history_is_folded_without_a_thread():
+    history = [Event("started", 0.0, {"total_steps": 3})] + [step_event(i, float(i)) for i in (1, 2, 3)] + [
+        Event("finished", 4.0, {"step": 3})]
+    dash = Dashboard(fake_run(history, status="finished"), trailing=False)
+    assert dash.progress.state == "finished" and dash.progress.step == 3
+    assert len(dash.figure["data"][0]["x"]) == 3
+
+
+# ----- small engine helpers the UI relies on -----------------------------------------------------------------
+
+def test_form_text_parses_into_config_values_or_stays_text_for_validation():
+    f = registry.get("lora").field("target_modules")
+    assert ui_support.parse_value("method.target_modules", f, "q_proj, v_proj") == ["q_proj", "v_proj"]
+    lr = next(f for f in ui_support.section_fields("training") if f.name == "learning_rate")
+    assert ui_support.parse_value("training.learning_rate", lr, "") is None
+    assert ui_support.parse_value("training.learning_rate", lr, "1e-4") == 1e-4
+    assert ui_support.parse_value("training.learning_rate", lr, "abc") == "abc"
+    split = next(f for f in ui_support.section_fields("data") if f.name == "eval_split")
+    assert ui_support.parse_value("data.eval_split", split, "0.1") == 0.1
+    assert ui_support.parse_value("data.eval_split", split, "validation") == "validation"
+
+
+def test_eta_and_plain_words():
+    assert ui_support.eta_seconds(25, 100, 10.0) == 30.0
+    assert ui_support.eta_seconds(0, 100, 1.0) is None
+    assert ui_support.format_duration(3725) == "1:02:05"
+    assert ui_support.state_words("failed", "CUDA out of memory") == "Failed: CUDA out of memory"

@@ -1,0 +1,327 @@
+"""The config builder: a form over a TuneConfig with inline validation, data preview, memory panel, code/YAML
+export and import, and Launch, which opens the run's dashboard under the builder.
+
+`Builder(config)` starts from a config; `builder.config` reads the form back as a TuneConfig. The method's own
+fields are generated from the method registry, never written per method; every rule is the config's own
+validation (`TuneConfig.problems`), shown next to the field it names.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as w
+from IPython.display import display
+from nbtune.widgets import environment
+from nbtune.widgets.forms import STYLE, FieldControl
+from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel
+
+from nbtune.config import ConfigError, TuneConfig
+from nbtune.methods import registry
+from nbtune.ui_support import config_from_values, section_fields
+
+SECTION_TITLES = ("Model", "Task", "Data", "Method", "Training")
+MULTILINE = {"data.prompt_template"}
+
+
+class Builder:
+    """An interactive form for a TuneConfig. Display it as the last line of a cell."""
+
+    def __init__(self, config: TuneConfig | None = None, store: Any = None, gpu: str = DEFAULT_GPU,
+                 debounce_s: float = 0.3):
+        config = config if config is not None else TuneConfig()
+        self.store = store
+        self.run: Any = None
+        self.dashboard: Any = None
+        self.problems: list[tuple[str, str]] = []
+        self._config: TuneConfig | None = config
+        self._rows: list[dict[str, Any]] | None = None  # in-memory data rows (not editable as text)
+        self._quiet = False
+        self._slots: list[Any] | None = None
+        self.controls: dict[str, FieldControl] = {}
+
+        model = self._section("model", exclude=("task",))
+        task = self._section("model", only=("task",))
+        data = self._section("data")
+        training = self._section("training")
+        self.method = w.Dropdown(
+            options=[(f"{m.name} — {m.description}", m.name) for m in registry.all_methods()],
+            value=config.method.name, description="method", style={"description_width": "170px"},
+            layout=w.Layout(width="530px"))
+        environment.set_tooltip(self.method, "The tuning method; its own settings appear below.")
+        self.method_info = w.HTML("")
+        self.method_fields = w.VBox([])
+        self.method.observe(lambda change: self._switch_method(change["new"]), names="value")
+        self._build_method_fields(config.method.name, config.method_params)
+
+        self.preview_button = w.Button(description="Preview data", icon="table", layout=w.Layout(width="150px"))
+        environment.set_tooltip(self.preview_button, "Load the first rows, apply the template and tokenize.")
+        self.preview_button.on_click(lambda _: self.preview())
+        self.preview_out = w.HTML("")
+        data_tab = w.VBox([*data, w.HBox([self.preview_button]), self.preview_out])
+        self.task_note = w.HTML("")
+        task_tab = w.VBox([*task, self.task_note])
+        method_tab = w.VBox([self.method, self.method_info, self.method_fields])
+
+        self.sections = w.Tab(children=[w.VBox(model), task_tab, data_tab, method_tab, w.VBox(training)],
+                              layout=w.Layout(width="600px"))
+        for i, title in enumerate(SECTION_TITLES):
+            self.sections.set_title(i, title)
+        self.sections.selected_index = 3
+
+        self.memory = MemoryPanel(gpu=gpu, debounce_s=debounce_s, on_apply=self.apply)
+        self.status = w.HTML("")
+        self.launch_button = w.Button(description="Launch", icon="play", button_style="success",
+                                      layout=w.Layout(width="130px"))
+        environment.set_tooltip(self.launch_button, "Start training this config; its dashboard opens below.")
+        self.launch_button.on_click(lambda _: self.launch())
+
+        self.code = w.Textarea(layout=w.Layout(width="100%", height="200px"))
+        self.yaml = w.Textarea(layout=w.Layout(width="100%", height="200px"))
+        self.load_text = w.Textarea(placeholder="Paste a YAML config here, then Load into form.",
+                                    layout=w.Layout(width="100%", height="160px"))
+        self.load_button = w.Button(description="Load into form", icon="upload", layout=w.Layout(width="150px"))
+        self.load_button.on_click(lambda _: self.load_yaml(self.load_text.value))
+        self.load_message = w.HTML("")
+        exports = w.Tab(children=[
+            w.VBox([w.HTML("<span class='nbtune-help'>A runnable cell (nbtune API); select and copy.</span>"),
+                    self.code]),
+            w.VBox([w.HTML("<span class='nbtune-help'>The config as YAML (use with <code>%%nbtune</code>).</span>"),
+                    self.yaml]),
+            w.VBox([self.load_text, w.HBox([self.load_button, self.load_message])]),
+        ])
+        for i, title in enumerate(("Copy as code", "YAML", "Load YAML")):
+            exports.set_title(i, title)
+        self.exports = w.Accordion(children=[exports], selected_index=None, layout=w.Layout(width="1014px"))
+        self.exports.set_title(0, "Code & YAML")
+
+        header = w.HTML(f"{STYLE}<div style='font-size:15px;margin-bottom:4px'><b>nbtune</b> · fine-tuning "
+                        "builder</div>")
+        actions = w.HBox([self.launch_button, self.status], layout=w.Layout(align_items="center", gap="12px",
+                                                                            margin="8px 0"))
+        self.box = w.VBox([header, w.HBox([self.sections, self.memory.box]), actions, self.exports],
+                          layout=w.Layout(padding="4px"))
+        self.box.add_class("nbtune-builder")
+        self.set_config(config)
+
+    # ----- display --------------------------------------------------------------------------------------------
+    def _ipython_display_(self) -> None:
+        environment.prepare_frontend()
+        display(self.box)
+        # Three outputs under the builder that a launched run's dashboard fills (and leaves its record in).
+        self._slots = [display({"text/plain": ""}, raw=True, display_id=True) for _ in range(3)]
+
+    # ----- the form <-> config --------------------------------------------------------------------------------
+    def _section(self, section: str, only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Any]:
+        boxes = []
+        for field in section_fields(section):
+            if (only and field.name not in only) or field.name in exclude:
+                continue
+            dotted = f"{section}.{field.name}"
+            control = FieldControl(dotted, field, field.default, self._changed, multiline=dotted in MULTILINE)
+            self.controls[dotted] = control
+            boxes.append(control.box)
+        return boxes
+
+    def _build_method_fields(self, name: str, values: dict[str, Any]) -> None:
+        method = registry.get(name)
+        for dotted in [d for d in self.controls if d.startswith("method.")]:
+            del self.controls[dotted]
+        boxes = []
+        for field in method.fields:
+            control = FieldControl(f"method.{field.name}", field, values.get(field.name, field.default), self._changed)
+            self.controls[control.dotted] = control
+            boxes.append(control.box)
+        if not boxes:
+            boxes.append(w.HTML("<span class='nbtune-help'>This method has no settings of its own.</span>"))
+        self.method_fields.children = tuple(boxes)
+        paper = f" · <a href='{html.escape(method.paper)}' target='_blank'>paper</a>" if method.paper.startswith(
+            "http") else (f" · {html.escape(method.paper)}" if method.paper else "")
+        self.method_info.value = (f"<div class='nbtune-section-note' style='margin-left:176px'><b>"
+                                  f"{html.escape(method.title)}</b> ({html.escape(method.family)}){paper}<br>"
+                                  f"{html.escape(method.description)}<br>Recommended learning rate "
+                                  f"{method.learning_rate:g} · tasks: {', '.join(method.tasks)}</div>")
+        lr = self.controls.get("training.learning_rate")
+        if lr is not None:
+            lr.input.placeholder = f"auto: {method.learning_rate:g} for {name}"
+
+    def _switch_method(self, name: str) -> None:
+        """Swap the method's fields; values of fields the new method shares are kept when still valid."""
+        old = {d.split(".", 1)[1]: c.value for d, c in self.controls.items() if d.startswith("method.")}
+        method = registry.get(name)
+        keep = {f.name: old[f.name] for f in method.fields if f.name in old and f.check(old[f.name]) is None}
+        self._build_method_fields(name, keep)
+        self._changed()
+
+    def values(self) -> dict[str, Any]:
+        """The form as dotted-name values (method parameters only where they differ from the defaults)."""
+        out: dict[str, Any] = {}
+        for dotted, control in self.controls.items():
+            if dotted.startswith("method."):
+                if control.value != control.field.default:
+                    out[dotted] = control.value
+            else:
+                out[dotted] = control.value
+        if self._rows is not None:
+            out["data.source"] = self._rows
+        out["method.name"] = self.method.value
+        return out
+
+    @property
+    def config(self) -> TuneConfig:
+        """The form as a TuneConfig; raises ConfigError listing every problem when the form is invalid."""
+        config, problems = config_from_values(self.values())
+        if config is None:
+            raise ConfigError(problems)
+        return config
+
+    def set_config(self, config: TuneConfig) -> None:
+        """Fill the form from a config."""
+        self._quiet = True
+        try:
+            source = config.data.source
+            self._rows = source if isinstance(source, list) else None
+            for section in ("model", "data", "training"):
+                values = getattr(config, section)
+                for field in section_fields(section):
+                    self.controls[f"{section}.{field.name}"].set(getattr(values, field.name))
+            source_control = self.controls["data.source"]
+            source_control.input.disabled = self._rows is not None
+            if self._rows is not None:
+                source_control.input.value = f"<{len(self._rows)} in-memory rows>"
+            if self.method.value != config.method.name:
+                self.method.value = config.method.name
+            self._build_method_fields(config.method.name, config.method_params)
+        finally:
+            self._quiet = False
+        self._changed()
+
+    def apply(self, changes: dict[str, Any]) -> None:
+        """Apply dotted-field changes to the form (a memory suggestion, or code): {"training.micro_batch_size": 4}."""
+        self._quiet = True
+        try:
+            if "method" in changes or "method.name" in changes:
+                name = changes.get("method.name", changes.get("method"))
+                self.method.value = name
+                self._build_method_fields(name, {})
+            for dotted, value in changes.items():
+                if dotted in ("method", "method.name"):
+                    continue
+                if dotted not in self.controls:
+                    raise KeyError(f"{dotted} is not a field of the form")
+                self.controls[dotted].set(value)
+        finally:
+            self._quiet = False
+        self._changed()
+
+    def _changed(self) -> None:
+        """Validate the whole form, mark every problem at its field, gate Launch, refresh estimate and code."""
+        if self._quiet:
+            return
+        config, problems = config_from_values(self.values())
+        self._config, self.problems = config, problems
+        by_field: dict[str, str] = {}
+        for name, message in problems:
+            by_field.setdefault(name, message)
+        for dotted, control in self.controls.items():
+            control.show_problem(by_field.pop(dotted, None))
+        self.launch_button.disabled = config is None
+        if config is None:
+            unplaced = "".join(f"<br>{html.escape(m)}" for m in by_field.values())
+            count = len(problems)
+            self.status.value = (f"<span style='color:#c62828'>⚠ {count} problem{'s' if count > 1 else ''} to fix "
+                                 f"before launching{unplaced}</span>")
+        else:
+            self.status.value = ("<span style='color:#2e7d32'>✔ Ready</span> <span class='nbtune-help'>"
+                                 f"{html.escape(config.method.name)} on {html.escape(config.model.name_or_path)}, "
+                                 f"lr {config.learning_rate:g}</span>")
+            self.code.value = config.to_code()
+            self.yaml.value = config.to_yaml()
+        supported = [m.name for m in registry.all_methods() if (config or TuneConfig()).model.task in m.tasks]
+        self.task_note.value = (f"<div class='nbtune-section-note'>Methods for this task: "
+                                f"{html.escape(', '.join(supported))}</div>" if config else "")
+        self.memory.update(config)
+
+    def load_yaml(self, text: str) -> None:
+        """Fill the form from YAML text (the Load YAML tab)."""
+        try:
+            config = TuneConfig.from_yaml(text)
+        except ConfigError as err:
+            self.load_message.value = f"<span style='color:#c62828'>{html.escape(str(err))}</span>"
+            return
+        except Exception as err:  # YAML syntax
+            self.load_message.value = f"<span style='color:#c62828'>Not valid YAML: {html.escape(str(err))}</span>"
+            return
+        self.set_config(config)
+        self.load_message.value = "<span style='color:#2e7d32'>✔ Loaded into the form</span>"
+
+    # ----- data preview ---------------------------------------------------------------------------------------
+    def preview(self) -> dict[str, Any] | None:
+        """Show the first rows after the template, row counts, the token-length histogram and truncation."""
+        if self._config is None:
+            self.preview_out.value = "<span style='color:#c62828'>Fix the marked fields first.</span>"
+            return None
+        from nbtune.ui_support import data_preview
+
+        self.preview_out.value = "<span class='nbtune-help'>Loading the data and the tokenizer…</span>"
+        try:
+            result = data_preview(self._config)
+        except Exception as err:
+            self.preview_out.value = f"<span style='color:#c62828'>{html.escape(str(err))}</span>"
+            return None
+        self.preview_out.value = preview_html(result)
+        return result
+
+    # ----- launching ------------------------------------------------------------------------------------------
+    def launch(self) -> Any:
+        """Start a run of the form's config and open its dashboard under the builder; returns the Run."""
+        from nbtune.widgets.dashboard import Dashboard
+
+        import nbtune
+
+        config = self.config
+        self.run = nbtune.launch(config, store=self.store)
+        self.dashboard = Dashboard(self.run, widgets=True)
+        if self._slots is not None:
+            self.dashboard.show(self._slots)
+        return self.run
+
+
+def preview_html(result: dict[str, Any]) -> str:
+    """The data preview: rows as the model sees them, counts, a token-length histogram with max_length marked."""
+    rows = result.get("rows") or []
+    has_label = any(r.get("label") is not None for r in rows)
+    head = "<tr><th>input (after the template)</th><th>" + ("label" if has_label else "target") + "</th></tr>"
+    body = "".join(
+        f"<tr><td style='white-space:pre-wrap;text-align:left;font-family:monospace'>{html.escape(str(r['input']))}"
+        f"</td><td style='text-align:left;font-family:monospace'>"
+        f"{html.escape(str(r['label'] if has_label else r.get('target') or ''))}</td></tr>" for r in rows)
+    counts = (f"<b>{result.get('train_rows', 0):,}</b> training rows · <b>{result.get('eval_rows', 0):,}</b> "
+              "evaluation rows")
+    truncated = result.get("truncated")
+    max_length = result.get("max_length")
+    trunc = ""
+    if truncated is not None:
+        color = "#c62828" if truncated else "#2e7d32"
+        trunc = (f" · <span style='color:{color}'>{truncated:,} row{'s' if truncated != 1 else ''} longer than "
+                 f"max_length {max_length} (truncated)</span>")
+    return (f"<div style='margin-top:6px'>{counts}{trunc}</div>"
+            f"<table style='font-size:12px;margin:6px 0'>{head}{body}</table>"
+            f"{histogram_html(result.get('histogram') or [], max_length)}")
+
+
+def histogram_html(bins: list[tuple[float, float, int]], max_length: int | None) -> str:
+    if not bins:
+        return ""
+    peak = max(c for _, _, c in bins) or 1
+    lo, hi = bins[0][0], bins[-1][1]
+    bars = "".join(
+        f"<div title='{a:.0f}–{b:.0f} tokens: {c} rows' style='flex:1;margin:0 1px;height:{100 * c / peak:.1f}%;"
+        f"background:{'#c62828' if max_length is not None and a >= max_length else '#1565c0'}'></div>"
+        for a, b, c in bins)
+    return (f"<div class='nbtune-help'>Token lengths (prompt + target), {lo:.0f}–{hi:.0f} tokens"
+            f"{f'; max_length {max_length}' if max_length else ''}</div>"
+            f"<div style='display:flex;align-items:flex-end;height:70px;width:420px;border-bottom:1px solid #9e9e9e'>"
+            f"{bars}</div>")
+

@@ -1,0 +1,157 @@
+"""Training charts as plain plotly figure dicts, and the display bundles that carry them.
+
+Figures are built as dicts (no plotly import, no validation) so a live update costs a few milliseconds. A live
+bundle carries the plotly JSON; the final bundle adds a PNG (through kaleido, when it can render) so a notebook
+opened without a kernel — GitHub, nbviewer, Colab — still shows the chart, and an HTML fallback otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+from typing import Any
+
+from nbtune.ui_support import TRACES, RunProgress
+
+log = logging.getLogger("nbtune")
+
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+FINAL_MAX_POINTS = 5000  # per trace in the saved record; the store keeps every point
+PANELS = ["Loss", "Learning rate", "Grad norm", "Tokens / s", "Memory (GiB)", "Eval"]
+COLORS = {
+    "train loss": "#1f77b4", "eval loss": "#ff7f0e", "learning rate": "#2ca02c", "grad norm": "#d62728",
+    "tokens/s": "#9467bd", "memory (GiB)": "#8c564b", "eval accuracy": "#e377c2", "eval perplexity": "#17becf",
+}
+_PANEL_OF = {"train loss": 1, "eval loss": 1, "learning rate": 2, "grad norm": 3, "tokens/s": 4,
+             "memory (GiB)": 5, "eval accuracy": 6, "eval perplexity": 6}
+
+
+def _round(values: list[Any]) -> list[Any]:
+    return [None if v is None else float(f"{v:.6g}") for v in values]
+
+
+def _layout(title: str, eval_panel: str) -> dict[str, Any]:
+    cols, rows, gap_x, gap_y = 3, 2, 0.07, 0.17
+    width = (1 - gap_x * (cols - 1)) / cols
+    height = (1 - gap_y) / rows
+    layout: dict[str, Any] = {
+        "title": {"text": title, "x": 0.01, "font": {"size": 14}},
+        "height": 470, "margin": {"l": 50, "r": 20, "t": 60, "b": 40},
+        "template": "plotly_white", "hovermode": "x unified", "uirevision": "nbtune",
+        "legend": {"orientation": "h", "y": -0.12, "x": 0, "font": {"size": 11}},
+        "annotations": [],
+    }
+    for i, name in enumerate(PANELS):
+        r, c = divmod(i, cols)
+        x0 = c * (width + gap_x)
+        y1 = 1 - r * (height + gap_y)
+        n = "" if i == 0 else str(i + 1)
+        layout[f"xaxis{n}"] = {"domain": [x0, x0 + width], "anchor": f"y{n}", "showgrid": True,
+                               "title": {"text": "step", "font": {"size": 10}} if r == 1 else None}
+        layout[f"yaxis{n}"] = {"domain": [y1 - height, y1], "anchor": f"x{n}", "rangemode": "tozero"
+                               if name in ("Tokens / s", "Memory (GiB)") else "normal"}
+        label = eval_panel if name == "Eval" else name
+        layout["annotations"].append({"text": f"<b>{label}</b>", "x": x0 + width / 2, "y": y1 + 0.02,
+                                      "xref": "paper", "yref": "paper", "showarrow": False,
+                                      "xanchor": "center", "yanchor": "bottom", "font": {"size": 12}})
+    layout["yaxis2"]["exponentformat"] = "e"
+    return layout
+
+
+def training_figure(progress: RunProgress, title: str, final: bool = False) -> dict[str, Any]:
+    """The six-panel training chart of a run's progress as a plotly figure dict.
+
+    Live: each trace shows its bounded view (at most the series' max_points). Final: every point, up to
+    FINAL_MAX_POINTS per trace.
+    """
+    series = progress.series
+    eval_name = "eval accuracy" if len(series["eval accuracy"]) else "eval perplexity"
+    data = []
+    for name in TRACES:
+        if name in ("eval accuracy", "eval perplexity") and name != eval_name:
+            continue
+        s = series[name]
+        xs, ys = s.full(FINAL_MAX_POINTS) if final else s.view()
+        panel = _PANEL_OF[name]
+        n = "" if panel == 1 else str(panel)
+        is_eval = name.startswith("eval")
+        data.append({
+            "type": "scatter", "name": name, "x": list(xs), "y": _round(ys), "xaxis": f"x{n}", "yaxis": f"y{n}",
+            "mode": "lines+markers" if is_eval else "lines", "line": {"color": COLORS[name], "width": 2},
+            "marker": {"size": 6}, "showlegend": name in ("train loss", "eval loss"),
+        })
+    return {"data": data, "layout": _layout(title, "Eval accuracy" if eval_name == "eval accuracy" else
+                                            "Eval perplexity")}
+
+
+def point_counts(figure: dict[str, Any]) -> dict[str, int]:
+    return {t["name"]: len(t["x"]) for t in figure["data"]}
+
+
+def live_bundle(figure: dict[str, Any], with_html: bool = False) -> dict[str, Any]:
+    """What a live chart update sends: the plotly JSON (rendered by JupyterLab, Notebook 7 and VS Code)."""
+    bundle: dict[str, Any] = {PLOTLY_MIME: figure, "text/plain": _plain(figure)}
+    if with_html:  # Colab renders no plotly JSON; its HTML output loads plotly.js itself
+        bundle["text/html"] = figure_html(figure)
+    return bundle
+
+
+def final_bundle(figure: dict[str, Any], png: bool | None = None) -> dict[str, Any]:
+    """The record a finished chart leaves: plotly JSON, plus a PNG where kaleido can render one (GitHub,
+    nbviewer, Colab show it) or else an HTML version that loads plotly.js when opened."""
+    bundle: dict[str, Any] = {PLOTLY_MIME: figure, "text/plain": _plain(figure)}
+    image = figure_png(figure) if (png if png is not None else static_png_enabled()) else None
+    if image is not None:
+        bundle["image/png"] = base64.b64encode(image).decode("ascii")
+    else:
+        bundle["text/html"] = figure_html(figure)
+    return bundle
+
+
+def _plain(figure: dict[str, Any]) -> str:
+    counts = ", ".join(f"{name}: {n} points" for name, n in point_counts(figure).items() if n)
+    return f"nbtune training chart ({counts or 'no points yet'})"
+
+
+def static_png_enabled() -> bool:
+    return os.environ.get("NBTUNE_STATIC_PNG", "1") not in ("0", "false", "no")
+
+
+def figure_png(figure: dict[str, Any], timeout: float = 60.0) -> bytes | None:
+    """The figure as PNG bytes through kaleido, or None (kaleido or a browser missing, or too slow)."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return None
+    result: dict[str, Any] = {}
+
+    def render() -> None:
+        try:
+            import plotly.io as pio
+
+            result["png"] = pio.to_image(figure, format="png", width=1100, height=470, scale=1)
+        except Exception as err:  # kaleido without a browser, or a browser that fails to start
+            result["error"] = err
+
+    worker = threading.Thread(target=render, name="nbtune-png", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if "error" in result or "png" not in result:
+        log.info("nbtune: no PNG fallback for the chart (%s)", result.get("error", "kaleido timed out"))
+    return result.get("png")
+
+
+def figure_html(figure: dict[str, Any]) -> str:
+    """The figure as an HTML fragment that loads plotly.js from its CDN (for renderers without plotly JSON)."""
+    import plotly.io as pio
+
+    return pio.to_html(figure, include_plotlyjs="cdn", full_html=False, validate=False)
+
+
+def to_plotly_figure(figure: dict[str, Any]) -> Any:
+    """A plotly `go.Figure` of a figure dict (for users who want to restyle or save it)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(figure)

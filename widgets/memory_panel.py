@@ -1,0 +1,294 @@
+"""The memory panel: the estimator's breakdown of a config as a stacked bar, against a chosen GPU, with its fit
+verdict, one-click suggestions and the exact (simulated) tier on demand.
+
+A view over `nbtune.estimator`: it never computes memory itself. Estimates run off the main thread after the
+form has been still for `debounce_s` seconds, so typing stays responsive.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as w
+from nbtune.widgets.environment import set_tooltip
+
+from nbtune.config import TuneConfig
+from nbtune.ui_support import format_bytes, gpu_choices
+
+PALETTE = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#9e9d24", "#5d4037", "#ad1457",
+           "#455a64"]
+DEFAULT_GPU = "t4"
+
+
+class MemoryPanel:
+    """Shows `estimate_memory(config, gpu=...)` for the latest config it was given.
+
+    `on_apply(changes)` is called with a suggestion's dotted-field changes when its button is clicked.
+    """
+
+    def __init__(self, config: TuneConfig | None = None, gpu: str = DEFAULT_GPU, debounce_s: float = 0.3,
+                 on_apply: Callable[[dict[str, Any]], None] | None = None):
+        self.config = config
+        self.debounce_s = debounce_s
+        self.on_apply = on_apply
+        self.estimate: Any = None
+        self.error: str | None = None
+        self.simulation: Any = None
+        self.segments: list[tuple[str, int]] = []  # the stacked bar: (category, bytes), as drawn
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._generation = 0
+
+        options = gpu_choices()
+        self.gpu = w.Dropdown(options=options, value=gpu if gpu in [o[1] for o in options] else options[0][1],
+                              description="GPU", style={"description_width": "40px"}, layout=w.Layout(width="260px"))
+        set_tooltip(self.gpu, "The GPU to check the plan against.")
+        self.gpu.observe(lambda _: self.update(self.config), names="value")
+        self.title = w.HTML("<b>Memory</b> <span class='nbtune-help'>instant estimate</span>")
+        self.bar = w.HTML("")
+        self.legend = w.HTML("")
+        self.verdict = w.HTML("<span class='nbtune-help'>Estimating…</span>")
+        self.suggestions = w.VBox([])
+        self.simulate_button = w.Button(description="Simulate (exact)", icon="microchip",
+                                        layout=w.Layout(width="170px"))
+        set_tooltip(self.simulate_button, "Run the exact tier: build the model on a fake device and trace a "
+                                          "training step. Slower than the instant estimate.")
+        self.simulate_button.on_click(lambda _: self.simulate())
+        self.simulate_progress = w.IntProgress(value=0, min=0, max=100, layout=w.Layout(width="150px",
+                                                                                      display="none"))
+        self.simulate_result = w.HTML("")
+        self.box = w.VBox([
+            w.HBox([self.title], layout=w.Layout(justify_content="space-between")), self.gpu, self.bar,
+            self.legend, self.verdict, self.suggestions,
+            w.HBox([self.simulate_button, self.simulate_progress], layout=w.Layout(align_items="center")),
+            self.simulate_result,
+        ], layout=w.Layout(width="400px", padding="8px 12px", border="1px solid #e0e0e0", margin="0 0 0 12px"))
+        if config is not None:
+            self.update(config)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+
+    # ----- estimating -----------------------------------------------------------------------------------------
+    def update(self, config: TuneConfig | None) -> None:
+        """Re-estimate for `config` after the debounce (at once when debounce_s is 0); None clears the panel."""
+        self.config = config
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if config is None:
+                self.verdict.value = "<span class='nbtune-help'>Fix the marked fields to see the estimate.</span>"
+                return
+            if self.debounce_s <= 0:
+                self._estimate(config, generation)
+                return
+            self._timer = threading.Timer(self.debounce_s, self._estimate, (config, generation))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def refresh(self) -> None:
+        """Estimate the current config now, on this thread."""
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        if self.config is not None:
+            self._estimate(self.config, generation)
+
+    def _estimate(self, config: TuneConfig, generation: int) -> None:
+        from nbtune.ui_support import estimate
+
+        try:
+            result, error = estimate(config, gpu=self.gpu.value), None
+        except Exception as err:  # an unreachable hub model, an unsupported architecture: say why
+            result, error = None, f"{type(err).__name__}: {err}"
+        if generation != self._generation:  # the form changed meanwhile; a newer estimate follows
+            return
+        self.estimate, self.error = result, error
+        self._render()
+
+    def _render(self) -> None:
+        if self.estimate is None:
+            self.segments = []
+            self.bar.value = ""
+            self.legend.value = ""
+            self.verdict.value = f"<span style='color:#c62828'>No estimate: {html.escape(self.error or '')}</span>"
+            self.suggestions.children = ()
+            return
+        est = self.estimate
+        self.segments = [(k, int(v)) for k, v in est.breakdown.items() if v]
+        capacity = _gpu_bytes(self.gpu.value)
+        self.bar.value = stacked_bar_html(self.segments, capacity, self.gpu.label or self.gpu.value)
+        self.legend.value = legend_html(self.segments, int(est.total_bytes))
+        fits = _fits(est, self.gpu.value, capacity)
+        verdict = getattr(est, "verdict", None) or ("fits" if fits else "does not fit")
+        color = "#2e7d32" if fits else "#c62828"
+        mark = "✔" if fits else "✘"
+        self.verdict.value = (f"<div style='color:{color};font-weight:600;margin:4px 0'>{mark} "
+                              f"{html.escape(str(verdict))}</div>")
+        buttons = []
+        for s in list(getattr(est, "suggestions", None) or [])[:5]:
+            total = _suggestion_total(s)
+            label = _suggestion_title(s)
+            b = w.Button(description=label[:52] + (f" → {format_bytes(total)}" if total else ""),
+                         layout=w.Layout(width="100%", height="auto"),
+                         button_style="success" if _part(s, "fits") else "")
+            set_tooltip(b, f"{label}\nApplies: {_part(s, 'changes', {})}")
+            b.on_click(lambda _, s=s: self.apply(s))
+            buttons.append(b)
+        if buttons:
+            buttons.insert(0, w.HTML("<span class='nbtune-help'>Suggestions (click to apply):</span>"))
+        self.suggestions.children = tuple(buttons)
+
+    def apply(self, suggestion: Any) -> None:
+        """Apply a suggestion's changes to the form (through `on_apply`)."""
+        if self.on_apply is not None:
+            self.on_apply(dict(_part(suggestion, "changes", {})))
+
+    # ----- the exact tier -------------------------------------------------------------------------------------
+    def simulate(self, wait: bool = False) -> None:
+        """Run the estimator's exact tier for the current config on a thread, with progress."""
+        if self.config is None:
+            return
+        config, gpu = self.config, self.gpu.value
+        self.simulate_button.disabled = True
+        self.simulate_progress.layout.display = ""
+        self.simulate_progress.value = 0
+        self.simulate_result.value = "<span class='nbtune-help'>Simulating…</span>"
+
+        done = threading.Event()
+
+        def progress(fraction: float, *_: Any) -> None:
+            self.simulate_progress.value = int(max(0.0, min(1.0, fraction)) * 100)
+
+        def tick() -> None:  # the exact tier reports no progress of its own: show time passing, never 100%
+            started = time.monotonic()
+            while not done.wait(0.25):
+                progress(0.95 * (1 - math.exp(-(time.monotonic() - started) / 8)))
+
+        def work() -> None:
+            try:
+                from nbtune.estimator import simulate_memory
+
+                kwargs: dict[str, Any] = {}
+                params = inspect.signature(simulate_memory).parameters
+                if "gpu" in params:
+                    kwargs["gpu"] = gpu
+                if "progress" in params:
+                    kwargs["progress"] = progress
+                else:
+                    threading.Thread(target=tick, daemon=True).start()
+                self.simulation = simulate_memory(config, **kwargs)
+                total = getattr(self.simulation, "total_bytes", None)
+                self.simulate_result.value = (f"<b>Exact tier:</b> {format_bytes(total)} "
+                                              f"<span class='nbtune-help'>(instant: "
+                                              f"{format_bytes(getattr(self.estimate, 'total_bytes', None))})</span>")
+            except Exception as err:
+                self.simulate_result.value = f"<span style='color:#c62828'>Simulation failed: {html.escape(str(err))}</span>"
+            finally:
+                done.set()
+                self.simulate_progress.value = 100
+                self.simulate_progress.layout.display = "none"
+                self.simulate_button.disabled = False
+
+        thread = threading.Thread(target=work, name="nbtune-simulate", daemon=True)
+        thread.start()
+        if wait:
+            thread.join()
+
+
+def _gpu_bytes(gpu: str) -> int:
+    from nbtune.estimator.gpus import gpu_bytes
+
+    return gpu_bytes(gpu)[1]
+
+
+def _fits(est: Any, gpu: str, capacity: int) -> bool:
+    fits = getattr(est, "fits", None)
+    if callable(fits):
+        try:
+            return bool(fits(gpu))
+        except Exception:
+            pass
+    return int(est.total_bytes) <= capacity
+
+
+def _part(s: Any, key: str, default: Any = None) -> Any:
+    """A suggestion's part, whether the estimator gives dicts or objects."""
+    return s.get(key, default) if isinstance(s, dict) else getattr(s, key, default)
+
+
+def _suggestion_total(s: Any) -> int | None:
+    value = _part(s, "total_bytes")
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def _suggestion_title(s: Any) -> str:
+    return str(_part(s, "title") or _part(s, "description") or s)
+
+
+def _label(category: str) -> str:
+    try:
+        from nbtune.estimator.estimate import LABELS
+    except ImportError:
+        LABELS = {}  # noqa: N806
+    return LABELS.get(category, category.replace("_", " "))
+
+
+def stacked_bar_html(segments: list[tuple[str, int]], capacity: int, gpu_title: str) -> str:
+    """A horizontal stacked bar of the breakdown, scaled to max(total, GPU), with the GPU's size marked."""
+    total = sum(b for _, b in segments)
+    scale = max(total, capacity, 1)
+    parts = "".join(
+        f"<div title='{html.escape(_label(name))}: {format_bytes(b)}' style='width:{100 * b / scale:.3f}%;"
+        f"background:{PALETTE[i % len(PALETTE)]};height:100%'></div>" for i, (name, b) in enumerate(segments))
+    marker = (f"<div title='{html.escape(gpu_title)}' style='position:absolute;left:{100 * capacity / scale:.3f}%;"
+              "top:-4px;bottom:-4px;border-left:2px dashed #212121'></div>")
+    over = total > capacity
+    return (f"<div class='nbtune-memory-bar' style='margin:8px 0 2px 0'>"
+            f"<div style='position:relative;display:flex;height:22px;background:#f1f3f4;border-radius:3px'>"
+            f"{parts}{marker}</div>"
+            f"<div style='display:flex;justify-content:space-between;font-size:12px;color:#424242;margin-top:3px'>"
+            f"<span><b>{format_bytes(total)}</b> estimated</span>"
+            f"<span style='color:{'#c62828' if over else '#424242'}'>GPU {format_bytes(capacity)}</span></div></div>")
+
+
+def legend_html(segments: list[tuple[str, int]], total: int) -> str:
+    rows = "".join(
+        f"<tr><td><span style='display:inline-block;width:10px;height:10px;background:{PALETTE[i % len(PALETTE)]};"
+        f"margin-right:6px'></span>{html.escape(_label(name))}</td>"
+        f"<td style='text-align:right;padding-left:12px'>{format_bytes(b)}</td>"
+        f"<td style='text-align:right;padding-left:8px;color:#757575'>{100 * b / max(total, 1):.0f}%</td></tr>"
+        for i, (name, b) in enumerate(segments))
+    return f"<table style='font-size:12px;border-collapse:collapse'>{rows}</table>"
+
+
+def estimate_html(est: Any, gpu: str, title: str = "") -> str:
+    """A memory estimate as static HTML (what `%nbtune estimate` shows): bar, breakdown, verdict, suggestions."""
+    segments = [(k, int(v)) for k, v in est.breakdown.items() if v]
+    capacity = _gpu_bytes(gpu)
+    from nbtune.estimator.gpus import gpu_bytes
+
+    gpu_title = gpu_bytes(gpu)[0]
+    fits = _fits(est, gpu, capacity)
+    verdict = getattr(est, "verdict", None) or ("fits" if fits else "does not fit")
+    suggestions = "".join(
+        f"<li>{html.escape(_suggestion_title(s))}"
+        f"{f' → {format_bytes(_suggestion_total(s))}' if _suggestion_total(s) else ''} "
+        f"<code style='font-size:11px'>{html.escape(str(_part(s, 'changes', '')))}</code></li>"
+        for s in list(getattr(est, "suggestions", None) or [])[:5])
+    return (f"<div style='max-width:560px'><b>Memory</b> · {html.escape(title)}"
+            f"{stacked_bar_html(segments, capacity, gpu_title)}{legend_html(segments, int(est.total_bytes))}"
+            f"<div style='color:{'#2e7d32' if fits else '#c62828'};font-weight:600;margin:6px 0'>"
+            f"{'✔' if fits else '✘'} {html.escape(str(verdict))} ({html.escape(gpu_title)})</div>"
+            + (f"<div>Suggestions:<ul>{suggestions}</ul></div>" if suggestions else "") + "</div>")
