@@ -200,8 +200,10 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
         for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
             per += act * (d_in + min(d_in, d_out))
         per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
-        if config.model.attn_implementation == "eager":
+        if config.model.attn_implementation == "eager":  # fp32 softmax output, its 16-bit copy for the matmul
             per += a * kv_seq * (4 + (act_l if act_l < 4 else 0))
+            if d.get("attn_dropout"):  # attention dropout: its mask and its output (BERT, GPT-2)
+                per += a * kv_seq * (1 if device == "cuda" else 4) + a * kv_seq * 4
         return per
 
     def layer_core(layer: Any, act: int, act_mlp: int) -> float:
@@ -344,7 +346,12 @@ def _suggest(est: MemoryEstimate) -> list[dict[str, Any]]:
             continue
         out.append({"title": title, "changes": changes, "total_bytes": total,
                     "fits": total <= gpu_bytes(gpu)[1]})
-    fitting = [s for s in out if s["fits"]]
+    fitting, kinds = [], set()
+    for s in out:  # per kind of change, only the mildest one that fits (largest batch, longest sequences)
+        kind = tuple(sorted(s["changes"]))
+        if s["fits"] and kind not in kinds:
+            kinds.add(kind)
+            fitting.append(s)
     # Cheapest first: the order above runs from "same result, a little slower" to "different training".
     return fitting[:5] if fitting else sorted(out, key=lambda s: s["total_bytes"])[:3]
 

@@ -77,10 +77,13 @@ def model_dims(model_config: Any) -> dict[str, int]:
     head_dim = int(first("head_dim", "d_kv", default=h // a))
     kv_heads = int(first("num_key_value_heads", default=a))
     layers = int(first("num_hidden_layers", "n_layer", "num_layers"))
+    attn_dropout = float(first("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", "dropout_rate",
+                               default=0.0) or 0.0)
     if getattr(c, "is_encoder_decoder", False):
         layers += int(first("num_decoder_layers", default=layers))
     return {"h": h, "I": int(first("intermediate_size", "n_inner", "d_ff", default=4 * h) or 4 * h), "a": a,
-            "kv": kv_heads * head_dim, "head_dim": head_dim, "q": a * head_dim, "V": int(c.vocab_size), "L": layers}
+            "kv": kv_heads * head_dim, "head_dim": head_dim, "q": a * head_dim, "V": int(c.vocab_size), "L": layers,
+            "attn_dropout": int(attn_dropout > 0)}
 
 
 def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> tuple[Any, dict[str, Any]]:
@@ -283,7 +286,7 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         largest_trainable_elems=largest, largest_linear_elems=largest_linear, layers=layers,
         total_layers=len(layer_keys), head_trainable=head_trainable, autocast_copy_elems=copies,
         virtual_tokens=virtual, prefix_tokens=prefix,
-        forced_checkpointing=bool(getattr(_base(model), "is_gradient_checkpointing", False)),
+        forced_checkpointing=_checkpointing(_base(model)),
         residual_bytes=_embedding_bytes(model), teacher_bytes=teacher_bytes, dims=dims, family=family)
 
 
@@ -292,6 +295,13 @@ def _embedding_bytes(model: Any) -> int:
         return int(model.get_input_embeddings().weight.element_size())
     except (AttributeError, NotImplementedError):
         return 0
+
+
+def _checkpointing(model: Any) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the first is the v5 name
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name, False))
+    return False
 
 
 def _base(model: Any) -> Any:

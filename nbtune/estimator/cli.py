@@ -1,0 +1,106 @@
+"""`nbtune estimate MODEL`: the memory estimate of a fine-tuning plan, from the command line.
+
+MODEL is a hub id or alias of the built-in catalogue (works offline), a local model folder or `nbtune:tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from nbtune.config import OPTIMIZERS, PRECISIONS
+
+
+def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `estimate` command to an argparse subparsers object."""
+    p = subparsers.add_parser("estimate", help="estimate the GPU memory of a fine-tuning plan",
+                              description="Peak GPU memory of one training step, its breakdown, whether it fits "
+                                          "a GPU, and the cheapest changes that make it fit.")
+    _arguments(p)
+    p.set_defaults(func=run_estimate)
+    return p
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="hub id or alias (e.g. meta-llama/Llama-2-7b-hf, qwen2.5-7b), a folder, nbtune:tiny")
+    p.add_argument("--method", default="lora", help="registry method name (default lora)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method parameter, e.g. --param r=8 (JSON values)")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--seq", type=int, default=512, help="sequence length in tokens")
+    p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq2seq", "seq-cls"))
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="dtype the weights are loaded in (default: the precision)")
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    p.add_argument("--gpu", default=None, help="a100-40gb, h100-80gb, rtx-4090, t4, ... or custom:48")
+    p.add_argument("--simulate", action="store_true", help="also run one simulated step on fake tensors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from nbtune import TuneConfig
+
+    params = {}
+    for item in args.param:
+        name, _, value = item.partition("=")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return TuneConfig(
+        model={"name_or_path": args.model, "task": args.task, "dtype": args.dtype or args.precision,
+               "attn_implementation": args.attn},
+        method={"name": args.method, **params},
+        data={"max_length": args.seq},
+        training={"micro_batch_size": args.batch, "gradient_accumulation_steps": args.accumulation,
+                  "precision": args.precision, "optimizer": args.optimizer,
+                  "gradient_checkpointing": args.grad_ckpt},
+    )
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Print the breakdown table, the verdict and the suggestions (or JSON with --json)."""
+    from nbtune import ConfigError
+    from nbtune.estimator import estimate_memory, simulate_memory
+
+    try:
+        config = config_from_args(args)
+        estimate = estimate_memory(config, gpu=args.gpu)
+    except (ConfigError, ValueError) as error:
+        print(f"nbtune estimate: {error}", file=sys.stderr)
+        return 2
+    simulated = simulate_memory(config, estimate.model_config, gpu=args.gpu) if args.simulate else None
+    if args.json:
+        out = {"instant": estimate.to_dict()}
+        if simulated is not None:
+            out["simulated"] = simulated.to_dict()
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    print(f"{args.model} · {args.method} · batch {args.batch} × {args.seq} tokens · {args.precision} · "
+          f"{args.optimizer}{' · checkpointing' if args.grad_ckpt else ''}")
+    print(estimate)
+    if simulated is not None:
+        print()
+        print(simulated)
+    if estimate.gpu is not None and estimate.suggestions:
+        print("\nto make it fit:" if not estimate.fits() else "")
+        for s in estimate.suggestions:
+            mark = "fits" if s["fits"] else "still too big"
+            print(f"  {s['title']}: {s['total_bytes'] / 2**30:.1f} GiB ({mark})  {json.dumps(s['changes'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nbtune estimate")
+    _arguments(parser)
+    return run_estimate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The memory estimator: exact against real CPU steps, consistent with its simulation, fast, and usable offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nbtune import TuneConfig
+from nbtune.methods import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = registry.names(include_generated=False)
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_config(method: str = "lora", dtype: str = "fp32", precision: str = "bf16", **training) -> TuneConfig:
+    return TuneConfig(model={"name_or_path": "tiny-llama", "dtype": dtype}, method=method,
+                      data={"max_length": 64}, training={"micro_batch_size": 2, "precision": precision, **training})
+
+
+def close(estimated: float, measured: float, tolerance: float) -> bool:
+    return abs(estimated - measured) <= tolerance * max(measured, 1)
+
+
+def test_importing_the_estimator_does_not_import_torch():
+    code = "import sys, nbtune.estimator as e; e.GPUS; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", BUILTIN)
+@pytest.mark.parametrize(("dtype", "precision"), [("fp32", "bf16"), ("bf16", "bf16")])
+def test_instant_terms_match_a_real_step(method, dtype, precision):
+    """Weights, gradients and optimizer state to < 1 %; saved activations within 15 %, for every method."""
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.measure import measure_step
+    from nbtune.estimator.skeleton import facts
+
+    model_config = tiny_llama(attention_bias=True, mlp_bias=True) if method == "bitfit" else tiny_llama()
+    config = tiny_config(method, dtype, precision)
+    f = facts(config, model_config)
+    t = terms(config, f, device="cpu")
+    real = measure_step(config, model_config)
+
+    assert close(t["frozen"] + t["trainable"] + t["qconst"] - f.teacher_bytes, real["weights"], 0.01)
+    assert close(t["trainable"], real["trainable_weights"], 0.01)
+    assert close(t["grads"], real["gradients"], 0.01)
+    assert close(t["optimizer_state"], real["optimizer_state"], 0.01)
+    saved = t["saved_activations"] + 4 * f.dims["V"] * t["tokens"]  # + the log-softmax the loss keeps
+    assert close(saved, real["saved_activations"], 0.15), (saved, real["saved_activations"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
+def test_optimizer_state_of_other_optimizers_is_exact(optimizer):
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.measure import measure_step
+    from nbtune.estimator.skeleton import facts
+
+    config = tiny_config("full", optimizer=optimizer)
+    t = terms(config, facts(config, tiny_llama()))
+    assert close(t["optimizer_state"], measure_step(config, tiny_llama())["optimizer_state"], 0.01)
+
+
+def test_checkpointing_eager_attention_and_virtual_tokens_move_activations():
+    from nbtune.estimator import estimate_memory
+
+    mc = tiny_llama(num_hidden_layers=8)
+    base = tiny_config("full", max_steps=1).replace(**{"data.max_length": 512})
+    plain = estimate_memory(base, mc)
+    ckpt = estimate_memory(base.replace(**{"training.gradient_checkpointing": True}), mc)
+    eager = estimate_memory(base.replace(**{"model.attn_implementation": "eager"}), mc)
+    assert ckpt.phases["forward end"] < plain.phases["forward end"] < eager.phases["forward end"]
+    prompt = estimate_memory(base.replace(method="prompt-tuning"), mc)
+    longer = estimate_memory(base.replace(method="prompt-tuning", **{"method.num_virtual_tokens": 64}), mc)
+    assert longer.breakdown["activations"] > prompt.breakdown["activations"]
+
+
+def test_estimate_for_a_catalogue_model_works_offline_with_exact_counts(monkeypatch):
+    from nbtune.estimator import estimate_memory
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = TuneConfig(model={"name_or_path": "meta-llama/Llama-2-7b-hf", "dtype": "bf16"}, method="lora",
+                        data={"max_length": 512}, training={"micro_batch_size": 1})
+    est = estimate_memory(config, gpu="t4")
+    assert est.total_params == 6_738_415_616 + est.trainable_params
+    assert est.trainable_params == 32 * 2 * 16 * (4096 + 4096)  # r=16 on q_proj and v_proj
+    assert sum(est.breakdown.values()) == est.total_bytes
+    assert 13 * 2**30 < est.total_bytes < 19 * 2**30
+    assert est.peak_phase in ("forward end", "backward", "optimizer step")
+    assert not est.fits("t4") and est.fits("a100-40gb") and est.fits("custom:48")
+    assert "does not fit" in est.verdict and "T4" in est.verdict
+    json.dumps(est.to_dict())
+    assert "frozen weights" in str(est)
+
+
+def test_suggestions_are_dotted_changes_that_fit_when_applied():
+    from nbtune.estimator import estimate_memory
+    from nbtune.estimator.estimate import apply_changes
+
+    config = TuneConfig(model={"name_or_path": "llama-3.1-8b", "dtype": "bf16"}, method="full",
+                        data={"max_length": 2048}, training={"micro_batch_size": 4})
+    est = estimate_memory(config, gpu="a100-80gb")
+    assert not est.fits()
+    assert est.suggestions and all(s["fits"] for s in est.suggestions)
+    for s in est.suggestions:
+        assert all("." in key for key in s["changes"])
+        again = estimate_memory(apply_changes(config, s["changes"]), gpu="a100-80gb")
+        assert again.total_bytes == s["total_bytes"] and again.fits()
+    assert estimate_memory(config.replace(method="lora"), gpu="h200").suggestions == []
+
+
+def test_instant_tier_is_fast_for_70b_once_the_skeleton_is_cached():
+    from nbtune.estimator import estimate_memory
+    from nbtune.estimator.catalogue import from_catalogue
+
+    mc = from_catalogue("meta-llama/Llama-2-70b-hf")
+    config = TuneConfig(model={"name_or_path": "llama-2-70b", "dtype": "bf16"}, method="full")
+    estimate_memory(config, mc)
+    started = time.perf_counter()
+    for batch in (1, 2, 4, 8, 16):
+        estimate_memory(config.replace(**{"training.micro_batch_size": batch}), mc)
+    assert (time.perf_counter() - started) / 5 < 0.02
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prompt-tuning"])
+def test_simulated_step_agrees_with_the_instant_tier(method):
+    from nbtune.estimator import estimate_memory, simulate_memory
+
+    mc = tiny_llama(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
+                    vocab_size=1024)
+    config = tiny_config(method, dtype="bf16").replace(**{"data.max_length": 256})
+    sim = simulate_memory(config, mc)
+    est = estimate_memory(config, mc)
+    assert sim.tier == "simulated" and sim.breakdown["activations"] > 0
+    assert close(est.allocated_bytes, sim.allocated_bytes, 0.15), (est.allocated_bytes, sim.allocated_bytes)
+
+
+def test_default_config_estimates_without_arguments():
+    from nbtune import embedded
+    from nbtune.estimator import estimate_memory
+
+    if not (Path(embedded.BASE_MODEL_DIR) / "config.json").exists():
+        pytest.skip("the embedded nbtune:tiny model is not built in this checkout")
+    est = estimate_memory(TuneConfig())
+    assert est.trainable_params > 0 and est.total_bytes > 0
+
+
+def test_cli_prints_breakdown_verdict_and_suggestions(capsys, monkeypatch):
+    from nbtune.estimator.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["meta-llama/Llama-2-7b-hf", "--method", "lora", "--batch", "1", "--seq", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "frozen weights" in out and "fits on" in out
+    assert main(["llama-3.1-8b", "--method", "full", "--batch", "4", "--seq", "2048", "--gpu", "a100-40gb"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "training." in out
+    assert main(["no-such/model-anywhere", "--method", "lora"]) == 2
+
+
+def test_gpu_memory_matrix_dry_run(tmp_path):
+    out = tmp_path / "matrix.csv"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_memory_matrix.py"), "--dry-run", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    rows = out.read_text().splitlines()
+    assert len(rows) > 2 and "instant_gib" in rows[0] and "measured_allocated_gib" in rows[0]
