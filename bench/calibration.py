@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import os
 import platform
@@ -66,6 +67,7 @@ def cases() -> list[Case]:
     rows = list(csv.DictReader(DATA.open()))
     out = []
     chunked_from_here = False  # the 'Optimization flags' table is cumulative
+    previous: Case | None = None
     for i, r in enumerate(rows, start=1):
         c = Case(row=i, label=f"{r['model'].split(' ')[0]} · {r['method']} · {r['precision']} · b{r['batch']} · "
                  f"s{r['seq_len'].split(' ')[0]} · ckpt {r['grad_ckpt']} · {r['optimizer']}",
@@ -85,6 +87,9 @@ def cases() -> list[Case]:
                 c.accumulation = 4
             c.optimizer = "adafactor" if "adafactor" in opt else "adamw-8bit" if "8-bit" in opt or "8bit" in opt else "adamw"
             c.method = {"name": "full"}
+            c.fused = True
+            c.treatment.append("v4.2x Trainer default optimizer adamw_hf: a per-parameter loop, no foreach "
+                               "temporaries")
         else:
             c.model = r["model"].split(" ")[0]
             c.fused = True
@@ -130,6 +135,9 @@ def cases() -> list[Case]:
             if memory_table or chunked_from_here or "chunked ce" in notes.lower():
                 c.chunked_ce = True
                 c.treatment.append("chunked cross-entropy: the fp32 upcast and log-softmax exist 1/8 at a time")
+            if "same flags" in notes and previous is not None:  # "QLoRA same flags": the LoRA row's treatments
+                c.offload, c.chunked_ce = previous.offload, previous.chunked_ce
+                c.treatment += [x for x in previous.treatment if x not in c.treatment and "QLoRA" not in x]
             if r["grad_ckpt"] == "?":
                 if "presumably without" in notes:
                     c.treatment.append("checkpointing '?': the source presumes off; estimated off")
@@ -141,6 +149,7 @@ def cases() -> list[Case]:
             if "unpacked" in notes and "most samples short" in notes:
                 c.excluded = "unpacked variable-length batches: the sequence length at the peak is unknown"
         out.append(c)
+        previous = c
     return out
 
 
@@ -162,7 +171,7 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
     f = facts(config, mc)
     t = terms(config, f, fused_optimizer=c.fused)
     if c.torchtune_qlora:
-        lora = config.replace(method={**c.method, "name": "lora"})
+        lora = to_config(dataclasses.replace(c, method={**c.method, "name": "lora"}))
         fl = facts(lora, mc)
         t = {**terms(lora, fl, fused_optimizer=c.fused), "qconst": t["qconst"]}
         q = f.quantized_params

@@ -7,7 +7,6 @@ fake-tensor simulation (`simulate.py`) and against published measurements (bench
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,7 +354,3 @@ def _suggest(est: MemoryEstimate) -> list[dict[str, Any]]:
     # Cheapest first: the order above runs from "same result, a little slower" to "different training".
     return fitting[:5] if fitting else sorted(out, key=lambda s: s["total_bytes"])[:3]
 
-
-def replace_training(config: TuneConfig, **changes: Any) -> TuneConfig:
-    """A copy of the config with training fields changed (for quick what-ifs)."""
-    return dataclasses.replace(config, training=dataclasses.replace(config.training, **changes))

@@ -47,7 +47,7 @@ class Facts:
     adafactor_state_elems: int  # factored second-moment elements (Adafactor, no first moment)
     small_trainable_elems: int  # tensors under 4096 elements keep 32-bit states in bitsandbytes 8-bit optimizers
     largest_trainable_elems: int
-    largest_linear_elems: int
+    largest_linear_elems: int  # the largest quantized Linear weight (dequantized one at a time)
     layers: tuple[LayerFacts, ...]  # one per block that gradients flow through, bottom to top
     total_layers: int
     head_trainable: bool
@@ -224,7 +224,6 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         else:
             weight_bytes += n * prm.element_size()
             if is_linear:
-                largest_linear = max(largest_linear, n)
                 if lkey:
                     layer_linear[lkey] += n
                 else:
