@@ -220,15 +220,19 @@ def test_out_of_memory_fails_the_run_with_suggestions_frees_it_and_the_next_laun
     assert following.wait(timeout=300).status == "finished"
 
 
-def test_a_nan_loss_fails_the_run_clearly_and_keeps_the_last_good_checkpoint(store):
+@pytest.mark.parametrize("log_every, message", [
+    (1, "loss became nan at step 4"),  # seen in the step event
+    (5, "weights became non-finite"),  # no step event in between: caught before checkpoint-4 is written
+])
+def test_a_nan_loss_fails_the_run_clearly_and_keeps_the_last_good_checkpoint(store, log_every, message):
     def poison(model: Any) -> None:
         with torch.no_grad():
             next(p for p in model.parameters() if p.requires_grad).fill_(math.nan)
 
-    run = nbtune.launch(small_config(seed=51, max_steps=8, eval_every=None, checkpoint_every=2), store=store,
-                        callbacks=[AtStep(3, poison)])
+    run = nbtune.launch(small_config(seed=50 + log_every, max_steps=8, eval_every=None, checkpoint_every=2,
+                                     log_every=log_every), store=store, callbacks=[AtStep(3, poison)])
     assert run.wait(timeout=300).status == "failed"
-    assert "loss became nan at step 4" in run.error and "checkpoint-2" in run.error
+    assert message in run.error and "at step 4" in run.error and "checkpoint-2" in run.error
     checkpoints = sorted(p.name for p in (run.path / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2"]  # only the latest is kept, and never a poisoned one
     from safetensors.torch import load_file
