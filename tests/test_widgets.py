@@ -258,11 +258,11 @@ def test_live_traces_never_exceed_two_thousand_points_while_the_store_keeps_all(
         clock.now += 0.01
         dash._on_event(step_event(step, clock.now))
     clock.now += 1.0
-    dash._on_event(step_event(20_000, clock.now))
+    dash._on_event(step_event(20_001, clock.now))
     counts = {t["name"]: len(t["x"]) for t in dash.figure["data"]}
     assert 1000 <= counts["train loss"] <= 2000
-    assert dash.figure["data"][0]["x"][-1] == 20_000  # the latest point is always shown
-    assert len(dash.progress.series["train loss"]) == 20_000
+    assert dash.figure["data"][0]["x"][-1] == 20_001  # the latest point is always shown
+    assert len(dash.progress.series["train loss"]) == 20_001  # every point is kept for the final record
 
 
 def test_folding_an_event_costs_the_same_late_in_a_long_run():
@@ -301,3 +301,70 @@ def test_eta_and_plain_words():
     assert ui_support.eta_seconds(0, 100, 1.0) is None
     assert ui_support.format_duration(3725) == "1:02:05"
     assert ui_support.state_words("failed", "CUDA out of memory") == "Failed: CUDA out of memory"
+
+
+# ----- the extension and its magics --------------------------------------------------------------------------
+
+@pytest.fixture
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbtune")
+    yield ip
+    ip.run_line_magic("unload_ext", "nbtune")
+
+
+def test_load_ext_is_fast_and_imports_nothing_heavy():
+    import importlib.util
+    import sys as _sys
+
+    spec = importlib.util.spec_from_file_location("bench_load_ext", Path(__file__).parents[1] / "bench" / "bench_load_ext.py")
+    bench = importlib.util.module_from_spec(spec)
+    _sys.modules["bench_load_ext"] = bench
+    spec.loader.exec_module(bench)
+    result = bench.sample()
+    assert result["magic"] and result["heavy"] == []
+    assert result["seconds"] < 0.5
+
+
+def test_magic_help_is_argparse_style_and_unload_reload_are_clean(shell):
+    magic = shell.find_line_magic("nbtune")
+    doc = magic.__doc__
+    for piece in ("usage: %nbtune", "estimate", "--method", "--batch", "--seq", "runs", "compare", "%%nbtune",
+                  "--wait", "leaves running runs running"):
+        assert piece in doc
+    assert shell.find_cell_magic("nbtune") is not None
+    shell.run_line_magic("reload_ext", "nbtune")
+    assert shell.find_line_magic("nbtune") is not None
+    shell.run_line_magic("unload_ext", "nbtune")
+    assert shell.find_line_magic("nbtune") is None and shell.find_cell_magic("nbtune") is None
+    shell.run_line_magic("load_ext", "nbtune")
+
+
+def test_estimate_magic_shows_the_breakdown(shell, capsys):
+    shell.run_line_magic("nbtune", "estimate nbtune:tiny --method lora --batch 4 --seq 64 --gpu t4")
+    out = capsys.readouterr().out
+    assert "Memory estimate" in out and "fits on NVIDIA T4" in out
+    shell.run_line_magic("nbtune", "estimate nbtune:tiny --batch zero")
+    assert "invalid int value: 'zero'" in capsys.readouterr().out
+
+
+def test_cell_magic_reports_every_problem_of_the_yaml(shell, capsys):
+    shell.run_cell_magic("nbtune", "", "training: {micro_batch_size: 0, learning_rate: -1}\n")
+    out = capsys.readouterr().out
+    assert "training.micro_batch_size" in out and "training.learning_rate" in out
+
+
+def test_runs_magic_lists_the_store_and_cell_magic_launches(shell, capsys, tmp_path: Path):
+    shell.run_line_magic("nbtune", f"runs --store {tmp_path}")
+    assert "No runs" in capsys.readouterr().out
+    shell.run_cell_magic("nbtune", f"--store {tmp_path} --wait --name run", tiny().to_yaml())
+    run = shell.user_ns["run"]
+    assert run.status == "finished"
+    capsys.readouterr()
+    shell.run_line_magic("nbtune", f"runs --store {tmp_path}")
+    out = capsys.readouterr().out
+    assert run.id in out and "finished" in out
+    shell.run_line_magic("nbtune", f"compare {run.id} --store {tmp_path}")
+    assert "lora" in capsys.readouterr().out

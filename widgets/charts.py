@@ -28,6 +28,9 @@ _PANEL_OF = {"train loss": 1, "eval loss": 1, "learning rate": 2, "grad norm": 3
              "memory (GiB)": 5, "eval accuracy": 6, "eval perplexity": 6}
 
 
+_AXIS = {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "linecolor": "#c8d4e3", "automargin": True}
+
+
 def _round(values: list[Any]) -> list[Any]:
     return [None if v is None else float(f"{v:.6g}") for v in values]
 
@@ -39,7 +42,8 @@ def _layout(title: str, eval_panel: str) -> dict[str, Any]:
     layout: dict[str, Any] = {
         "title": {"text": title, "x": 0.01, "font": {"size": 14}},
         "height": 470, "margin": {"l": 50, "r": 20, "t": 60, "b": 40},
-        "template": "plotly_white", "hovermode": "x unified", "uirevision": "nbtune",
+        "paper_bgcolor": "white", "plot_bgcolor": "white", "hovermode": "x unified", "uirevision": "nbtune",
+        "font": {"family": "Arial, sans-serif", "size": 11, "color": "#2a3f5f"},
         "legend": {"orientation": "h", "y": -0.12, "x": 0, "font": {"size": 11}},
         "annotations": [],
     }
@@ -48,9 +52,9 @@ def _layout(title: str, eval_panel: str) -> dict[str, Any]:
         x0 = c * (width + gap_x)
         y1 = 1 - r * (height + gap_y)
         n = "" if i == 0 else str(i + 1)
-        layout[f"xaxis{n}"] = {"domain": [x0, x0 + width], "anchor": f"y{n}", "showgrid": True,
+        layout[f"xaxis{n}"] = {"domain": [x0, x0 + width], "anchor": f"y{n}", "showgrid": True, **_AXIS,
                                "title": {"text": "step", "font": {"size": 10}} if r == 1 else None}
-        layout[f"yaxis{n}"] = {"domain": [y1 - height, y1], "anchor": f"x{n}", "rangemode": "tozero"
+        layout[f"yaxis{n}"] = {"domain": [y1 - height, y1], "anchor": f"x{n}", **_AXIS, "rangemode": "tozero"
                                if name in ("Tokens / s", "Memory (GiB)") else "normal"}
         label = eval_panel if name == "Eval" else name
         layout["annotations"].append({"text": f"<b>{label}</b>", "x": x0 + width / 2, "y": y1 + 0.02,
@@ -74,6 +78,8 @@ def training_figure(progress: RunProgress, title: str, final: bool = False) -> d
             continue
         s = series[name]
         xs, ys = s.full(FINAL_MAX_POINTS) if final else s.view()
+        if not xs:  # plotly.js draws NaN paths for an empty trace beside a one-point trace; leave it out
+            continue
         panel = _PANEL_OF[name]
         n = "" if panel == 1 else str(panel)
         is_eval = name.startswith("eval")

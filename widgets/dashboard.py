@@ -10,6 +10,7 @@ full chart (plotly JSON + PNG or HTML) and the summary table, readable without a
 from __future__ import annotations
 
 import html
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from nbtune.widgets import charts, environment
 
 from nbtune.events import TERMINAL, Event
 from nbtune.ui_support import RunProgress, Throttle, format_duration, state_words, summary_rows
+
+log = logging.getLogger("nbtune")
 
 STATE_COLORS = {"queued": "#757575", "running": "#1565c0", "finished": "#2e7d32", "stopped": "#ef6c00",
                 "failed": "#c62828", "interrupted": "#ad1457"}
@@ -49,6 +52,7 @@ class Dashboard:
         self._recorded = threading.Event()
         self._unsubscribe: Callable[[], None] | None = None
         self.use_widgets = environment.widgets_available() if widgets is None else widgets
+        self.chart_out: Any = None  # the live chart (an Output widget) where widgets render
         self.controls = self._make_controls() if self.use_widgets else None
 
         if self.run.done or self.run.status in ("interrupted",) + TERMINAL:
@@ -78,6 +82,8 @@ class Dashboard:
                 self._write_record()
             else:
                 _update(self._handles[0], self._controls_output())
+                if self.chart_out is not None:
+                    self._handles[1].update(self.chart_out)
                 self._draw()
 
     def wait(self, timeout: float | None = None) -> Dashboard:
@@ -110,10 +116,14 @@ class Dashboard:
         self.renders += 1
         self.figure = charts.training_figure(self.progress, self._title())
         self._update_controls()
-        if self._handles is not None:
-            if not self.use_widgets:
-                _update(self._handles[0], self._controls_output())
-            self._handles[1].update(charts.live_bundle(self.figure, environment.frontend() == "colab"), raw=True)
+        bundle = charts.live_bundle(self.figure, environment.frontend() == "colab")
+        if self.chart_out is not None:
+            # A widget's outputs re-render on every change (JupyterLab's plotly renderer ignores in-place
+            # display updates of a plot it has drawn), and widget state reaches the page from any thread.
+            self.chart_out.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+        elif self._handles is not None:
+            _update(self._handles[0], self._controls_output())
+            self._handles[1].update(bundle, raw=True)
 
     def _end_state(self) -> None:
         if self._pending is not None:
@@ -133,11 +143,18 @@ class Dashboard:
     def _write_record(self) -> None:
         """The static record the notebook keeps: a state line, the full chart and the summary table."""
         assert self._handles is not None
-        self._handles[0].update({"text/html": self._status_html(static=True), "text/plain": self._status_text()},
-                                raw=True)
-        self._handles[1].update(charts.final_bundle(self.figure), raw=True)
-        self._handles[2].update({"text/html": summary_html(self.run.summary), "text/plain":
-                                 summary_text(self.run.summary)}, raw=True)
+        parts = [
+            (0, lambda: {"text/html": self._status_html(static=True), "text/plain": self._status_text()}),
+            (1, lambda: charts.final_bundle(self.figure)),  # replaces the live chart widget
+            (2, lambda: {"text/html": summary_html(self.run.summary), "text/plain": summary_text(self.run.summary)}),
+        ]
+        for slot, bundle in parts:
+            try:  # one part failing must not cost the others
+                self._handles[slot].update(bundle(), raw=True)
+            except Exception:
+                log.exception("nbtune: could not write part %d of the record of run %s", slot, self.run.id)
+        if self.chart_out is not None:
+            self.chart_out.outputs = ()  # the saved widget state need not carry a second copy
         if self._unsubscribe is not None:
             threading.Thread(target=self._unsubscribe, daemon=True).start()
         self._recorded.set()
@@ -153,6 +170,7 @@ class Dashboard:
                                     layout=w.Layout(width="90px"))
         environment.set_tooltip(self.stop_button, "Stop at the next step; what was learned is kept.")
         self.stop_button.on_click(lambda _: self.stop())
+        self.chart_out = w.Output(layout=w.Layout(min_height="470px"))
         return w.VBox([self.status_html, w.HBox([self.bar, self.progress_label, self.stop_button],
                                                 layout=w.Layout(align_items="center", gap="12px"))],
                       layout=w.Layout(padding="6px 0"))
@@ -189,13 +207,15 @@ class Dashboard:
         p = self.progress
         total = p.total_steps or "?"
         epoch = f"{p.epoch:.2f}" if p.epoch is not None else "–"
+        eta = "" if p.ended else f" · ETA {format_duration(p.eta_s)}"
         return (f"<span style='font-family:monospace'>step {p.step}/{total} · epoch {epoch} · elapsed "
-                f"{format_duration(p.elapsed_s)} · ETA {format_duration(p.eta_s)}</span>")
+                f"{format_duration(p.elapsed_s)}{eta}</span>")
 
     def _status_text(self) -> str:
         p = self.progress
+        eta = "" if p.ended else f", ETA {format_duration(p.eta_s)}"
         return (f"nbtune run {self.run.id} — {state_words(p.state, p.error)} — step {p.step}/{p.total_steps or '?'}"
-                f", elapsed {format_duration(p.elapsed_s)}, ETA {format_duration(p.eta_s)}")
+                f", elapsed {format_duration(p.elapsed_s)}{eta}")
 
     def _status_html(self, static: bool = False) -> str:
         p = self.progress

@@ -26,7 +26,8 @@ STYLE = """<style>
   background: #fff5f5 !important; }
 .nbtune-message { color: #c62828; font-size: 12px; margin: -2px 0 4px 176px; line-height: 1.3; }
 .nbtune-help { color: #616161; font-size: 12px; }
-.nbtune-section-note { color: #424242; font-size: 12px; margin: 2px 0 6px 0; }
+.nbtune-section-note { color: #424242; font-size: 12px; margin: 2px 0 6px 0; line-height: 1.45; }
+.nbtune-builder .widget-html-content { line-height: 1.45; }
 </style>"""
 
 

@@ -267,10 +267,13 @@ def legend_html(segments: list[tuple[str, int]], total: int) -> str:
     rows = "".join(
         f"<tr><td><span style='display:inline-block;width:10px;height:10px;background:{PALETTE[i % len(PALETTE)]};"
         f"margin-right:6px'></span>{html.escape(_label(name))}</td>"
-        f"<td style='text-align:right;padding-left:12px'>{format_bytes(b)}</td>"
-        f"<td style='text-align:right;padding-left:8px;color:#757575'>{100 * b / max(total, 1):.0f}%</td></tr>"
+        f"<td style='text-align:right;padding-left:12px;white-space:nowrap'>{format_bytes(b)}</td>"
+        f"<td style='text-align:right;padding-left:8px;color:#757575;white-space:nowrap'>"
+        f"{100 * b / max(total, 1):.0f}%</td></tr>"
         for i, (name, b) in enumerate(segments))
-    return f"<table style='font-size:12px;border-collapse:collapse'>{rows}</table>"
+    return (f"<table style='font-size:12px;border-collapse:collapse;width:100%;line-height:1.5'>{rows}"
+            f"<tr style='border-top:1px solid #e0e0e0'><td><b>total at the peak</b></td><td style='text-align:right;"
+            f"white-space:nowrap'><b>{format_bytes(total)}</b></td><td></td></tr></table>")
 
 
 def estimate_html(est: Any, gpu: str, title: str = "") -> str:
