@@ -20,12 +20,13 @@ from typing import Any
 
 from nbtune.config import TuneConfig
 from nbtune.runner import Run, open_run
-from nbtune.store import RunRecord, RunStore, cache_key
+from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
 
 VariantSpec = TuneConfig | Mapping[str, Any] | str
 
 # Columns where a larger value is better; every other numeric column is better when smaller.
 HIGHER_IS_BETTER = ("eval_accuracy", "base_eval_accuracy", "tokens_per_s")
+ESTIMATES_FILE = "estimates.json"  # memory estimates of compared configs, in the store root
 COST_AXES = {"memory": "peak memory (bytes)", "time": "wall time (s)"}
 
 
@@ -87,7 +88,7 @@ class Comparison:
             if name not in self.configs and run is not None:
                 self.configs[name] = run.config
         self.served_from_store: set[str] = {n for n, r in self.runs.items() if r is not None and r.cached}
-        self._estimates: dict[str, Any] = {}
+        self._estimates: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         states = ", ".join(f"{name}: {self._state(name)}" for name in self.runs)
@@ -181,16 +182,44 @@ class Comparison:
             return ""
         return f", eval accuracy {value:.3f}" if self.task == "seq-cls" else f", eval perplexity {value:.2f}"
 
-    def estimate(self, name: str) -> Any:
-        """The memory estimate of a variant's config (None when the estimator cannot tell)."""
-        if name not in self._estimates:
+    def estimate(self, name: str) -> dict[str, Any] | None:
+        """A variant's memory estimate as {"total_bytes", "breakdown": [[category, bytes], ...]}, or None when
+        the estimator cannot tell.
+
+        Estimates are kept in the store (`estimates.json`), so a comparison re-opened later imports no torch.
+        """
+        from nbtune import __version__
+
+        config = self.configs[name]
+        key = f"{__version__}:{config.content_hash}:{config.model.name_or_path}"
+        cache = self._estimate_cache()
+        if key not in cache:
             try:
                 from nbtune.estimator import estimate_memory
 
-                self._estimates[name] = estimate_memory(self.configs[name])
+                estimate = estimate_memory(config)
+                labels = getattr(sys.modules.get(type(estimate).__module__), "LABELS", {})
+                cache[key] = {"total_bytes": int(estimate.total_bytes),  # breakdown in the estimator's order
+                              "breakdown": [[labels.get(k, k), int(v)] for k, v in estimate.breakdown.items()]}
             except Exception:  # the estimate is informative; the comparison never fails for it
-                self._estimates[name] = None
-        return self._estimates[name]
+                cache[key] = None
+            self._save_estimates()
+        return cache[key]
+
+    def _estimate_cache(self) -> dict[str, Any]:
+        if self._estimates is None:
+            try:
+                self._estimates = json.loads((self.store.root / ESTIMATES_FILE).read_text())
+            except (OSError, ValueError):
+                self._estimates = {}
+        return self._estimates
+
+    def _save_estimates(self) -> None:
+        try:
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.store.root / ESTIMATES_FILE, json.dumps(self._estimates))
+        except OSError:  # a read-only store still compares; estimates are recomputed next time
+            pass
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per variant, the raw numbers of the table."""
@@ -202,8 +231,7 @@ class Comparison:
             train_losses = [e["loss"] for e in steps if e.get("loss") is not None]
             estimated = summary.get("estimated_peak_bytes")
             if estimated is None:
-                estimate = self.estimate(name)
-                estimated = getattr(estimate, "total_bytes", None)
+                estimated = (self.estimate(name) or {}).get("total_bytes")
             row = {
                 "variant": name,
                 "method": config.method.name,
@@ -354,7 +382,7 @@ class Comparison:
         import plotly.graph_objects as go
 
         names = list(self.configs)
-        breakdowns = {n: dict(getattr(self.estimate(n), "breakdown", None) or {}) for n in names}
+        breakdowns = {n: dict((self.estimate(n) or {}).get("breakdown") or []) for n in names}
         categories = list(dict.fromkeys(c for b in breakdowns.values() for c in b))
         fig = go.Figure()
         for category in categories:
@@ -362,9 +390,8 @@ class Comparison:
         title = "Estimated peak memory by category (MiB)"
         if not categories:
             title += ": no estimate available"
-        gpu = "GPU" if any(getattr(self.estimate(n), "total_bytes", None) for n in names) else ""
-        fig.update_layout(barmode="stack", title=title, yaxis_title=f"{gpu} MiB".strip(), template="plotly_white",
-                          height=450)
+        fig.update_layout(barmode="stack", title=title, yaxis_title="GPU MiB", template="plotly_white", height=450,
+                          legend={"traceorder": "reversed"})
         return fig
 
     def pareto_chart(self, cost: str = "memory") -> Any:

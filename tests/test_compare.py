@@ -74,12 +74,14 @@ def test_fairness_is_stated_and_the_same_budget_was_used(trained):
 
 def test_reopening_from_the_store_trains_nothing_and_imports_no_torch(trained, base):
     comparison, store = trained
+    comparison.memory_chart()  # the memory estimates are kept in the store beside the runs
     script = f"""
 import json, sys
 import nbtune
 base = nbtune.TuneConfig.from_json(sys.stdin.read())
 c = nbtune.Comparison.from_store(base, methods={METHODS!r}, store={store!r})
 rows = c.rows()
+c.to_html()
 assert "torch" not in sys.modules, "re-opening imported torch"
 print(json.dumps({{r["variant"]: [r["state"], r["run_id"], r["eval_accuracy"]] for r in rows}}))
 """

@@ -1,0 +1,139 @@
+"""The example notebooks execute headless (nbclient, CPU, NBTUNE_SMOKE=1) and show what they promise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbtune.demo import run_notebook
+from nbtune.methods import registry
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "example_notebooks"
+CHART_TYPES = ("application/vnd.plotly.v1+json", "image/png")
+pytestmark = pytest.mark.slow
+
+
+def execute(name: str, tmp_path: Path) -> Any:
+    """Run one notebook in a temporary folder with its own store, offline, with the smoke budget."""
+    env = {"NBTUNE_SMOKE": "1", "NBTUNE_HOME": str(tmp_path / "store"), "NBTUNE_REPORT": str(tmp_path / "report.html"),
+           "HF_HUB_OFFLINE": "1"}
+    return run_notebook(NOTEBOOKS / name, env, workdir=tmp_path, echo=False, timeout=600)
+
+
+def text(cell: Any) -> str:
+    """Everything a cell printed or showed as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif "data" in out:
+            parts.append(out.data.get("text/plain", ""))
+    return "".join(parts)
+
+
+def all_text(nb: Any) -> str:
+    return "\n".join(text(c) for c in nb.cells if c.cell_type == "code")
+
+
+def charts(nb: Any) -> list[Any]:
+    """Static chart outputs: plotly JSON, PNG, or HTML that embeds a plotly figure."""
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if any(t in data for t in CHART_TYPES) or "Plotly.newPlot" in str(data.get("text/html", "")):
+                found.append(out)
+    return found
+
+
+def cell_with(nb: Any, source: str) -> Any:
+    return next(c for c in nb.cells if c.cell_type == "code" and source in c.source)
+
+
+def test_notebooks_are_stored_without_outputs():
+    import nbformat
+
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_memory_planning.ipynb",
+                     "04_your_own_model_and_data.ipynb", "05_colab.ipynb"]
+    for name in names:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
+
+
+def test_quickstart_builds_estimates_trains_and_uses_the_model(tmp_path):
+    nb = execute("01_quickstart.ipynb", tmp_path)
+    builder_outputs = cell_with(nb, "Builder(config)").outputs
+    assert builder_outputs, "the builder showed nothing"
+    estimate = text(cell_with(nb, "estimate_memory"))
+    assert "fits on NVIDIA T4" in estimate and "total" in estimate
+    ended = text(cell_with(nb, "dashboard.wait("))
+    assert "state: finished" in ended
+    before, after = map(float, re.search(r"eval loss: ([\d.]+) before -> ([\d.]+) after", ended).groups())
+    assert after < before
+    assert charts(nb), "the dashboard left no static chart in the notebook"
+    answers = [line for line in text(cell_with(nb, "model.generate")).splitlines() if "->" in line]
+    assert len(answers) == 5 and all("(expected " in line for line in answers)
+
+
+def test_compare_notebook_tables_every_method_and_writes_the_report(tmp_path):
+    nb = execute("02_compare_methods.ipynb", tmp_path)
+    methods = [m.name for m in registry.all_methods(include_generated=False) if "seq-cls" in m.tasks]
+    assert len(methods) == 13
+    shown = next(c for c in nb.cells if c.cell_type == "code" and c.source.strip() == "comparison")
+    html = "".join(o.data.get("text/html", "") for o in shown.outputs if "data" in o)
+    body = re.search(r"<tbody>(.*?)</tbody>", html, re.S).group(1)
+    rows = re.findall(r"<tr.*?</tr>", body, re.S)
+    assert len(rows) == len(methods)
+    first_cells = [re.search(r"<td>(.*?)</td>", r).group(1).removesuffix(" ★") for r in rows]
+    assert first_cells == methods
+    failed = [r for r in rows if "<td>finished</td>" not in r]
+    assert not failed, f"methods that did not finish: {failed}"
+    assert f"table rows: {len(methods)}" in all_text(nb)
+
+    chart_cells = [c for c in nb.cells if c.cell_type == "code" and "_chart(" in c.source]
+    assert len(chart_cells) == 4
+    for cell in chart_cells:
+        assert any(t in o.get("data", {}) for o in cell.outputs for t in CHART_TYPES), cell.source
+    loss = next(o.data["application/vnd.plotly.v1+json"] for o in chart_cells[0].outputs if "data" in o)
+    assert {t["name"] for t in loss["data"]} >= set(methods)
+
+    report = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"HTML report: {tmp_path / 'report.html'}" in all_text(nb)
+    assert report.count("Plotly.newPlot") == 3 and "Fairness" in report
+    assert all(f"<td>{m}" in report for m in methods)
+    assert f"re-opened {len(methods)} runs from the store" in all_text(nb)
+    grown = text(cell_with(nb, "again.add("))
+    assert "lora-r4: finished, trained" in grown and grown.count("trained in") == 1
+
+
+def test_memory_planning_notebook_shows_the_table_offline(tmp_path):
+    nb = execute("03_memory_planning.ipynb", tmp_path)
+    assert "memory table: 8 rows (2 models x 4 methods)" in all_text(nb)
+    table = next(o.data["text/html"] for o in cell_with(nb, "plan = pd.DataFrame").outputs
+                 if "text/html" in o.get("data", {}))
+    for expected in ("Qwen2.5-7B", "Llama-3.1-70B", "qlora", "prompt-tuning", "t4", "h100-80gb", "fits"):
+        assert expected in table
+    assert charts(nb)
+    advice = text(cell_with(nb, "suggestions"))
+    assert "does not fit on NVIDIA T4" in advice and "lora" in advice.split("cheaper options that fit:")[1]
+
+
+def test_own_data_notebook_takes_the_offline_branch_and_trains_on_local_files(tmp_path):
+    nb = execute("04_your_own_model_and_data.ipynb", tmp_path)
+    out = all_text(nb)
+    assert "online: False -> model nbtune:tiny (offline branch" in out
+    assert (tmp_path / "my_qa.jsonl").exists() and (tmp_path / "my_reviews.csv").exists()
+    assert re.search(r"JSONL run: finished, eval loss [\d.]+ -> [\d.]+, 48 train rows from my_qa.jsonl", out)
+    assert "CSV run: finished, labels ['negative', 'positive']" in out
+
+
+def test_colab_notebook_runs_locally_with_a_local_store(tmp_path):
+    nb = execute("05_colab.ipynb", tmp_path)
+    assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
+    out = all_text(nb)
+    assert "in Colab: False" in out and f"store: {tmp_path / 'store'}" in out
+    assert re.search(r"run \S+: finished", out) and "runs in the store: 1" in out
