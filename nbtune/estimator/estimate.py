@@ -233,11 +233,13 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
     if f.quant_bits:
         activations += 2 * 2 * f.largest_linear_elems  # one dequantized weight in forward and backward
 
-    # ----- logits and loss: fp32 upcast, log-softmax and its gradient at the start of the backward -----
+    # ----- logits and loss: at the start of the backward the fp32 log-softmax output the loss saved, the
+    # gradient of the loss and the log-softmax gradient coexist (12 bytes per logit; transformers upcasts the
+    # logits to fp32 before the cross-entropy) -----
     if config.model.task == "seq-cls":
         logits = 0
     else:
-        logits = int(tokens * vocab * (8 + (act if act < 4 else 0)))
+        logits = int(tokens * vocab * 12)
         if f.teacher_bytes:  # the teacher's logits, upcast, and the softened distributions of both
             logits += int(tokens * vocab * (act + 4 + 8))
     one_layer = int(max(per_layer) if per_layer else 0)

@@ -29,10 +29,12 @@ def _tracker_class() -> type:
 
         def __init__(self) -> None:
             super().__init__()
-            self.live: dict[int, list[Any]] = {}  # storage key -> [bytes, live tensors, category]
+            self.live: dict[int, list[Any]] = {}  # storage key -> [bytes, live tensors, category, serial]
+            self.serial = 0  # storage addresses are reused; serials name a storage once and for all
             self.tensors: dict[int, int] = {}  # id(tensor) -> storage key
             self.current = self.peak = 0
-            self.peak_keys: dict[int, int] = {}
+            self.peak_keys: dict[int, int] = {}  # serial -> bytes of the storages live at the peak
+            self.peak_cats: dict[int, str] = {}
             self.peak_phase = ""
             self.phase = "forward end"
             self.category = "activations"
@@ -52,12 +54,14 @@ def _tracker_class() -> type:
             cat = category or self.category
             if cat == "activations" and self.logits_numel and t.numel() >= self.logits_numel:
                 cat = "logits_loss"
-            self.live[key] = [storage.nbytes(), 1, cat]
+            self.serial += 1
+            self.live[key] = [storage.nbytes(), 1, cat, self.serial]
             self.current += storage.nbytes()
             if self.current > self.peak:
                 self.peak = self.current
                 if self.current > 1.002 * sum(self.peak_keys.values()) or self.phase != self.peak_phase:
-                    self.peak_keys = {k: v[0] for k, v in self.live.items()}
+                    self.peak_keys = {v[3]: v[0] for v in self.live.values()}
+                    self.peak_cats = {v[3]: v[2] for v in self.live.values()}
                     self.peak_phase = self.phase
 
         def _release(self, tensor_id: int, key: int) -> None:
@@ -72,11 +76,14 @@ def _tracker_class() -> type:
 
         def reset_peak(self) -> None:
             self.peak = self.current
-            self.peak_keys = {k: v[0] for k, v in self.live.items()}
+            self.peak_keys = {v[3]: v[0] for v in self.live.values()}
+            self.peak_cats = {v[3]: v[2] for v in self.live.values()}
             self.peak_phase = self.phase
 
         def key(self, t: Any) -> int:
-            return t.untyped_storage()._cdata
+            """The serial of the live storage under a tensor."""
+            entry = self.live.get(t.untyped_storage()._cdata)
+            return entry[3] if entry is not None else -1
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
@@ -223,7 +230,7 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
                 for p in trainable:
                     p.grad = None
         peak, keys, phase = tracker.peak, dict(tracker.peak_keys), tracker.peak_phase
-        live_cats = {k: v[2] for k, v in tracker.live.items()}
+        live_cats = dict(tracker.peak_cats)
     del fake_mode
 
     breakdown = dict.fromkeys(("weights", "trainable_weights", "gradients", "optimizer_state", "activations",
