@@ -337,6 +337,9 @@ class Comparison:
             lines.append(f"Learning rate: {next(iter(rates.values()))} for every variant.")
         devices = {s.get("device") for s in summaries if s.get("device")}
         lines.append(f"Trained one after another on one device ({', '.join(sorted(devices)) or 'not run yet'}).")
+        if devices and "cuda" not in devices:
+            lines.append("Peak memory is the GPU estimate of nbtune.estimate_memory: a CPU run has no GPU peak to "
+                         "measure.")
         if differs:
             lines.append("Not the same across variants: " + "; ".join(differs) + ".")
         return lines

@@ -16,11 +16,11 @@ CHART_TYPES = ("application/vnd.plotly.v1+json", "image/png")
 pytestmark = pytest.mark.slow
 
 
-def execute(name: str, tmp_path: Path) -> Any:
+def execute(name: str, tmp_path: Path, echo: bool = False) -> Any:
     """Run one notebook in a temporary folder with its own store, offline, with the smoke budget."""
     env = {"NBTUNE_SMOKE": "1", "NBTUNE_HOME": str(tmp_path / "store"), "NBTUNE_REPORT": str(tmp_path / "report.html"),
-           "HF_HUB_OFFLINE": "1"}
-    return run_notebook(NOTEBOOKS / name, env, workdir=tmp_path, echo=False, timeout=600)
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # as `python -m nbtune.demo` runs it
+    return run_notebook(NOTEBOOKS / name, env, workdir=tmp_path, echo=echo, timeout=600)
 
 
 def text(cell: Any) -> str:
@@ -79,8 +79,10 @@ def test_quickstart_builds_estimates_trains_and_uses_the_model(tmp_path):
     assert len(answers) == 5 and all("(expected " in line for line in answers)
 
 
-def test_compare_notebook_tables_every_method_and_writes_the_report(tmp_path):
-    nb = execute("02_compare_methods.ipynb", tmp_path)
+def test_compare_notebook_tables_every_method_and_writes_the_report(tmp_path, capsys):
+    nb = execute("02_compare_methods.ipynb", tmp_path, echo=True)  # echo: what `python -m nbtune.demo` shows
+    echoed = capsys.readouterr().out
+    assert "[1/13] full: finished, trained in" in echoed and "[13/13] distillation: finished" in echoed
     methods = [m.name for m in registry.all_methods(include_generated=False) if "seq-cls" in m.tasks]
     assert len(methods) == 13
     shown = next(c for c in nb.cells if c.cell_type == "code" and c.source.strip() == "comparison")
@@ -137,3 +139,25 @@ def test_colab_notebook_runs_locally_with_a_local_store(tmp_path):
     out = all_text(nb)
     assert "in Colab: False" in out and f"store: {tmp_path / 'store'}" in out
     assert re.search(r"run \S+: finished", out) and "runs in the store: 1" in out
+
+
+def test_demo_prints_the_report_path_and_fails_loudly(tmp_path, monkeypatch, capsys):
+    from nbtune import demo
+
+    seen = {}
+
+    def fake_run(path: Path, env: dict[str, str], workdir: Path, **kwargs: Any) -> Any:
+        seen.update(env, notebook=path.name)
+        Path(env["NBTUNE_REPORT"]).write_text("<html></html>")
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(demo, "run_notebook", fake_run)
+    assert demo.main(["--store", str(tmp_path / "s")]) == 0
+    report = tmp_path / "s" / "compare-methods-report.html"
+    assert capsys.readouterr().out.splitlines()[-1] == f"HTML report: {report}"
+    assert seen == {"NBTUNE_HOME": str(tmp_path / "s"), "NBTUNE_REPORT": str(report), "NBTUNE_SMOKE": "0",
+                    "OMP_NUM_THREADS": "1", "notebook": "02_compare_methods.ipynb"}
+
+    monkeypatch.setattr(demo, "run_notebook", lambda *a, **k: None)  # a notebook that writes no report
+    assert demo.main(["--store", str(tmp_path / "s"), "--out", str(tmp_path / "none.html")]) == 1
+    assert "wrote no report" in capsys.readouterr().err
