@@ -484,10 +484,10 @@ class Comparison:
         page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }}
 table.nbtune-comparison {{ border-collapse: collapse; font-size: 13px; }}
 table.nbtune-comparison th, table.nbtune-comparison td {{ border-bottom: 1px solid #ddd; padding: 4px 8px;
-  text-align: right; }}
+  text-align: right; white-space: nowrap; }}
 table.nbtune-comparison th {{ background: #f4f4f4; }}
 table.nbtune-comparison td:first-child, table.nbtune-comparison td:nth-child(2) {{ text-align: left; }}
 </style></head><body>
