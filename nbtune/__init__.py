@@ -28,8 +28,8 @@ _LAZY = {
     "RunStore": "nbtune.store",
     "estimate_memory": "nbtune.estimator",
     "MemoryEstimate": "nbtune.estimator",
-    "compare": "nbtune.compare",
-    "Comparison": "nbtune.compare",
+    "compare": "nbtune.comparison",
+    "Comparison": "nbtune.comparison",
 }
 
 __all__ = ["ConfigError", "TuneConfig", "__version__", "load_ipython_extension", *_LAZY]

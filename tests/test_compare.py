@@ -12,7 +12,7 @@ import pytest
 
 import nbtune
 from nbtune import training
-from nbtune.compare import Comparison, pareto_front
+from nbtune.comparison import Comparison, pareto_front
 from nbtune.methods import registry
 
 METHODS = ["lora", "bitfit", "prompt-tuning"]

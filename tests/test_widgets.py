@@ -368,3 +368,11 @@ def test_runs_magic_lists_the_store_and_cell_magic_launches(shell, capsys, tmp_p
     assert run.id in out and "finished" in out
     shell.run_line_magic("nbtune", f"compare {run.id} --store {tmp_path}")
     assert "lora" in capsys.readouterr().out
+
+
+def test_html_fallback_of_a_chart_renders_with_a_named_template():
+    # The static record falls back to HTML when no PNG can be made; a template given by name must not break it.
+    from widgets.charts import figure_html
+
+    html = figure_html({"data": [{"type": "scatter", "x": [1, 2], "y": [3, 4]}], "layout": {"template": "plotly_white"}})
+    assert "plotly" in html and "[1,2]" in html.replace(" ", "")

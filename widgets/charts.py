@@ -153,7 +153,8 @@ def figure_html(figure: dict[str, Any]) -> str:
     """The figure as an HTML fragment that loads plotly.js from its CDN (for renderers without plotly JSON)."""
     import plotly.io as pio
 
-    return pio.to_html(figure, include_plotlyjs="cdn", full_html=False, validate=False)
+    # Through a Figure, so a template given by name ("plotly_white") is resolved; plotly.io expects a dict there.
+    return pio.to_html(to_plotly_figure(figure), include_plotlyjs="cdn", full_html=False)
 
 
 def to_plotly_figure(figure: dict[str, Any]) -> Any:

@@ -179,7 +179,7 @@ def _runs(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     try:
-        from nbtune.compare import Comparison
+        from nbtune.comparison import Comparison
     except ImportError:
         Comparison = None  # noqa: N806
     if Comparison is not None and hasattr(Comparison, "from_runs"):

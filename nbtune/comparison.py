@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -613,14 +612,3 @@ def _differences(configs: Mapping[str, TuneConfig]) -> list[str]:
             shown = ", ".join(f"{n}: {v[:40]}" for n, v in list(values.items())[:4])
             out.append(f"{key} ({shown})")
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """Importing `nbtune.compare` (the module) rebinds `nbtune.compare` to it, shadowing the function of the same
-    name; a callable module keeps `nbtune.compare(base, methods=[...])` working either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Comparison:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
