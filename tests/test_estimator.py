@@ -177,3 +177,38 @@ def test_gpu_memory_matrix_dry_run(tmp_path):
                    check=True, capture_output=True, text=True, timeout=300)
     rows = out.read_text().splitlines()
     assert len(rows) > 2 and "instant_gib" in rows[0] and "measured_allocated_gib" in rows[0]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointed_step_agrees_with_simulation_and_keeps_no_recomputed_block_at_the_forward_end(method):
+    """With checkpointing only block inputs live through the forward; a block's activations return in the backward."""
+    from nbtune.estimator import estimate_memory, simulate_memory
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.skeleton import facts
+
+    mc = tiny_llama(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
+                    vocab_size=1024, num_hidden_layers=6)
+    config = tiny_config(method, dtype="bf16", gradient_checkpointing=True).replace(**{"data.max_length": 256})
+    t = terms(config, facts(config, mc))
+    stored = 2 * 256 * t["tokens"] * 6  # one 16-bit block input per layer
+    assert t["stored_activations"] == stored
+    assert t["activations"] < stored + t["one_layer"]  # the recomputed block is not at the forward end
+    assert t["phases"]["backward"] >= t["phases"]["optimizer step"] - t["step_temp"] + t["one_layer"]
+    sim = simulate_memory(config, mc)
+    est = estimate_memory(config, mc)
+    assert close(est.allocated_bytes, sim.allocated_bytes, 0.15), (est.allocated_bytes, sim.allocated_bytes)
+
+
+def test_simulation_models_the_gpu_step_autocast_and_one_byte_dropout_masks():
+    """A bf16 LoRA step under the Trainer's autocast with dropout: no fp32 copies of inputs, no fp32 CPU noise."""
+    from nbtune.estimator import estimate_memory, simulate_memory
+
+    mc = tiny_llama(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=4,
+                    vocab_size=512, num_hidden_layers=4)
+    config = tiny_config("lora", dtype="bf16").replace(**{"data.max_length": 512, "method.dropout": 0.1,
+                                                          "method.target_modules": ["q_proj", "v_proj", "o_proj",
+                                                                                    "gate_proj", "up_proj",
+                                                                                    "down_proj"]})
+    sim = simulate_memory(config, mc)
+    est = estimate_memory(config, mc)
+    assert close(est.allocated_bytes, sim.allocated_bytes, 0.10), (est.allocated_bytes, sim.allocated_bytes)

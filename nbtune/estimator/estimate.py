@@ -218,20 +218,29 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
         return per
 
     per_layer = [layer_bytes(layer) * tokens + 2 * act * h * f.prefix_tokens * b for layer in f.layers]
+    one_layer = int(max(per_layer) if per_layer else 0)
     if checkpointing and per_layer:
+        # Only each block's input is kept through the forward; one block's activations exist again while it is
+        # recomputed in the backward, after the loss has freed the logits: the two never coexist
         residual = 4 if (autocast or wb == 4) else wb
-        layer_acts = residual * h * tokens * len(per_layer) + max(per_layer)
+        stored = residual * h * tokens * len(per_layer)
+        layer_acts = stored + one_layer  # everything the step ever saves (what the CPU measurement sees)
     else:
-        layer_acts = sum(per_layer)
+        stored = layer_acts = sum(per_layer)
     final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * tokens if f.layers or f.head_trainable else 0
     copies = 0
     if autocast and f.layers:
         copies = act * f.autocast_copy_elems
         if checkpointing:
             copies = act * f.autocast_copy_elems // max(len(f.layers), 1)
-    activations = int(layer_acts + final + copies)
-    if f.quant_bits:
-        activations += 2 * 2 * f.largest_linear_elems  # one dequantized weight in forward and backward
+    activations = int(stored + final + copies)  # at the end of the forward
+    dequant = 2 * 2 * f.largest_linear_elems if f.quant_bits else 0  # one dequantized weight, forward and backward
+    activations += dequant
+    # In the backward, one block's activations (recomputed under checkpointing) and its gradient transients sit on
+    # top of whichever is larger: the stored block inputs (all still held at the top block) or the gradients (all
+    # held at the bottom block); the inputs are freed as the gradients grow, so the two are not added
+    recompute = int(2 * one_layer + dequant)
+    stored_in_backward = int(stored) if checkpointing else 0
 
     # ----- logits and loss: at the start of the backward the fp32 log-softmax output the loss saved, the
     # gradient of the loss and the log-softmax gradient coexist (12 bytes per logit; transformers upcasts the
@@ -242,29 +251,30 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
         logits = int(tokens * vocab * 12)
         if f.teacher_bytes:  # the teacher's logits, upcast, and the softened distributions of both
             logits += int(tokens * vocab * (act + 4 + 8))
-    one_layer = int(max(per_layer) if per_layer else 0)
     head_grad = vocab * h * f.trainable_elem_bytes if f.head_trainable else 0
 
     persistent = frozen + trainable + qconst + state + WORKSPACE
     grads_in_forward = grads if t.gradient_accumulation_steps > 1 else 0
     phases_alloc = {
         "forward end": persistent + grads_in_forward + activations + logits + min(head_grad, grads),
-        "backward": persistent + grads + 2 * one_layer,
+        "backward": persistent + max(grads, stored_in_backward) + recompute,
         "optimizer step": persistent + grads + step_temp,
     }
     dynamic = {
         "forward end": grads_in_forward + activations + logits,
-        "backward": grads + 2 * one_layer,
+        "backward": max(grads, stored_in_backward) + recompute,
         "optimizer step": grads + step_temp,
     }
     parts = {
         "forward end": {"gradients": grads_in_forward + min(head_grad, grads), "activations": activations,
                         "logits_loss": logits},
-        "backward": {"gradients": grads, "activations": 2 * one_layer, "logits_loss": 0},
+        "backward": {"gradients": grads, "activations": max(stored_in_backward - grads, 0) + recompute,
+                     "logits_loss": 0},
         "optimizer step": {"gradients": grads, "activations": step_temp, "logits_loss": 0},
     }
     return {"frozen": frozen, "trainable": trainable, "qweights": qweights, "qconst": qconst, "grads": grads,
-            "optimizer_state": state, "step_temp": step_temp, "activations": activations, "saved_activations":
+            "optimizer_state": state, "step_temp": step_temp, "activations": activations, "recompute": recompute,
+            "stored_in_backward": stored_in_backward, "stored_activations": int(stored), "one_layer": one_layer, "saved_activations":
             int(layer_acts + final + copies), "logits": logits, "phases": phases_alloc, "dynamic": dynamic,
             "parts": parts, "checkpointing": checkpointing, "notes": notes, "tokens": tokens}
 

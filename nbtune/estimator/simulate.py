@@ -16,7 +16,7 @@ from typing import Any
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import CUDA_CONTEXT, FRAGMENTATION, WORKSPACE, MemoryEstimate
 from nbtune.estimator.gpus import gpu_bytes
-from nbtune.estimator.skeleton import DTYPE_BYTES, build_model, facts
+from nbtune.estimator.skeleton import build_model, facts
 
 
 def _tracker_class() -> type:
@@ -156,11 +156,12 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     Tracker = _tracker_class()
     tracker = Tracker()
     quantized_ids = info["quantized_ids"]
-    wb = DTYPE_BYTES[config.model.dtype]
-    autocast = t.precision in ("fp16", "bf16") and wb == 4  # (with 16-bit weights autocast changes nothing)
+    # The Trainer autocasts whenever bf16/fp16 is set, 16-bit weights included: peft keeps adapters in fp32, and
+    # without autocast their inputs would be fp32 copies (measure.py's real steps autocast the same way)
+    autocast = t.precision in ("fp16", "bf16")
     b, s = t.micro_batch_size, config.data.max_length
     vocab = int(model_config.vocab_size)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, tracker:
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, tracker, _cuda_dropout():
         swapped: dict[int, Any] = {}
         quant_keys: set[int] = set()
         tracker.category = "weights"
@@ -185,7 +186,9 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
         notes += opt_notes
         tracker.category = "activations"
         ids = torch.zeros((b, s), dtype=torch.long)
-        mask = torch.ones((b, s), dtype=torch.long)
+        # An all-ones mask is dropped by transformers on real tensors (SDPA then runs causal, without a 4D mask and
+        # with GQA inside the kernel); a fake tensor's values cannot be inspected, so pass none for causal LMs
+        mask = torch.ones((b, s), dtype=torch.long) if config.model.task != "causal-lm" else None
         task = config.model.task
         labels = torch.zeros((b,), dtype=torch.long) if task == "seq-cls" else ids
         tracker.logits_numel = b * s * vocab if task != "seq-cls" else 0
@@ -262,6 +265,32 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
         trainable_params=f.trainable_params, total_params=f.total_params, allocated_bytes=allocated,
         reserved_bytes=allocated + int(FRAGMENTATION * dynamic), tier="simulated",
         gpu=str(gpu) if gpu is not None else None, notes=notes, config=config, model_config=model_config)
+
+
+class _cuda_dropout:
+    """Dropout as CUDA runs it: one fused kernel that saves a 1-byte mask.
+
+    On CPU, torch decomposes dropout into a noise tensor of the input's dtype that the backward keeps (4 bytes per
+    element in fp32); the simulation models the GPU, so while it runs F.dropout goes through aten.native_dropout.
+    """
+
+    def __enter__(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        self.original = F.dropout
+
+        def dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+            if not training or p == 0:
+                return input
+            return torch.native_dropout(input, p, True)[0]
+
+        F.dropout = dropout
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch.nn.functional as F
+
+        F.dropout = self.original
 
 
 class _null:
