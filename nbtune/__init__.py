@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from typing import Any
 
 from nbtune.config import ConfigError, TuneConfig
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 # bitsandbytes warns at import on CPUs with AVX512-BF16 that it cannot fetch an optional kernel from the hub;
 # its own CPU kernels are used instead, so the warning only alarms users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft still reads the attribute transformers 5 renamed; the warning is about peft, not the user's config.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 # Public names that live in heavier modules, imported on first use.
 _LAZY = {

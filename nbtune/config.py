@@ -299,12 +299,20 @@ class TuneConfig:
     def replace(self, **changes: Any) -> TuneConfig:
         """A copy with dotted-name changes, e.g. `cfg.replace(**{"training.learning_rate": 1e-3, "method.r": 8})`.
 
-        `method="ia3"` switches the method and drops the old method's parameters.
+        `method="ia3"` switches the method and drops the old method's parameters; `"method.name": "qlora"`
+        switches it and keeps the parameters both methods have.
         """
         d = self.to_dict()
         for key, value in changes.items():
             if key == "method" and isinstance(value, str):
                 d["method"] = {"name": value}
+                continue
+            if key == "method.name":  # switch method, keeping the parameters the new one also has
+                from nbtune.methods import registry
+
+                method = registry.find(value)
+                shared = {f.name for f in method.fields} if method else set()
+                d["method"] = {"name": value, **{k: v for k, v in d["method"].items() if k in shared}}
                 continue
             section, _, name = key.partition(".")
             if section not in d or not name:

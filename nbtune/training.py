@@ -14,15 +14,11 @@ import shutil
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 from nbtune.config import TuneConfig
 from nbtune.events import EventStream
-
-# peft still reads the attribute transformers 5 renamed; the warning is about peft, not the user's config.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 OPTIMIZERS = {
     "adamw": "adamw_torch",

@@ -93,3 +93,10 @@ def test_code_export_rebuilds_the_same_config():
     namespace: dict = {}
     exec(config.to_code().replace("run = nbtune.launch(config)", ""), namespace)
     assert namespace["config"] == config
+
+
+def test_switching_method_by_name_keeps_shared_parameters():
+    config = TuneConfig(method={"name": "lora", "r": 8, "use_dora": True})
+    switched = config.replace(**{"method.name": "qlora"})
+    assert switched.method.name == "qlora" and switched.method.params["r"] == 8
+    assert config.replace(**{"method.name": "ia3"}).method.params == {}  # ia3 has no rank
