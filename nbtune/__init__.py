@@ -11,6 +11,7 @@ import logging
 import warnings
 from typing import Any
 
+from nbtune._lazy import lazy_getattr
 from nbtune.config import ConfigError, TuneConfig
 
 __version__ = "0.1.0"
@@ -38,14 +39,13 @@ _LAZY = {
 __all__ = ["ConfigError", "TuneConfig", "__version__", "load_ipython_extension", *_LAZY]
 
 
+_lazy = lazy_getattr(__name__, _LAZY)
+
+
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name == "widgets":
+    if name == "widgets":  # the UI subpackage, imported only when asked for
         return importlib.import_module("nbtune.widgets")
-    raise AttributeError(f"module 'nbtune' has no attribute {name!r}")
+    return _lazy(name)
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -6,8 +6,7 @@ Importing this package is light; ipywidgets and plotly load with the first widge
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nbtune._lazy import lazy_getattr
 
 _LAZY = {
     "Builder": "nbtune.widgets.builder",
@@ -18,9 +17,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'nbtune.widgets' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

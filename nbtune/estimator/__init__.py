@@ -6,9 +6,7 @@ of the model code on fake tensors. `import nbtune.estimator` does not import tor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from nbtune._lazy import lazy_getattr
 from nbtune.estimator.gpus import GPUS, gpu_bytes
 
 _LAZY = {"estimate_memory": "nbtune.estimator.estimate", "MemoryEstimate": "nbtune.estimator.estimate",
@@ -17,9 +15,4 @@ _LAZY = {"estimate_memory": "nbtune.estimator.estimate", "MemoryEstimate": "nbtu
 __all__ = ["GPUS", "MemoryEstimate", "estimate_memory", "gpu_bytes", "simulate_memory"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'nbtune.estimator' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
