@@ -155,12 +155,7 @@ def check_method(name: str, task: str, directory: Path, tmp_path: Path, params: 
     if getattr(fresh, "is_loaded_in_4bit", False):
         # Same 4-bit kernel as in training: bitsandbytes' CPU inference layout computes in bf16 (~2e-3 apart).
         disable_cpu_inference_repacking(fresh)
-    if method.is_peft:
-        from peft import PeftModel
-
-        reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "artifact")).eval()
-    else:
-        reloaded = artifacts.load_trained(method, fresh, tmp_path / "artifact", ctx)
+    reloaded = artifacts.load_trained(method, fresh, tmp_path / "artifact", ctx)
     with torch.no_grad():
         actual = reloaded(**inputs).logits
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,8 @@ def load_trained(method: Method, base_model: Any, directory: str | Path, ctx: Me
     if method.is_peft:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, str(directory)).eval()
+        from nbtune.methods.peft_methods import accept_past_key_values
+
+        return accept_past_key_values(PeftModel.from_pretrained(base_model, str(directory))).eval()
     device = next(base_model.parameters()).device
     return type(base_model).from_pretrained(str(directory), dtype=base_model.dtype).to(device).eval()

@@ -159,10 +159,9 @@ def _kind(tp: Any) -> tuple[str, tuple[Any, ...], bool] | None:
 
 def apply_peft(peft_type: str, model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     """Wrap the model with the peft method `peft_type` configured by these params."""
-    from peft import get_peft_model
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from nbtune.methods.peft_methods import PEFT_TASK
+    from nbtune.methods.peft_methods import PEFT_TASK, get_peft_model
 
     classes = {getattr(t, "value", t): c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
     if peft_type not in classes:

@@ -10,9 +10,42 @@ PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq-cls": "SE
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def apply_lora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    from peft import get_peft_model
+def get_peft_model(model: Any, peft_config: Any) -> Any:
+    """peft's `get_peft_model`, made to work with this transformers (see `accept_past_key_values`)."""
+    import peft
 
+    return accept_past_key_values(peft.get_peft_model(model, peft_config))
+
+
+def accept_past_key_values(peft_model: Any) -> Any:
+    """Let a prompt-learning model's base take `past_key_values`, where this transformers calls it `cache`.
+
+    transformers 5.24 renamed the forward argument `past_key_values` to `cache` (keeping a deprecated alias),
+    and peft 0.21 decides whether a classification model supports prefix tuning by looking for the old name in
+    the signature: prefix tuning and P-Tuning v2 on sequence classification then fail with "Model does not
+    support past key values". A forward that accepts the old name and passes it on as `cache` serves both
+    versions, and spares causal LMs the deprecation warning. Other models are returned unchanged.
+    """
+    import inspect
+
+    if not peft_model.active_peft_config.is_prompt_learning:
+        return peft_model
+    model = peft_model.base_model  # the transformers model itself, for prompt-learning methods
+    parameters = inspect.signature(model.forward).parameters
+    if "past_key_values" in parameters or "cache" not in parameters:
+        return peft_model
+    original = model.forward
+
+    def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    return peft_model
+
+
+def apply_lora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     return get_peft_model(model, _lora_config(params, ctx))
 
 
@@ -46,7 +79,7 @@ def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, A
 
 def apply_qlora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     """LoRA on a 4-bit base. An unquantized model (a meta skeleton being counted) just gets LoRA."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
         # Gradient checkpointing is the engine's choice (training.gradient_checkpointing), not the method's.
@@ -72,7 +105,7 @@ def disable_cpu_inference_repacking(model: Any) -> None:
 def apply_prompt_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     """Soft prompt; init "text" copies the embeddings of init_text's tokens (repeated to fill the prompt)."""
     import torch
-    from peft import PromptTuningConfig, get_peft_model
+    from peft import PromptTuningConfig
 
     n = params["num_virtual_tokens"]
     if params["init"] == "text" and not params["init_text"]:
@@ -94,7 +127,7 @@ def apply_prompt_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) 
 
 
 def apply_prefix_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    from peft import PrefixTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig
 
     return get_peft_model(model, PrefixTuningConfig(
         task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"],
@@ -102,7 +135,7 @@ def apply_prefix_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) 
 
 
 def apply_p_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    from peft import PromptEncoderConfig, get_peft_model
+    from peft import PromptEncoderConfig
 
     return get_peft_model(model, PromptEncoderConfig(
         task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"],
@@ -111,14 +144,14 @@ def apply_p_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> An
 
 
 def apply_p_tuning_v2(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    from peft import PrefixTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig
 
     return get_peft_model(model, PrefixTuningConfig(
         task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"], prefix_projection=False))
 
 
 def apply_ia3(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    from peft import IA3Config, get_peft_model
+    from peft import IA3Config
 
     return get_peft_model(model, IA3Config(
         task_type=PEFT_TASK[ctx.task], target_modules=params["target_modules"] or None,
@@ -127,7 +160,7 @@ def apply_ia3(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
 
 def apply_adalora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     """AdaLoRA over the run's length (`ctx.extras["total_steps"]`; a counted skeleton uses the shortest schedule)."""
-    from peft import AdaLoraConfig, get_peft_model
+    from peft import AdaLoraConfig
 
     tinit, tfinal = params["tinit"], params["tfinal"]
     if params["target_r"] > params["init_r"]:
