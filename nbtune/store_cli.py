@@ -31,9 +31,13 @@ def add_store_parsers(subparsers: Any) -> None:
     p.add_argument("run", help="run id (a unique prefix is enough)")
     p = command("delete", "delete runs and their files", _delete)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough)")
-    p = command("export", "write runs to one .tar.gz archive (JSON and safetensors only)", _export)
+    p = command("export", "write runs to one .tar.gz archive (JSON and safetensors only), or one run's "
+                          "trained model to a folder that loads without nbtune (--merged)", _export)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough)")
-    p.add_argument("-o", "--output", required=True, help="archive to write, e.g. results.tar.gz")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--output", help="archive to write, e.g. results.tar.gz")
+    where.add_argument("--merged", metavar="DIR", help="write the trained model (adapters merged into the weights) "
+                       "and its tokenizer to DIR, for AutoModelFor*.from_pretrained(DIR)")
     p = command("import", "add the runs of an archive to the store (never executes code)", _import)
     p.add_argument("archive", help="a .tar.gz written by `nbtune export`")
 
@@ -123,6 +127,8 @@ def _delete(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     store = _store(args)
+    if args.merged:
+        return _export_merged(store, args.runs, args.merged)
     ids = [_find(store, prefix).id for prefix in args.runs]
     try:
         archive = store.export(ids, args.output)
@@ -130,6 +136,22 @@ def _export(args: argparse.Namespace) -> int:
         print(f"nbtune: {err}", file=sys.stderr)
         return 1
     print(f"exported {len(ids)} run(s) to {archive}")
+    return 0
+
+
+def _export_merged(store: RunStore, prefixes: list[str], directory: str) -> int:
+    from nbtune.runner import open_run
+
+    if len(prefixes) != 1:
+        print(f"nbtune: export --merged takes one run (got {len(prefixes)}: {' '.join(prefixes)})", file=sys.stderr)
+        return 2
+    run = open_run(_find(store, prefixes[0]))
+    try:
+        folder = run.merge(directory)
+    except ValueError as err:
+        print(f"nbtune: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote the merged model of run {run.id} to {folder}")
     return 0
 
 

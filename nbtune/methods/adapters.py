@@ -1,13 +1,13 @@
 """Bottleneck adapters (Houlsby et al. 2019), inserted into any transformer without extra libraries.
 
-Each adapted projection becomes `Adapted(projection, adapter)`: y = p(x) + up(act(down(p(x)))), with `up` zero-initialised
-so the model starts out unchanged. Adapters follow the attention output projection and the feed-forward output
-projection of every layer, found by name for each architecture family.
+Each adapted projection becomes `Adapted(projection, adapter)`: y = p(x) + up(act(down(p(x)))), with `up`
+zero-initialised so the model starts out unchanged. Adapters follow the attention output projection and the
+feed-forward output projection of every layer, found by name for each architecture family. The layers live in
+`adapter_modeling.py`, which needs nothing of nbtune: `save_adapter_model` ships it with a merged export.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -42,84 +42,39 @@ def _is_ffn_output(path: str) -> bool:
     return leaf in FFN_OUTPUTS
 
 
-def _out_features(module: Any) -> int:
-    for attribute in ("out_features", "nf"):  # nn.Linear, GPT-2's Conv1D
-        if hasattr(module, attribute):
-            return int(getattr(module, attribute))
-    raise ValueError(f"cannot tell the output width of {type(module).__name__}")
+def adapter_targets(model: Any, placement: str) -> list[str]:
+    """The dotted paths of the output projections that get an adapter, for a placement."""
+    from nbtune.methods.adapter_modeling import Adapted
 
-
-@functools.cache
-def _classes() -> tuple[type, type]:
-    import torch
-    from torch import nn
-
-    activations = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-    class BottleneckAdapter(nn.Module):
-        """h + up(act(down(h))), with `up` starting at zero."""
-
-        def __init__(self, width: int, bottleneck: int, non_linearity: str, init_scale: float):
-            super().__init__()
-            self.down = nn.Linear(width, bottleneck)
-            self.act = activations[non_linearity]()
-            self.up = nn.Linear(bottleneck, width)
-            with torch.no_grad():
-                nn.init.normal_(self.down.weight, std=init_scale)
-                nn.init.zeros_(self.down.bias)
-                nn.init.zeros_(self.up.weight)
-                nn.init.zeros_(self.up.bias)
-
-        def forward(self, h: Any) -> Any:
-            return h + self.up(self.act(self.down(h)))
-
-    class Adapted(nn.Module):
-        """A projection followed by its adapter."""
-
-        def __init__(self, projection: nn.Module, adapter: nn.Module):
-            super().__init__()
-            self.projection = projection
-            self.adapter = adapter
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return self.adapter(self.projection(*args, **kwargs))
-
-        # Some models read their projection's weight directly (T5 checks `wo.weight.dtype`).
-        @property
-        def weight(self) -> Any:
-            return self.projection.weight
-
-        @property
-        def bias(self) -> Any:
-            return getattr(self.projection, "bias", None)
-
-    return BottleneckAdapter, Adapted
-
-
-def insert_adapters(model: Any, params: dict[str, Any]) -> list[str]:
-    """Wrap the chosen output projections of every layer with adapters; returns the wrapped paths."""
-    bottleneck_adapter, adapted = _classes()
-    want_attention = params["placement"] in ("both", "attention")
-    want_ffn = params["placement"] in ("both", "ffn")
+    want_attention = placement in ("both", "attention")
+    want_ffn = placement in ("both", "ffn")
     targets = []
     for stack_path, _ in layer_stacks(model):
         for path, module in model.get_submodule(stack_path).named_modules():
-            if not hasattr(module, "weight") or isinstance(module, adapted):
+            if not hasattr(module, "weight") or isinstance(module, Adapted):
                 continue
             if (want_attention and _is_attention_output(path)) or (want_ffn and _is_ffn_output(path)):
                 targets.append(f"{stack_path}.{path}")
     if not targets:
-        raise ValueError(f"method.placement {params['placement']!r}: found no attention or feed-forward output "
+        raise ValueError(f"method.placement {placement!r}: found no attention or feed-forward output "
                          f"projection in {type(model).__name__} to put adapters after")
-    for path in targets:
-        parent_path, _, leaf = path.rpartition(".")
-        projection = model.get_submodule(path)
-        adapter = bottleneck_adapter(_out_features(projection), params["bottleneck"], params["non_linearity"],
-                                     params["init_scale"])
-        weight = projection.weight
-        adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
-        setattr(model.get_submodule(parent_path), leaf, adapted(projection, adapter))
     return targets
+
+
+def insert_adapters(model: Any, params: dict[str, Any]) -> list[str]:
+    """Wrap the chosen output projections of every layer with adapters; returns the wrapped paths."""
+    from nbtune.methods.adapter_modeling import wrap_projections
+
+    targets = adapter_targets(model, params["placement"])
+    wrap_projections(model, targets, params["bottleneck"], params["non_linearity"], params["init_scale"])
+    return targets
+
+
+def adapted_paths(model: Any) -> list[str]:
+    """The dotted paths of the projections that carry an adapter now."""
+    from nbtune.methods.adapter_modeling import Adapted
+
+    return [path for path, module in model.named_modules() if isinstance(module, Adapted)]
 
 
 def apply_adapters(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
@@ -161,3 +116,35 @@ def load_adapters(base_model: Any, directory: str | Path) -> Any:
     for p in base_model.parameters():
         p.requires_grad_(False)
     return base_model.eval()
+
+
+MODELING_FILE = "modeling_nbtune_adapters.py"
+
+
+def save_adapter_model(model: Any, directory: str | Path, auto_class: str) -> None:
+    """The trained model with its adapters as one transformers folder that loads without nbtune:
+    weights, a config listing the adapters, and a copy of `adapter_modeling.py` that builds them.
+
+    `auto_class` is the transformers auto class to register ("AutoModelForCausalLM", ...); loading needs
+    `trust_remote_code=True`, because the adapters are code that transformers does not ship.
+    """
+    import transformers
+
+    from nbtune.methods import adapter_modeling
+
+    base_class = type(model).__name__
+    if getattr(transformers, base_class, None) is not type(model):
+        raise ValueError(f"cannot export adapters on {base_class}: transformers has no class of that name to "
+                         "build on (models loaded with trust_remote_code are not supported)")
+    params = model.nbtune_adapter_params
+    directory = Path(directory)
+    config = model.config
+    config.nbtune_adapters = {"targets": adapted_paths(model), "bottleneck": params["bottleneck"],
+                              "non_linearity": params["non_linearity"], "placement": params["placement"]}
+    config.auto_map = {auto_class: f"{MODELING_FILE.removesuffix('.py')}.NbtuneAdapterModel"}
+    model.save_pretrained(str(directory))
+    source = Path(adapter_modeling.__file__).read_text()
+    unset = "BASE_CLASS: str | None = None"
+    if unset not in source:
+        raise RuntimeError(f"{adapter_modeling.__file__} lost its line {unset!r}")
+    (directory / MODELING_FILE).write_text(source.replace(unset, f"BASE_CLASS: str | None = {base_class!r}"))
