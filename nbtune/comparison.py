@@ -27,6 +27,10 @@ VariantSpec = TuneConfig | Mapping[str, Any] | str
 HIGHER_IS_BETTER = ("eval_accuracy", "base_eval_accuracy", "tokens_per_s")
 ESTIMATES_FILE = "estimates.json"  # memory estimates of compared configs, in the store root
 COST_AXES = {"memory": "peak memory (bytes)", "time": "wall time (s)"}
+# Run states that mean a variant produced no result, with the reason shown when the run recorded none.
+FAILED_STATES = {"failed": "failed without a recorded reason",
+                 "interrupted": "the process that trained it ended before the run did"}
+FAILED_STYLE = "color: #b00020; font-weight: 600"
 
 
 def compare(base_config: TuneConfig | None = None, methods: Sequence[str] | None = None,
@@ -180,6 +184,18 @@ class Comparison:
         if value is None:
             return ""
         return f", eval accuracy {value:.3f}" if self.task == "seq-cls" else f", eval perplexity {value:.2f}"
+
+    def failures(self) -> dict[str, str]:
+        """The variants whose run failed or was interrupted, each with its reason (empty when none did)."""
+        out = {}
+        for name, run in self.runs.items():
+            if run is not None and run.status in FAILED_STATES:
+                out[name] = run.error or FAILED_STATES[run.status]
+        return out
+
+    def _label(self, name: str, failures: Mapping[str, str]) -> str:
+        """A variant's name as charts show it: failed ones say so."""
+        return f"{name} ({self.runs[name].status})" if name in failures else name  # type: ignore[union-attr]
 
     def estimate(self, name: str) -> dict[str, Any] | None:
         """A variant's memory estimate as {"total_bytes", "breakdown": [[category, bytes], ...]}, or None when
@@ -356,12 +372,13 @@ class Comparison:
             raise ValueError(f"smoothing must be >= 0 and < 1 (got {smoothing!r})")
         fig = go.Figure()
         colors = _palette()
+        failures = self.failures()
         for i, (name, run) in enumerate(self.runs.items()):
             color = colors[i % len(colors)]
             steps = [e for e in _events(run, "step") if e.get("loss") is not None]
             xs = [e.get(keys[x]) for e in steps]
             fig.add_trace(go.Scatter(x=xs, y=_ema([e["loss"] for e in steps], smoothing), mode="lines",
-                                     name=name, legendgroup=name, line={"color": color}))
+                                     name=self._label(name, failures), legendgroup=name, line={"color": color}))
             if show_eval:
                 evals = [e for e in _events(run, "eval") if e.get("loss") is not None]
                 if x == "tokens":  # eval events carry the step; map it to the tokens seen at that step
@@ -386,9 +403,11 @@ class Comparison:
         names = list(self.configs)
         breakdowns = {n: dict((self.estimate(n) or {}).get("breakdown") or []) for n in names}
         categories = list(dict.fromkeys(c for b in breakdowns.values() for c in b))
+        failures = self.failures()
+        labels = [self._label(n, failures) for n in names]
         fig = go.Figure()
         for category in categories:
-            fig.add_trace(go.Bar(x=names, y=[breakdowns[n].get(category, 0) / 2**20 for n in names], name=category))
+            fig.add_trace(go.Bar(x=labels, y=[breakdowns[n].get(category, 0) / 2**20 for n in names], name=category))
         title = "Estimated peak memory by category (MiB)"
         if not categories:
             title += ": no estimate available"
@@ -421,6 +440,11 @@ class Comparison:
         better = "higher is better" if self.quality in HIGHER_IS_BETTER else "lower is better"
         fig.update_layout(title=f"{self.quality} ({better}) vs {what}", xaxis_title=f"{what} ({unit})",
                           yaxis_title=self.quality, template="plotly_white", height=450)
+        failures = self.failures()
+        if failures:  # a failed variant has no point to plot: say so on the chart rather than leave it out silently
+            fig.add_annotation(text="not shown: " + ", ".join(self._label(n, failures) for n in failures),
+                               xref="paper", yref="paper", x=0, y=1.06, showarrow=False,
+                               font={"color": "#b00020"}, xanchor="left")
         return fig
 
     def figures(self, x: str = "step", log_y: bool = True, smoothing: float = 0.6,
@@ -435,18 +459,38 @@ class Comparison:
         rows = self.rows()
         columns = [c for c in _DISPLAY if any(c in r for r in rows)]
         front = self.pareto("memory") if rows else {}
+        failures = self.failures()
         head = "".join(f"<th>{html.escape(_DISPLAY[c])}</th>" for c in columns)
         body = []
         for r in rows:
             mark = " ★" if front.get(r["variant"]) else ""
-            cells = "".join(f"<td>{html.escape(_format(c, r.get(c)))}{mark if c == 'variant' else ''}</td>"
+            cells = "".join(self._cell_html(c, r, failures) + (mark if c == "variant" else "") + "</td>"
                             for c in columns)
             title = f' title="{html.escape(r["error"])}"' if r.get("error") else ""
-            body.append(f"<tr{title}>{cells}</tr>")
+            failed = ' class="nbtune-failed"' if r["variant"] in failures else ""
+            body.append(f"<tr{failed}{title}>{cells}</tr>")
         return (f'<table class="nbtune-comparison"><thead><tr>{head}</tr></thead>'
                 f"<tbody>{''.join(body)}</tbody></table>"
                 "<p><small>★ non-dominated: no other variant is both cheaper in peak memory and better in "
                 f"{html.escape(self.quality)}.</small></p>")
+
+    @staticmethod
+    def _cell_html(column: str, row: Mapping[str, Any], failures: Mapping[str, str]) -> str:
+        """A table cell (left open for a mark): a failed variant's state cell shows the reason, in red."""
+        reason = failures.get(row["variant"])
+        if column != "state" or reason is None:
+            return f"<td>{html.escape(_format(column, row.get(column)))}"
+        short = reason if len(reason) <= 90 else reason[:89] + "…"
+        return f'<td style="{FAILED_STYLE}">{html.escape(row["state"])}: {html.escape(short)}'
+
+    def _failures_html(self) -> str:
+        failures = self.failures()
+        if not failures:
+            return ""
+        items = "".join(f"<li><b>{html.escape(name)}</b> {html.escape(self._state(name))}: {html.escape(reason)}</li>"
+                        for name, reason in failures.items())
+        return (f'<h2 style="{FAILED_STYLE}">Failed: {len(failures)} of {len(self.runs)} variants</h2>'
+                f"<ul class='nbtune-failures'>{items}</ul>")
 
     def _fairness_html(self) -> str:
         items = "".join(f"<li>{html.escape(line)}</li>" for line in self.fairness())
@@ -494,6 +538,7 @@ table.nbtune-comparison td:first-child, table.nbtune-comparison td:nth-child(2) 
 <p>{len(self.runs)} variants of {html.escape(self.base_config.model.name_or_path)} on
 {html.escape(_source_text(self.base_config))} ({html.escape(self.task)}). Store: {html.escape(str(self.store.root))}.
 Generated {generated} by nbtune {__version__}.</p>
+{self._failures_html()}
 <h2>Fairness</h2>{self._fairness_html()}
 <h2>Table</h2>{self.table_html()}
 <h2>Charts</h2>

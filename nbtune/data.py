@@ -7,6 +7,7 @@ appended; only the target's tokens are trained on. Classification rows carry a l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -14,9 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbtune.config import EMBEDDED_PREFIX, TuneConfig
+from nbtune.config import EMBEDDED_PREFIX, ConfigError, TuneConfig
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as its format says: names the file and, where known, the line."""
+
+    def __init__(self, path: Path, message: str, line: int | None = None):
+        self.path, self.line, self.message = path, line, message
+        super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
 
 
 @dataclass
@@ -50,7 +59,8 @@ def builtin_dataset(source: Any) -> Any:
         name = source[len(EMBEDDED_PREFIX):]
         if name not in embedded.DATASETS:
             allowed = ", ".join(EMBEDDED_PREFIX + n for n in embedded.DATASETS)
-            raise ValueError(f"data.source must be one of the built-in datasets {allowed} (got {source!r})")
+            raise ConfigError([("data.source", f"data.source must be one of the built-in datasets {allowed} "
+                                               f"(got {source!r})")])
         return embedded.DATASETS[name]
     return None
 
@@ -93,14 +103,14 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
         from nbtune import embedded
 
         if split not in spec.splits:
-            raise ValueError(f"data.split must be one of {', '.join(spec.splits)} for {source} (got {split!r})")
+            field = "data.split" if split == d.split else "data.eval_split"
+            raise ConfigError([(field, f"{field} must be one of {', '.join(spec.splits)} for {source} (got {split!r})")])
         return embedded.load_rows(spec.name, split)
-    path = Path(source).expanduser()
-    if path.suffix in FILE_FORMATS:
-        if not path.exists():
-            raise FileNotFoundError(f"data.source {source!r} does not exist")
+    path = local_file(source)
+    if path is not None:
         if split != d.split:
-            raise ValueError(f"data.eval_split {split!r}: a single file has no named splits; use a fraction like 0.1")
+            raise ConfigError([("data.eval_split", f"data.eval_split {split!r}: a single file has no named splits; "
+                                                   "use a fraction like 0.1")])
         return _read_file(path)
     from datasets import load_dataset
 
@@ -108,15 +118,52 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
     return dataset.to_list()
 
 
+def local_file(source: Any) -> Path | None:
+    """The local data file a source names (by its csv/jsonl/json/parquet suffix), or None for other sources.
+
+    Raises FileNotFoundError naming the file when it does not exist.
+    """
+    if not isinstance(source, str) or Path(source).suffix not in FILE_FORMATS:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such data file (data.source)", source)
+    return path
+
+
 def _read_file(path: Path) -> list[dict[str, Any]]:
-    if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
+    if path.suffix in (".jsonl", ".json", ".csv"):
+        text = _utf8_text(path)
         if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataFileError(path, f"not valid JSON: {err.msg} (column {err.colno})", err.lineno) from None
+        if path.suffix != ".csv":
+            return [_json_row(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     from datasets import load_dataset
 
     return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+
+
+def _utf8_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataFileError(path, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                                  "save the file as UTF-8", line) from None
+
+
+def _json_row(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataFileError(path, f"not valid JSON: {err.msg} (column {err.colno})", number) from None
+    if not isinstance(row, dict):
+        raise DataFileError(path, f"each line must be a JSON object of columns (got {type(row).__name__})", number)
+    return row
 
 
 def load_rows(config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -135,7 +182,7 @@ def load_rows(config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
     if d.max_eval_samples is not None:
         eval_rows = eval_rows[: d.max_eval_samples]
     if not train:
-        raise ValueError(f"data.source {_describe(d.source)} has no training rows")
+        raise ConfigError([("data.source", f"data.source {_describe(d.source)} has no training rows")])
     return train, eval_rows
 
 

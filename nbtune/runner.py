@@ -3,14 +3,17 @@
 One run trains at a time per process (one device): a second launch while one trains is queued, visible as
 state "queued", and starts when the first ends. A finished run with the same cache key is served from the
 store at once, without importing torch, unless `force=True`. The kernel's interrupt button does not reach
-the training thread; `Run.stop()` does (and `train()` turns an interrupt into a stop).
+the training thread; `Run.stop()` does (and `train()` turns an interrupt into a stop). Outside a kernel (a
+plain script) the interpreter waits at exit for the runs to end, and Ctrl-C stops them.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,6 +100,19 @@ class Run:
 
             self._model = load_trained_model(self)
         return self._model
+
+    def merge(self, directory: str | Path) -> Path:
+        """Write the trained model, with its tokenizer, as one folder that loads without nbtune:
+        `AutoModelForCausalLM.from_pretrained(directory)` (or the task's auto class).
+
+        LoRA, DoRA, IA3, AdaLoRA and QLoRA are folded into the base weights (QLoRA's onto the full-precision
+        base); full-model methods are written as they are; bottleneck adapters cannot be folded (their
+        non-linearity sits inside), so the folder carries them with their modeling file: load it with
+        `trust_remote_code=True`. Prompt-learning methods are refused: their artifact is the portable form.
+        """
+        from nbtune.methods.artifacts import export_merged
+
+        return export_merged(self, directory)
 
     def stop(self) -> None:
         """Stop at the next step boundary, keeping what was learned (state "stopped", with a checkpoint).
@@ -253,7 +269,53 @@ def _start(run: Run, **queued: Any) -> Run:
     _ACTIVE[run.id] = run
     run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0), **queued)
     _DEVICE.submit(run)
+    if not _in_kernel():
+        _wait_at_exit()
     return run
+
+
+def _in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel, which outlives every cell (IPython is never imported here)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
+_EXIT_WAIT: list[bool] = []  # [True] once the exit handler is registered
+
+
+def _wait_at_exit() -> None:
+    if _EXIT_WAIT:
+        return
+    _EXIT_WAIT.append(True)
+    # Importing these registers a thread-exit hook, refused once shutdown begins: the training thread's lazy
+    # imports (torch, transformers) would fail while the interpreter waits for it, so they are imported now.
+    import concurrent.futures.process  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+
+    # threading's exit hooks run when the main thread ends, before every atexit handler (those of libraries
+    # imported later by the training thread included); concurrent.futures waits for its workers the same way.
+    register = getattr(threading, "_register_atexit", atexit.register)
+    register(_finish_runs_at_exit)
+
+
+def _finish_runs_at_exit() -> None:
+    """At interpreter exit outside a kernel, let this process's runs end: the training thread is a daemon, so
+    without this wait a script's `launch` would die with the process and leave its run interrupted.
+
+    A script ended by Ctrl-C, or Ctrl-C during this wait, stops the runs at their next step boundary instead.
+    """
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    while _ACTIVE:
+        runs = list(_ACTIVE.values())
+        try:
+            for run in runs:
+                if interrupted:
+                    run.stop()
+            for run in runs:
+                run.wait()
+        except KeyboardInterrupt:
+            interrupted = True
 
 
 def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunStore | str | Path | None = None,
