@@ -14,6 +14,7 @@ from nbtune.methods import registry
 
 pytest.importorskip("ipywidgets")
 
+from nbtune.widgets import charts  # noqa: E402
 from nbtune.widgets.builder import Builder  # noqa: E402
 from nbtune.widgets.dashboard import Dashboard  # noqa: E402
 
@@ -37,16 +38,50 @@ def wait_until(condition, timeout: float = 120.0) -> None:  # noqa: ANN001
 
 # ----- the builder -------------------------------------------------------------------------------------------
 
-def test_the_method_dropdown_lists_every_registry_method_with_its_description():
+def load_bench(name: str):  # noqa: ANN201
+    import importlib.util
+    import sys as _sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    _sys.modules[name] = bench
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_builder_appears_in_a_fresh_process_before_anything_heavy_is_imported():
+    result = load_bench("bench_builder").sample()  # a fresh interpreter: Builder(), display, then the loading
+    assert result["heavy_at_display"] == []  # no torch, transformers, peft or plotly before the first display
+    assert result["controls"] >= 30 and result["methods_at_display"] == len(registry.names(include_generated=False))
+    assert result["estimating_at_display"]
+    assert result["methods_loaded"] == len(registry.names()) and result["estimate"]
+
+
+def test_the_method_dropdown_lists_every_registry_method_with_its_description_once_loaded():
     b = Builder(debounce_s=NEVER)
+    b.method.value = "qlora"
+    b.controls["method.r"].input.value = 4
+    assert b.wait_loaded(timeout=300)
+    assert b.methods_note.value == ""
     options = dict((value, label) for label, value in b.method.options)
     assert list(options) == registry.names()
     for m in registry.all_methods():
         assert m.description in options[m.name]
+    assert b.method.value == "qlora" and b.controls["method.r"].value == 4  # the loading kept the user's choice
+    assert b.methods_note.value == "" and any(m.generated for m in b.methods)
+    assert "vera" in b.task_note.value
+
+
+def test_a_yaml_with_a_generated_method_loads_into_the_form_before_the_background_loading():
+    b = Builder(debounce_s=NEVER)
+    b.load_yaml("method: {name: vera, r: 32}")
+    assert b.method.value == "vera" and b.controls["method.r"].value == 32
+    assert b.config.method.name == "vera" and b.methods_loaded.is_set()
 
 
 def test_changing_the_method_swaps_in_its_registry_fields_with_help_as_tooltips():
     b = Builder(debounce_s=NEVER)
+    b.wait_loaded(timeout=300)
     for method in registry.all_methods():
         b.method.value = method.name
         shown = {d.split(".", 1)[1]: c for d, c in b.controls.items() if d.startswith("method.")}
@@ -163,6 +198,16 @@ def test_a_suggestion_applies_itself_to_the_form():
     assert b.memory.estimate.total_bytes == first["total_bytes"]
 
 
+def test_the_memory_panel_says_it_is_estimating_until_the_first_estimate_lands():
+    b = Builder(tiny(), debounce_s=NEVER)
+    assert "Estimating" in b.memory.verdict.value and "estimating" in b.memory.title.value
+    assert not b.memory.wait(0)
+    b.load_in_background()  # what displaying the builder starts: the first estimate at once, not after a debounce
+    assert b.memory.wait(timeout=300)
+    assert b.memory.estimate is not None and "instant estimate" in b.memory.title.value
+    assert "fits" in b.memory.verdict.value and "Estimating" not in b.memory.verdict.value
+
+
 def test_an_invalid_form_clears_the_estimate_instead_of_showing_a_stale_one():
     b = Builder(tiny(), debounce_s=0)
     b.controls["data.max_length"].input.value = 2
@@ -223,10 +268,10 @@ class FakeClock:
         return self.now
 
 
-def fake_run(history: list[Event] | None = None, status: str = "running") -> SimpleNamespace:
+def fake_run(history: list[Event] | None = None, status: str = "running", run_id: str = "fake") -> SimpleNamespace:
     config = TuneConfig()
     return SimpleNamespace(
-        id="fake", config=config, status=status, summary=None, done=status != "running",
+        id=run_id, config=config, status=status, summary=None, done=status != "running",
         events=EventStream(history=history or []), subscribe=lambda callback, replay=True: (lambda: None),
         stop=lambda: None, wait=lambda timeout=None: None)
 
@@ -282,6 +327,97 @@ def test_a_finished_run_in_history_is_folded_without_a_thread():
     assert len(dash.figure["data"][0]["x"]) == 3
 
 
+# ----- what the notebook keeps: one output per part, replaced in place (ipywidgets 7 and 8) ------------------
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """Every display message of the test, as (display id or None, update?, mime types), in order."""
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+
+    messages: list[tuple[str | None, bool, dict]] = []
+
+    class Recorder(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):  # noqa: ANN001
+            messages.append(((transient or {}).get("display_id"), update, data))
+
+    shell = InteractiveShell.instance()
+    monkeypatch.setattr(shell, "display_pub", Recorder(shell=shell))
+    monkeypatch.setenv("NBTUNE_STATIC_PNG", "0")  # the record's chart as HTML: no browser needed
+    return messages
+
+
+def outputs_left(messages: list) -> list[dict]:  # noqa: ANN001
+    """The outputs a notebook keeps: each new display, with the last update of its display id."""
+    outputs: list[dict] = []
+    by_id: dict[str, int] = {}
+    for display_id, update, data in messages:
+        if update:
+            if display_id in by_id:
+                outputs[by_id[display_id]] = data
+        else:
+            if display_id is not None:
+                by_id[display_id] = len(outputs)
+            outputs.append(data)
+    return outputs
+
+
+def test_a_launch_from_the_builder_leaves_the_builder_and_one_record_no_stale_live_view(published, monkeypatch):
+    from IPython.display import display
+
+    import nbtune
+
+    runs = iter([fake_run(run_id="first"), fake_run(run_id="second")])
+    monkeypatch.setattr(nbtune, "launch", lambda config, store=None: next(runs), raising=False)
+    b = Builder(debounce_s=NEVER)
+    display(b)
+    first = b.launch()
+    first_dashboard = b.dashboard
+    first_dashboard._on_event(step_event(1, 1.0))
+    second = b.launch()  # launched again: the newest run's dashboard takes the outputs under the builder
+    dash = b.dashboard
+    for step in (1, 2, 3):
+        dash._on_event(step_event(step, float(step)))
+    first.status = second.status = "finished"
+    first_dashboard._on_event(Event("finished", 2.0, {"step": 1}))  # the older run ends later: it writes nothing
+    dash._on_event(Event("finished", 4.0, {"step": 3}))
+
+    assert sum(not update for _, update, _ in published) == 4  # the builder and three outputs, never one more
+    outputs = outputs_left(published)
+    assert WIDGET_VIEW in outputs[0]  # the builder
+    assert [WIDGET_VIEW in o for o in outputs[1:]] == [False, False, False]  # no live view left below the record
+    assert "finished" in outputs[1]["text/html"] and "second" in outputs[1]["text/html"]
+    assert charts.PLOTLY_MIME in outputs[2] and "text/html" in outputs[2]
+
+
+def test_a_released_dashboard_no_longer_writes_into_the_builders_outputs(published):
+    from IPython.display import display
+
+    run = fake_run()
+    dash = Dashboard(run, widgets=True)
+    display(dash)
+    dash.release()
+    before = len(published)
+    run.status = "finished"
+    dash._on_event(Event("finished", 1.0, {"step": 0}))
+    assert len(published) == before and dash.progress.state == "finished"
+
+
+def test_a_comparison_shows_its_table_and_each_chart_once(published, tmp_path: Path):
+    import nbtune
+
+    comparison = nbtune.compare(tiny(), methods=["lora", "ia3"], store=tmp_path, train=False)
+    comparison.show()
+    assert not any(update for _, update, _ in published)  # shown once, never re-shown by an update
+    tables = [data for _, _, data in published if "nbtune comparison" in data.get("text/html", "")]
+    charts_shown = [data for _, _, data in published if charts.PLOTLY_MIME in data]
+    assert len(tables) == 1 and len(charts_shown) == 3  # (plotly may add its one-time plotly.js loader)
+    assert not any(WIDGET_VIEW in data for _, _, data in published)
+
+
 # ----- small engine helpers the UI relies on -----------------------------------------------------------------
 
 def test_form_text_parses_into_config_values_or_stays_text_for_validation():
@@ -316,14 +452,7 @@ def shell():
 
 
 def test_load_ext_is_fast_and_imports_nothing_heavy():
-    import importlib.util
-    import sys as _sys
-
-    spec = importlib.util.spec_from_file_location("bench_load_ext", Path(__file__).parents[1] / "bench" / "bench_load_ext.py")
-    bench = importlib.util.module_from_spec(spec)
-    _sys.modules["bench_load_ext"] = bench
-    spec.loader.exec_module(bench)
-    result = bench.sample()
+    result = load_bench("bench_load_ext").sample()
     assert result["magic"] and result["heavy"] == []
     assert result["seconds"] < 0.5
 
@@ -376,3 +505,11 @@ def test_html_fallback_of_a_chart_renders_with_a_named_template():
 
     html = figure_html({"data": [{"type": "scatter", "x": [1, 2], "y": [3, 4]}], "layout": {"template": "plotly_white"}})
     assert "plotly" in html and "[1,2]" in html.replace(" ", "")
+
+
+def test_the_builder_shows_what_the_precision_becomes_here_and_why(monkeypatch):
+    monkeypatch.setenv("NBTUNE_CPU_BF16", "0")  # a CPU that emulates bf16
+    b = Builder(TuneConfig(), debounce_s=NEVER)
+    assert "fp32: this CPU has no native bf16" in b.precision_note.value and "7x slower" in b.precision_note.value
+    b.apply({"training.precision": "bf16"})
+    assert "bf16 as chosen: this CPU emulates it" in b.precision_note.value

@@ -1,6 +1,11 @@
 """The config builder: a form over a TuneConfig with inline validation, data preview, memory panel, code/YAML
 export and import, and Launch, which opens the run's dashboard under the builder.
 
+The form appears at once: its first display needs only the built-in methods (pure data). The methods generated
+from the installed peft (importing peft, torch, transformers: seconds) join the method dropdown from a
+background thread after the first display, and the memory panel says it is estimating until its first estimate
+lands; `builder.wait_loaded()` blocks until both have arrived.
+
 `Builder(config)` starts from a config; `builder.config` reads the form back as a TuneConfig. The method's own
 fields are generated from the method registry, never written per method; every rule is the config's own
 validation (`TuneConfig.problems`), shown next to the field it names.
@@ -9,6 +14,7 @@ validation (`TuneConfig.problems`), shown next to the field it names.
 from __future__ import annotations
 
 import html
+import threading
 from typing import Any
 
 import ipywidgets as w
@@ -19,6 +25,7 @@ from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel
 
 from nbtune.config import ConfigError, TuneConfig
 from nbtune.methods import registry
+from nbtune.precision import precision_here
 from nbtune.ui_support import config_from_values, section_fields
 
 SECTION_TITLES = ("Model", "Task", "Data", "Method", "Training")
@@ -40,19 +47,30 @@ class Builder:
         self._quiet = False
         self._slots: list[Any] | None = None
         self.controls: dict[str, FieldControl] = {}
+        self._form_lock = threading.RLock()  # the method dropdown changes from the loader thread and the user
+        self._loader: threading.Thread | None = None
+        self.methods_loaded = threading.Event()  # the generated peft entries are in the dropdown
+        self.methods = _methods_for(config.method.name)
 
         model = self._section("model", exclude=("task",))
         task = self._section("model", only=("task",))
         data = self._section("data")
         training = self._section("training")
+        self.precision_note = w.HTML("")  # what precision auto (or the choice) becomes on this machine, and why
+        training.insert(training.index(self.controls["training.precision"].box) + 1, self.precision_note)
         self.method = w.Dropdown(
-            options=[(f"{m.name} — {m.description}", m.name) for m in registry.all_methods()],
-            value=config.method.name, description="method", style={"description_width": "170px"},
-            layout=w.Layout(width="530px"))
+            options=_method_options(self.methods), value=config.method.name, description="method",
+            style={"description_width": "170px"}, layout=w.Layout(width="530px"))
         environment.set_tooltip(self.method, "The tuning method; its own settings appear below.")
+        self.methods_note = w.HTML("" if registry.generated_loaded() else
+                                   "<div class='nbtune-section-note' style='margin-left:176px'>Loading the other "
+                                   "methods of your installed peft…</div>")
+        if registry.generated_loaded():
+            self.methods_loaded.set()
         self.method_info = w.HTML("")
         self.method_fields = w.VBox([])
-        self.method.observe(lambda change: self._switch_method(change["new"]), names="value")
+        self._swapping = False  # the dropdown's options are being replaced; its value is not the user's choice
+        self.method.observe(lambda change: self._swapping or self._switch_method(change["new"]), names="value")
         self._build_method_fields(config.method.name, config.method_params)
 
         self.preview_button = w.Button(description="Preview data", icon="table", layout=w.Layout(width="150px"))
@@ -62,7 +80,7 @@ class Builder:
         data_tab = w.VBox([*data, w.HBox([self.preview_button]), self.preview_out])
         self.task_note = w.HTML("")
         task_tab = w.VBox([*task, self.task_note])
-        method_tab = w.VBox([self.method, self.method_info, self.method_fields])
+        method_tab = w.VBox([self.method, self.methods_note, self.method_info, self.method_fields])
 
         self.sections = w.Tab(children=[w.VBox(model), task_tab, data_tab, method_tab, w.VBox(training)],
                               layout=w.Layout(width="600px"))
@@ -111,6 +129,61 @@ class Builder:
         display(self.box)
         # Three outputs under the builder that a launched run's dashboard fills (and leaves its record in).
         self._slots = [display({"text/plain": ""}, raw=True, display_id=True) for _ in range(3)]
+        self.load_in_background()
+
+    # ----- what loads after the first display -----------------------------------------------------------------
+    def load_in_background(self) -> None:
+        """Start (once) a thread that draws the first estimate, then loads the generated peft methods."""
+        with self._form_lock:
+            if self._loader is not None:
+                return
+            self._loader = threading.Thread(target=self._load_rest, name="nbtune-builder-load", daemon=True)
+            self._loader.start()
+
+    def _load_rest(self) -> None:
+        # One import storm at a time, the one the user waits for first: the estimate imports transformers,
+        # peft then finds it imported.
+        if not self.memory.wait(0):
+            self.memory.refresh()
+        if self.methods_loaded.is_set():
+            return
+        try:
+            methods = registry.all_methods()
+        except Exception as err:  # a broken peft install: the built-in methods still work
+            self.methods_note.value = (f"<div class='nbtune-section-note' style='margin-left:176px;color:#c62828'>"
+                                       f"The methods generated from peft could not be loaded: "
+                                       f"{html.escape(f'{type(err).__name__}: {err}')}</div>")
+            self.methods_loaded.set()
+            return
+        self._list_methods(methods)
+
+    def _list_methods(self, methods: list[registry.Method]) -> None:
+        """Offer these methods in the dropdown; the chosen method and its fields stay as they are."""
+        with self._form_lock:
+            self.methods = methods
+            chosen, self._swapping = self.method.value, True
+            try:
+                self.method.options = _method_options(methods)
+                self.method.value = chosen
+            finally:
+                self._swapping = False
+            self.task_note.value = _task_note(self.methods, self._config)
+        if registry.generated_loaded():
+            self.methods_note.value = ""
+            self.methods_loaded.set()
+
+    def _select_method(self, name: str) -> None:
+        """Choose a method in the dropdown, loading the generated entries first when it is one of them."""
+        if all(m.name != name for m in self.methods):
+            registry.get(name)  # names the allowed methods when there is no such method
+            self._list_methods(registry.all_methods())
+        self.method.value = name
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the generated methods are in the dropdown and the first estimate is drawn (starting the
+        loading if the builder was never displayed); False if `timeout` seconds passed first."""
+        self.load_in_background()
+        return self.methods_loaded.wait(timeout) and self.memory.wait(timeout)
 
     # ----- the form <-> config --------------------------------------------------------------------------------
     def _section(self, section: str, only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Any]:
@@ -148,10 +221,11 @@ class Builder:
 
     def _switch_method(self, name: str) -> None:
         """Swap the method's fields; values of fields the new method shares are kept when still valid."""
-        old = {d.split(".", 1)[1]: c.value for d, c in self.controls.items() if d.startswith("method.")}
-        method = registry.get(name)
-        keep = {f.name: old[f.name] for f in method.fields if f.name in old and f.check(old[f.name]) is None}
-        self._build_method_fields(name, keep)
+        with self._form_lock:
+            old = {d.split(".", 1)[1]: c.value for d, c in self.controls.items() if d.startswith("method.")}
+            method = registry.get(name)
+            keep = {f.name: old[f.name] for f in method.fields if f.name in old and f.check(old[f.name]) is None}
+            self._build_method_fields(name, keep)
         self._changed()
 
     def values(self) -> dict[str, Any]:
@@ -191,7 +265,7 @@ class Builder:
             if self._rows is not None:
                 source_control.input.value = f"<{len(self._rows)} in-memory rows>"
             if self.method.value != config.method.name:
-                self.method.value = config.method.name
+                self._select_method(config.method.name)
             self._build_method_fields(config.method.name, config.method_params)
         finally:
             self._quiet = False
@@ -203,7 +277,7 @@ class Builder:
         try:
             if "method" in changes or "method.name" in changes:
                 name = changes.get("method.name", changes.get("method"))
-                self.method.value = name
+                self._select_method(name)
                 self._build_method_fields(name, {})
             for dotted, value in changes.items():
                 if dotted in ("method", "method.name"):
@@ -238,9 +312,10 @@ class Builder:
                                  f"lr {config.learning_rate:g}</span>")
             self.code.value = config.to_code()
             self.yaml.value = config.to_yaml()
-        supported = [m.name for m in registry.all_methods() if (config or TuneConfig()).model.task in m.tasks]
-        self.task_note.value = (f"<div class='nbtune-section-note'>Methods for this task: "
-                                f"{html.escape(', '.join(supported))}</div>" if config else "")
+        self.task_note.value = _task_note(self.methods, config)
+        if config is not None:
+            self.precision_note.value = ("<div class='nbtune-section-note' style='margin-left:176px'>here: "
+                                         f"{html.escape(precision_here(config).reason)}</div>")
         self.memory.update(config)
 
     def load_yaml(self, text: str) -> None:
@@ -282,10 +357,32 @@ class Builder:
 
         config = self.config
         self.run = nbtune.launch(config, store=self.store)
+        if self.dashboard is not None:  # one dashboard under the builder: the newest run's
+            self.dashboard.release()
         self.dashboard = Dashboard(self.run, widgets=True)
         if self._slots is not None:
             self.dashboard.show(self._slots)
         return self.run
+
+
+def _methods_for(name: str) -> list[registry.Method]:
+    """The dropdown's first methods: every one when they are loaded already or the config starts from a
+    generated method (its fields are needed now), else the built-in ones (pure data, no peft import)."""
+    built_in = registry.all_methods(include_generated=False)
+    if registry.generated_loaded() or all(m.name != name for m in built_in):
+        return registry.all_methods()
+    return built_in
+
+
+def _method_options(methods: list[registry.Method]) -> list[tuple[str, str]]:
+    return [(f"{m.name} — {m.description}", m.name) for m in methods]
+
+
+def _task_note(methods: list[registry.Method], config: TuneConfig | None) -> str:
+    if config is None:
+        return ""
+    supported = ", ".join(m.name for m in methods if config.model.task in m.tasks)
+    return f"<div class='nbtune-section-note'>Methods for this task: {html.escape(supported)}</div>"
 
 
 def preview_html(result: dict[str, Any]) -> str:

@@ -83,8 +83,13 @@ class Dashboard:
             else:
                 _update(self._handles[0], self._controls_output())
                 if self.chart_out is not None:
-                    self._handles[1].update(self.chart_out)
+                    _update(self._handles[1], self.chart_out)
                 self._draw()
+
+    def release(self) -> None:
+        """Stop writing into the display handles it was shown in (a newer run's dashboard takes them over)."""
+        with self._lock:
+            self._handles = None
 
     def wait(self, timeout: float | None = None) -> Dashboard:
         """Block until the run ended and, if displayed, its static record is written (headless notebooks)."""
@@ -247,11 +252,9 @@ def summary_text(summary: dict[str, Any] | None) -> str:
 
 
 def _update(handle: Any, obj: Any) -> None:
-    """Replace what a display handle shows: a raw mime bundle (dict) or any displayable object."""
-    if isinstance(obj, dict):
-        handle.update(obj, raw=True)
-    else:
-        handle.update(obj)
+    """Replace what a display handle shows with a raw mime bundle (dict) or a widget's view; never with the
+    widget object itself, which ipywidgets 7 displays as one more output (see `environment.view_bundle`)."""
+    handle.update(obj if isinstance(obj, dict) else environment.view_bundle(obj), raw=True)
 
 
 def _empty() -> dict[str, str]:

@@ -78,3 +78,15 @@ def set_tooltip(widget: Any, text: str) -> None:
         widget.tooltip = text
     elif widget.has_trait("description_tooltip"):
         widget.description_tooltip = text
+
+
+def view_bundle(widget: Any) -> dict[str, Any]:
+    """A widget's view as a raw mime bundle, for display handles under ipywidgets 7 and 8.
+
+    `handle.update(widget)` replaces the output under ipywidgets 8 but appends a second view under 7 (its
+    widgets display themselves, without the display id); a raw bundle replaces it under both.
+    """
+    text = repr(widget)
+    return {"text/plain": text if len(text) <= 110 else text[:110] + "…",
+            "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                         "model_id": widget.model_id}}

@@ -2,7 +2,8 @@
 verdict, one-click suggestions and the exact (simulated) tier on demand.
 
 A view over `nbtune.estimator`: it never computes memory itself. Estimates run off the main thread after the
-form has been still for `debounce_s` seconds, so typing stays responsive.
+form has been still for `debounce_s` seconds, so typing stays responsive; until one lands the panel says it is
+estimating. Every control is created here, on the main thread: the estimate's thread only sets values.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from nbtune.ui_support import format_bytes, gpu_choices
 PALETTE = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#9e9d24", "#5d4037", "#ad1457",
            "#455a64"]
 DEFAULT_GPU = "t4"
+MAX_SUGGESTIONS = 5
+TITLE = "<b>Memory</b> <span class='nbtune-help'>{}</span>"
+# The first estimate of a session reads the model's configuration through transformers (2-4 s on 2 cores).
+FIRST_ESTIMATE = "<span class='nbtune-help'>Estimating… (the first estimate loads the model's shape)</span>"
 
 
 class MemoryPanel:
@@ -44,17 +49,22 @@ class MemoryPanel:
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self._generation = 0
+        self._settled = threading.Event()  # no estimate pending: the panel shows the latest config's
+        self._settled.set()
 
         options = gpu_choices()
         self.gpu = w.Dropdown(options=options, value=gpu if gpu in [o[1] for o in options] else options[0][1],
                               description="GPU", style={"description_width": "40px"}, layout=w.Layout(width="260px"))
         set_tooltip(self.gpu, "The GPU to check the plan against.")
         self.gpu.observe(lambda _: self.update(self.config), names="value")
-        self.title = w.HTML("<b>Memory</b> <span class='nbtune-help'>instant estimate</span>")
+        self.title = w.HTML(TITLE.format("instant estimate"))
         self.bar = w.HTML("")
         self.legend = w.HTML("")
-        self.verdict = w.HTML("<span class='nbtune-help'>Estimating…</span>")
+        self.verdict = w.HTML(FIRST_ESTIMATE)
         self.suggestions = w.VBox([])
+        self._suggestions_header = w.HTML("<span class='nbtune-help'>Suggestions (click to apply):</span>")
+        self._suggestion_buttons = [self._suggestion_button(i) for i in range(MAX_SUGGESTIONS)]
+        self._shown: list[Any] = []  # the suggestions the buttons stand for, in order
         self.simulate_button = w.Button(description="Simulate (exact)", icon="microchip",
                                         layout=w.Layout(width="170px"))
         set_tooltip(self.simulate_button, "Run the exact tier: build the model on a fake device and trace a "
@@ -77,6 +87,11 @@ class MemoryPanel:
 
         display(self.box)
 
+    def _suggestion_button(self, index: int) -> Any:
+        button = w.Button(layout=w.Layout(width="100%", height="auto"))
+        button.on_click(lambda _: self.apply(self._shown[index]))
+        return button
+
     # ----- estimating -----------------------------------------------------------------------------------------
     def update(self, config: TuneConfig | None) -> None:
         """Re-estimate for `config` after the debounce (at once when debounce_s is 0); None clears the panel."""
@@ -89,21 +104,31 @@ class MemoryPanel:
                 self._timer = None
             if config is None:
                 self.verdict.value = "<span class='nbtune-help'>Fix the marked fields to see the estimate.</span>"
+                self._settled.set()
                 return
-            if self.debounce_s <= 0:
-                self._estimate(config, generation)
+            self._settled.clear()
+            self.title.value = TITLE.format("estimating…")
+            if self.debounce_s > 0:
+                self._timer = threading.Timer(self.debounce_s, self._estimate, (config, generation))
+                self._timer.daemon = True
+                self._timer.start()
                 return
-            self._timer = threading.Timer(self.debounce_s, self._estimate, (config, generation))
-            self._timer.daemon = True
-            self._timer.start()
+        self._estimate(config, generation)
 
     def refresh(self) -> None:
-        """Estimate the current config now, on this thread."""
+        """Estimate the current config now, on this thread, instead of after the debounce."""
         with self._lock:
             self._generation += 1
-            generation = self._generation
-        if self.config is not None:
-            self._estimate(self.config, generation)
+            generation, config = self._generation, self.config
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if config is not None:
+            self._estimate(config, generation)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the latest config's estimate is drawn; False if `timeout` seconds passed first."""
+        return self._settled.wait(timeout)
 
     def _estimate(self, config: TuneConfig, generation: int) -> None:
         from nbtune.ui_support import estimate
@@ -112,10 +137,13 @@ class MemoryPanel:
             result, error = estimate(config, gpu=self.gpu.value), None
         except Exception as err:  # an unreachable hub model, an unsupported architecture: say why
             result, error = None, f"{type(err).__name__}: {err}"
-        if generation != self._generation:  # the form changed meanwhile; a newer estimate follows
-            return
-        self.estimate, self.error = result, error
-        self._render()
+        with self._lock:
+            if generation != self._generation:  # the form changed meanwhile; a newer estimate follows
+                return
+            self.estimate, self.error = result, error
+            self._render()
+            self.title.value = TITLE.format("instant estimate")
+            self._settled.set()
 
     def _render(self) -> None:
         if self.estimate is None:
@@ -136,19 +164,15 @@ class MemoryPanel:
         mark = "✔" if fits else "✘"
         self.verdict.value = (f"<div style='color:{color};font-weight:600;margin:4px 0'>{mark} "
                               f"{html.escape(str(verdict))}</div>")
-        buttons = []
-        for s in list(getattr(est, "suggestions", None) or [])[:5]:
+        self._shown = list(getattr(est, "suggestions", None) or [])[:MAX_SUGGESTIONS]
+        for s, b in zip(self._shown, self._suggestion_buttons, strict=False):
             total = _suggestion_total(s)
             label = _suggestion_title(s)
-            b = w.Button(description=label[:52] + (f" → {format_bytes(total)}" if total else ""),
-                         layout=w.Layout(width="100%", height="auto"),
-                         button_style="success" if _part(s, "fits") else "")
+            b.description = label[:52] + (f" → {format_bytes(total)}" if total else "")
+            b.button_style = "success" if _part(s, "fits") else ""
             set_tooltip(b, f"{label}\nApplies: {_part(s, 'changes', {})}")
-            b.on_click(lambda _, s=s: self.apply(s))
-            buttons.append(b)
-        if buttons:
-            buttons.insert(0, w.HTML("<span class='nbtune-help'>Suggestions (click to apply):</span>"))
-        self.suggestions.children = tuple(buttons)
+        buttons = self._suggestion_buttons[:len(self._shown)]
+        self.suggestions.children = (self._suggestions_header, *buttons) if buttons else ()
 
     def apply(self, suggestion: Any) -> None:
         """Apply a suggestion's changes to the form (through `on_apply`)."""

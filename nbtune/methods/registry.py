@@ -10,6 +10,7 @@ registry never imports torch.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,10 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+# The builder loads the generated entries on a background thread while the form is already usable: a lookup
+# from another thread waits for them instead of seeing half of them (an RLock: registering looks names up).
+_generated_lock = threading.RLock()
+_generated_started = False
 _generated_loaded = False
 
 
@@ -151,11 +156,21 @@ def _ensure_builtin() -> None:
 
 
 def _ensure_generated() -> None:
-    global _generated_loaded
-    if not _generated_loaded:
-        _generated_loaded = True
+    global _generated_started, _generated_loaded
+    if _generated_loaded:
+        return
+    with _generated_lock:
+        if _generated_started:  # loaded meanwhile, failed once, or being registered by this very thread
+            return
+        _generated_started = True
         _ensure_builtin()
         importlib.import_module("nbtune.methods.generated").register_peft_methods()
+        _generated_loaded = True
+
+
+def generated_loaded() -> bool:
+    """True once the entries generated from the installed peft are registered (loading them imports peft)."""
+    return _generated_loaded
 
 
 def find(name: str) -> Method | None:
