@@ -21,8 +21,9 @@ EMBEDDED_MODEL = "nbtune:tiny"
 EMBEDDED_PREFIX = "nbtune:"
 
 TASKS = ("causal-lm", "seq2seq", "seq-cls")
-DTYPES = ("fp32", "fp16", "bf16")
-PRECISIONS = ("fp32", "fp16", "bf16")
+# "auto" is resolved where the config runs or is planned for (nbtune.precision); the config keeps "auto".
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "adafactor")
 SCHEDULERS = ("linear", "cosine", "constant", "constant-with-warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -47,7 +48,7 @@ class ModelConfig:
 
     name_or_path: str = EMBEDDED_MODEL
     task: str = "causal-lm"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # the checkpoint's dtype where the device computes it natively, else fp32
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
@@ -99,7 +100,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     dropout: float | None = None
     optimizer: str = "adamw"
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 where the device computes it natively, fp16 on older GPUs, else fp32
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -332,7 +333,8 @@ class TuneConfig:
             if values:
                 lines.append(f"    {section}={values!r},")
         lines.append(")")
-        lines.append("run = nbtune.launch(config)")
+        lines.append("run = nbtune.launch(config)  # returns at once; trains in the background")
+        lines.append("# run.wait()                 # blocks until it ends (a script waits at exit; Ctrl-C stops it)")
         return "\n".join(lines)
 
 

@@ -71,16 +71,25 @@ def load_tokenizer(config: TuneConfig) -> Any:
     return tokenizer
 
 
+def weights_dtype(config: TuneConfig) -> str:
+    """The dtype the base weights load in here: `model.dtype`, with "auto" resolved for this machine."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    from nbtune import precision
+
+    return precision.resolve(config, precision.this_device())[2].value
+
+
 def load_model(config: TuneConfig, num_labels: int | None = None, extra_kwargs: dict[str, Any] | None = None,
                tokenizer: Any = None) -> Any:
-    """Load the base model for the config's task, dtype and attention implementation."""
+    """Load the base model for the config's task, dtype ("auto": see `weights_dtype`) and attention."""
     import torch
 
     m = config.model
     kwargs: dict[str, Any] = {
         "revision": m.revision,
         "trust_remote_code": m.trust_remote_code,
-        "dtype": getattr(torch, TORCH_DTYPES[m.dtype]),
+        "dtype": getattr(torch, TORCH_DTYPES[weights_dtype(config)]),
         "attn_implementation": m.attn_implementation,
     }
     if config.training.dropout is not None:

@@ -190,6 +190,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
 
     from nbtune import data as data_module
     from nbtune import models
+    from nbtune import precision as precision_module
     from nbtune.methods import MethodContext, registry
     from nbtune.methods.artifacts import save_trained
     from nbtune.methods.counting import count_parameters
@@ -210,10 +211,13 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     micro_steps_per_epoch = math.ceil(len(prepared.train) / t.micro_batch_size)
     steps_per_epoch = max(1, micro_steps_per_epoch // t.gradient_accumulation_steps)
     total_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    # "auto" resolves against this machine; the config (the cache key) keeps "auto"
+    device = precision_module.this_device()
+    concrete, _, dtype = precision_module.resolve(config, device)
     ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=len(prepared.labels) or None,
-                        dtype=config.model.dtype, extras={"total_steps": total_steps})
+                        dtype=dtype.value, extras={"total_steps": total_steps})
     load_kwargs = method.hook("load_kwargs")(params, ctx) if method.load_kwargs else {}
-    base = models.load_model(config, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)
+    base = models.load_model(concrete, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)
     if prepared.labels:
         base.config.id2label = dict(enumerate(prepared.labels))
         base.config.label2id = {name: i for i, name in enumerate(prepared.labels)}
@@ -223,10 +227,9 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise ValueError(f"method {method.name} left no trainable parameters on this model")
+    precision = precision_module.choose_precision(t.precision, device, total)
+    precision_module.warn_if_slow(precision, dtype)
 
-    precision = t.precision
-    if precision == "fp16" and not on_gpu:
-        precision = "fp32"  # CPU autocast has no fp16 GradScaler path; the start event says so
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
@@ -240,8 +243,8 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         weight_decay=t.weight_decay,
         optim=OPTIMIZERS[t.optimizer],
         optim_args="momentum=0.9" if t.optimizer == "sgd" else None,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        bf16=precision.value == "bf16",
+        fp16=precision.value == "fp16",
         **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -280,7 +283,8 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
             trainer.remove_callback(cls)
 
     events.emit("started", total_steps=total_steps, trainable_params=trainable, total_params=total,
-                method=method.name, learning_rate=config.learning_rate, precision=precision,
+                method=method.name, learning_rate=config.learning_rate, precision=precision.value,
+                precision_reason=precision.reason, dtype=dtype.value, dtype_reason=dtype.reason,
                 device="cuda" if on_gpu else "cpu", train_rows=len(prepared.train), eval_rows=len(prepared.eval),
                 resumed_from=str(resume_from) if resume_from else None)
 
@@ -314,7 +318,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     artifact = run_dir / "artifact"
     partial = run_dir / "artifact.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    save_trained(trainer.model, method, partial, ctx)
+    save_trained(trainer.model, method, partial, ctx, config=config)
     shutil.rmtree(artifact, ignore_errors=True)
     partial.rename(artifact)
 
@@ -345,7 +349,10 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         "peak_memory": memory_now(),
         "device": "cuda" if on_gpu else "cpu",
         "cpu_threads": threads or (None if on_gpu else previous_threads),
-        "precision": precision,
+        "precision": precision.value,
+        "precision_reason": precision.reason,
+        "dtype": dtype.value,
+        "dtype_reason": dtype.reason,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "artifact_path": str(artifact),
         "artifact_bytes": sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()),
@@ -473,7 +480,7 @@ def load_trained_model(run: Any) -> Any:
     labels = (summary.get("data") or {}).get("labels") or []
     tokenizer = models.load_tokenizer(config)
     ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=len(labels) or None,
-                        dtype=config.model.dtype)
+                        dtype=models.weights_dtype(config))
     load_kwargs = method.hook("load_kwargs")(config.method_params, ctx) if method.load_kwargs else {}
     base = models.load_model(config, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)
     ctx.model_config = base.config

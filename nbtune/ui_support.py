@@ -31,7 +31,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 FIELD_HELP: dict[str, str] = {
     "model.name_or_path": "A hub id (e.g. Qwen/Qwen2.5-0.5B), a local folder, or nbtune:tiny (the embedded model).",
     "model.task": "causal-lm: generate the target text; seq2seq: encoder-decoder; seq-cls: classify each row.",
-    "model.dtype": "The dtype the base weights are loaded in.",
+    "model.dtype": "The dtype the base weights are loaded in (auto: the checkpoint's dtype where the device "
+                   "computes it natively, else fp32).",
     "model.revision": "A branch, tag or commit of the hub model (empty: main).",
     "model.trust_remote_code": "Run the model repository's own Python code (only for repositories you trust).",
     "model.attn_implementation": "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU only).",
@@ -56,7 +57,8 @@ FIELD_HELP: dict[str, str] = {
     "training.weight_decay": "Decoupled weight decay of the optimizer.",
     "training.dropout": "Dropout of the model (empty: keep the model's own).",
     "training.optimizer": "The optimizer; 8-bit and paged variants need bitsandbytes and a GPU.",
-    "training.precision": "Mixed precision of the forward/backward (bf16 falls back to fp32 on CPUs without it).",
+    "training.precision": "Mixed precision of the forward/backward (auto: bf16 where the device computes it "
+                          "natively, fp16 on older GPUs, fp32 on other CPUs).",
     "training.gradient_checkpointing": "Recompute activations in the backward: much less memory, ~30% slower.",
     "training.max_grad_norm": "Clip the gradient norm to this (0 turns clipping off).",
     "training.seed": "Random seed of data order and initialisation.",

@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq", type=int, default=None, help="sequence length (data.max_length)")
     e.add_argument("--gpu", default="t4", help="GPU to check against (default: t4; or custom:48)")
     e.add_argument("--task", default=None, help="causal-lm, seq2seq or seq-cls")
-    e.add_argument("--dtype", default=None, help="weights dtype: fp32, fp16 or bf16")
-    e.add_argument("--precision", default=None, help="training precision: fp32, fp16 or bf16")
+    e.add_argument("--dtype", default=None, help="weights dtype: auto (default: the checkpoint's where the GPU "
+                                                 "computes it), fp32, fp16 or bf16")
+    e.add_argument("--precision", default=None, help="training precision: auto (default: bf16 on Ampere or newer, "
+                                                     "fp16 on older GPUs), fp32, fp16 or bf16")
     e.add_argument("--optimizer", default=None, help="optimizer name, e.g. adamw or adamw-8bit")
     e.add_argument("--grad-ckpt", action="store_true", help="with gradient checkpointing")
 

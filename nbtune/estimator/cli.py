@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from nbtune.config import OPTIMIZERS, PRECISIONS
+from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS
 
 
 def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,9 +32,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--seq", type=int, default=512, help="sequence length in tokens")
     p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq2seq", "seq-cls"))
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="dtype the weights are loaded in (default: the precision)")
-    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype the weights are loaded in (default auto: the checkpoint's 16-bit dtype where the "
+                        "GPU computes it natively, else fp32)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="mixed precision (default auto: bf16 on Ampere or newer, fp16 on older GPUs)")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
@@ -54,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         except json.JSONDecodeError:
             params[name] = value
     return TuneConfig(
-        model={"name_or_path": args.model, "task": args.task, "dtype": args.dtype or args.precision,
+        model={"name_or_path": args.model, "task": args.task, "dtype": args.dtype,
                "attn_implementation": args.attn},
         method={"name": args.method, **params},
         data={"max_length": args.seq},
@@ -82,7 +84,7 @@ def run_estimate(args: argparse.Namespace) -> int:
             out["simulated"] = simulated.to_dict()
         print(json.dumps(out, indent=2, default=str))
         return 0
-    print(f"{args.model} · {args.method} · batch {args.batch} × {args.seq} tokens · {args.precision} · "
+    print(f"{args.model} · {args.method} · batch {args.batch} × {args.seq} tokens · {estimate.config.training.precision} · "
           f"{args.optimizer}{' · checkpointing' if args.grad_ckpt else ''}")
     print(estimate)
     if simulated is not None:

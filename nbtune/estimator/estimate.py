@@ -13,6 +13,7 @@ from typing import Any
 from nbtune.config import TuneConfig
 from nbtune.estimator.gpus import GIB, GPUS, gpu_bytes
 from nbtune.estimator.skeleton import DTYPE_BYTES, Facts, facts
+from nbtune.precision import for_plan
 
 # Physically motivated constants (documented in bench/results/calibration-*.md):
 CUDA_CONTEXT = 600 * 2**20  # CUDA context + kernels of torch 2.x with lazy module loading; outside torch's counters
@@ -133,8 +134,11 @@ def estimate_memory(config: TuneConfig | None = None, model_config: Any = None, 
         gpu_bytes(gpu)  # fail early on an unknown name
     if model_config is None:
         model_config = model_config_for(config)
+    config, plan_notes = for_plan(config, model_config, gpu)  # "auto" as on the chosen GPU
     f = facts(config, model_config)
-    return _estimate(config, model_config, f, gpu, device, fused_optimizer)
+    estimate = _estimate(config, model_config, f, gpu, device, fused_optimizer)
+    estimate.notes[:0] = plan_notes
+    return estimate
 
 
 def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: bool = False) -> dict[str, Any]:

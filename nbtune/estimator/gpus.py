@@ -6,15 +6,16 @@ GB = 10**9
 GIB = 2**30
 
 # Memory as sold (decimal GB as the vendors state it); what torch can use is a little less (see fits()).
+# compute_capability: CUDA's (major, minor); from 8.0 (Ampere) the GPU computes bf16 natively (nbtune.precision).
 GPUS: dict[str, dict[str, object]] = {
-    "t4": {"title": "NVIDIA T4 16 GB", "bytes": 15 * GIB + 655 * 2**20},
-    "l4": {"title": "NVIDIA L4 24 GB", "bytes": 22 * GIB + 500 * 2**20},
-    "a10": {"title": "NVIDIA A10 24 GB", "bytes": 22 * GIB + 500 * 2**20},
-    "rtx-4090": {"title": "NVIDIA RTX 4090 24 GB", "bytes": 23 * GIB + 600 * 2**20},
-    "a100-40gb": {"title": "NVIDIA A100 40 GB", "bytes": 39 * GIB + 500 * 2**20},
-    "a100-80gb": {"title": "NVIDIA A100 80 GB", "bytes": 79 * GIB + 300 * 2**20},
-    "h100-80gb": {"title": "NVIDIA H100 80 GB", "bytes": 79 * GIB + 300 * 2**20},
-    "h200": {"title": "NVIDIA H200 141 GB", "bytes": 139 * GIB + 800 * 2**20},
+    "t4": {"title": "NVIDIA T4 16 GB", "bytes": 15 * GIB + 655 * 2**20, "compute_capability": (7, 5)},
+    "l4": {"title": "NVIDIA L4 24 GB", "bytes": 22 * GIB + 500 * 2**20, "compute_capability": (8, 9)},
+    "a10": {"title": "NVIDIA A10 24 GB", "bytes": 22 * GIB + 500 * 2**20, "compute_capability": (8, 6)},
+    "rtx-4090": {"title": "NVIDIA RTX 4090 24 GB", "bytes": 23 * GIB + 600 * 2**20, "compute_capability": (8, 9)},
+    "a100-40gb": {"title": "NVIDIA A100 40 GB", "bytes": 39 * GIB + 500 * 2**20, "compute_capability": (8, 0)},
+    "a100-80gb": {"title": "NVIDIA A100 80 GB", "bytes": 79 * GIB + 300 * 2**20, "compute_capability": (8, 0)},
+    "h100-80gb": {"title": "NVIDIA H100 80 GB", "bytes": 79 * GIB + 300 * 2**20, "compute_capability": (9, 0)},
+    "h200": {"title": "NVIDIA H200 141 GB", "bytes": 139 * GIB + 800 * 2**20, "compute_capability": (9, 0)},
 }
 ALIASES = {"4090": "rtx-4090", "a100": "a100-80gb", "h100": "h100-80gb", "a100-40": "a100-40gb",
            "a100-80": "a100-80gb", "h100-80": "h100-80gb", "h200-141gb": "h200"}
@@ -36,3 +37,11 @@ def gpu_bytes(gpu: str | int | float) -> tuple[str, int]:
     if key not in GPUS:
         raise ValueError(f"gpu must be one of {', '.join(GPUS)} or 'custom:<GB>' (got {gpu!r})")
     return (str(GPUS[key]["title"]), int(GPUS[key]["bytes"]))  # type: ignore[call-overload]
+
+
+def gpu_spec(gpu: str | int | float) -> dict[str, object] | None:
+    """The catalogue entry of a GPU name or alias; None for a custom size (its generation is unknown)."""
+    if not isinstance(gpu, str):
+        return None
+    key = gpu.strip().lower().replace("_", "-").replace(" ", "-")
+    return GPUS.get(ALIASES.get(key, key))

@@ -17,6 +17,7 @@ from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import CUDA_CONTEXT, FRAGMENTATION, WORKSPACE, MemoryEstimate
 from nbtune.estimator.gpus import gpu_bytes
 from nbtune.estimator.skeleton import build_model, facts
+from nbtune.precision import for_plan
 
 
 def _tracker_class() -> type:
@@ -144,6 +145,7 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     config = config or TuneConfig()
     if model_config is None:
         model_config = model_config_for(config)
+    config, plan_notes = for_plan(config, model_config, gpu)  # "auto" as on the chosen GPU
     f = facts(config, model_config)
     model, info = build_model(config, model_config, "meta")
     model.train()
@@ -152,7 +154,7 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = info["ctx"].extras.get("teacher")
-    notes: list[str] = []
+    notes: list[str] = list(plan_notes)
     Tracker = _tracker_class()
     tracker = Tracker()
     quantized_ids = info["quantized_ids"]
