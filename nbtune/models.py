@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nbtune._lazy import import_heavy
 from nbtune.config import EMBEDDED_MODEL, EMBEDDED_PREFIX, TuneConfig
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -42,6 +43,7 @@ def model_identity(config: TuneConfig) -> str:
 
 def load_model_config(config: TuneConfig) -> Any:
     """The transformers PretrainedConfig of the config's model (local files or hub)."""
+    import_heavy()
     from transformers import AutoConfig
 
     m = config.model
@@ -60,6 +62,7 @@ def auto_class(task: str) -> Any:
 
 
 def load_tokenizer(config: TuneConfig) -> Any:
+    import_heavy()
     from transformers import AutoTokenizer
 
     m = config.model

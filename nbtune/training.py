@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.events import EventStream
 
@@ -184,6 +185,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     Raises on failure (the caller records it). A set `stop` ends training at the next step boundary and the
     summary's state is "stopped", with a checkpoint to resume from.
     """
+    import_heavy()
     import torch
     import transformers
     from transformers import TrainingArguments, set_seed

@@ -513,3 +513,18 @@ def test_the_builder_shows_what_the_precision_becomes_here_and_why(monkeypatch):
     assert "fp32: this CPU has no native bf16" in b.precision_note.value and "7x slower" in b.precision_note.value
     b.apply({"training.precision": "bf16"})
     assert "bf16 as chosen: this CPU emulates it" in b.precision_note.value
+
+
+def test_an_estimate_right_after_the_builder_appears_waits_for_its_background_imports() -> None:
+    """The builder imports transformers on a background thread; a cell that estimates at the same moment
+    must get its estimate, not "cannot import name 'AutoConfig' from 'transformers'" (seen in the quickstart)."""
+    import subprocess
+    import sys
+
+    script = ("import nbtune\nfrom nbtune.widgets.builder import Builder\n"
+              "builder = Builder(nbtune.TuneConfig())\nbuilder.load_in_background()\n"
+              "print('total', nbtune.estimate_memory(builder.config, gpu='t4').total_bytes)\n"
+              "builder.wait_loaded(120)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split("total")[-1]) > 0

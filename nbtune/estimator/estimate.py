@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.estimator.gpus import GIB, GPUS, gpu_bytes
 from nbtune.estimator.skeleton import DTYPE_BYTES, Facts, facts
@@ -129,6 +130,7 @@ def estimate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     """
     from nbtune.estimator.catalogue import model_config_for
 
+    import_heavy()
     config = config or TuneConfig()
     if gpu is not None:
         gpu_bytes(gpu)  # fail early on an unknown name

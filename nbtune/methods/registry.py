@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbtune._lazy import import_heavy
+
 FIELD_KINDS = ("int", "float", "bool", "choice", "str", "str-list", "int-list")
 ALL_TASKS = ("causal-lm", "seq2seq", "seq-cls")
 
@@ -164,6 +166,7 @@ def _ensure_generated() -> None:
             return
         _generated_started = True
         _ensure_builtin()
+        import_heavy()
         importlib.import_module("nbtune.methods.generated").register_peft_methods()
         _generated_loaded = True
 
