@@ -25,6 +25,10 @@ EMULATED_BF16_SLOWDOWN = 6.9
 # steps of random Llama models ran 1.2x faster at 5M and 1.9x at 21M parameters (bench/results/precision-*.md).
 CPU_BF16_MIN_PARAMS = 3_000_000
 CPU_BF16_ENV = "NBTUNE_CPU_BF16"
+# oneDNN, PyTorch's CPU kernels, uses no bf16 instructions when capped below these (e.g. ONEDNN_MAX_CPU_ISA=AVX2,
+# which makes a CPU with AMX compute bf16 as a CPU without it does: measured in bench/results/precision-*.md).
+_ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                     "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"}
 _CPU_BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}  # the first one found names the reason
 _TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -64,6 +68,9 @@ def cpu_device(cpuinfo: str | None = None, env: dict[str, str] | None = None) ->
         return DeviceInfo("cpu", "CPU", native_bf16=override == "1", evidence=f"{CPU_BF16_ENV}={override}")
     if override:
         raise ValueError(f"{CPU_BF16_ENV} must be 0 or 1 (got {override!r})")
+    isa = env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in _ONEDNN_BF16_ISAS:
+        return DeviceInfo("cpu", "CPU", native_bf16=False, evidence=f"ONEDNN_MAX_CPU_ISA={isa}")
     if cpuinfo is None:
         cpuinfo = _read_cpuinfo()
     if cpuinfo is None:

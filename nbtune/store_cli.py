@@ -47,13 +47,15 @@ def _store(args: argparse.Namespace) -> RunStore:
 
 
 def _find(store: RunStore, prefix: str) -> RunRecord:
+    from nbtune.cli import UserError
+
     matches = [r for r in store.list() if r.id.startswith(prefix)]
     exact = [r for r in matches if r.id == prefix]
     if exact or len(matches) == 1:
         return (exact or matches)[0]
     if not matches:
-        raise SystemExit(f"nbtune: no run {prefix!r} in {store.root}")
-    raise SystemExit(f"nbtune: {prefix!r} names {len(matches)} runs; give more of the id")
+        raise UserError(f"no run {prefix!r} in {store.root}")
+    raise UserError(f"{prefix!r} names {len(matches)} runs; give more of the id")
 
 
 def run_row(record: RunRecord) -> dict[str, Any]:

@@ -88,6 +88,7 @@ USER_ERRORS = {  # files written into the working folder, the command, and the m
                            "d.jsonl": b'{"text": "a", "target": "b"}\n{"text": "a" "target": "b"}\n'},
                           ["run", "c.yaml"], "nbtune: d.jsonl:2: not valid JSON: Expecting ',' delimiter"),
     "init with an unknown method": ({}, ["init", "--method", "bogus"], "nbtune: method.name must be one of: full,"),
+    "show an unknown run": ({}, ["show", "nosuchrun", "--store", "store"], "nbtune: no run 'nosuchrun' in "),
 }
 
 

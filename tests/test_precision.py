@@ -43,6 +43,13 @@ def test_nbtune_cpu_bf16_overrides_the_detection_both_ways():
         p.cpu_device(OLD_CPU, env={"NBTUNE_CPU_BF16": "yes"})
 
 
+def test_onednn_capped_below_its_bf16_instructions_means_no_native_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes PyTorch compute bf16 on an AMX CPU as a CPU without it does."""
+    capped = p.cpu_device(AMX_CPU, env={"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert (capped.native_bf16, capped.evidence) == (False, "ONEDNN_MAX_CPU_ISA=AVX2")
+    assert p.cpu_device(AMX_CPU, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}).native_bf16
+
+
 def test_this_device_honours_the_override_set_after_import(monkeypatch):
     monkeypatch.setenv("NBTUNE_CPU_BF16", "0")
     assert p.choose_precision("auto", p.this_device()).value == "fp32"
