@@ -46,8 +46,9 @@ def measure_cuda(config, mc, steps: int) -> tuple[float, float]:
     """(max allocated, max reserved) bytes over `steps` real training steps on the GPU."""
     import torch
 
+    from nbtune.dtypes import torch_dtype
     from nbtune.estimator.skeleton import build_model
-    from nbtune.models import TORCH_DTYPES, auto_class
+    from nbtune.models import auto_class
 
     torch.cuda.empty_cache()
     method_info = build_model(config, mc, device="meta")[1]
@@ -59,7 +60,7 @@ def measure_cuda(config, mc, steps: int) -> tuple[float, float]:
         with tempfile.TemporaryDirectory() as folder:
             auto_class("causal-lm").from_config(mc).save_pretrained(folder)
             base = auto_class("causal-lm").from_pretrained(
-                folder, dtype=getattr(torch, TORCH_DTYPES[config.model.dtype]), device_map="cuda",
+                folder, dtype=torch_dtype(config.model.dtype), device_map="cuda",
                 **method.hook("load_kwargs")(params, ctx))
         model = method.hook("apply")(base, params, ctx)
     else:

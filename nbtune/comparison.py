@@ -20,6 +20,7 @@ from typing import Any
 from nbtune.config import TuneConfig
 from nbtune.runner import Run, open_run
 from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
+from nbtune.units import format_bytes
 
 VariantSpec = TuneConfig | Mapping[str, Any] | str
 
@@ -579,7 +580,7 @@ def _format(column: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if column.endswith("_bytes"):
-        return _bytes(value)
+        return format_bytes(value)
     if column == "trainable_params":
         return f"{int(value):,}"
     if column == "trainable_percent":
@@ -598,13 +599,6 @@ def _format(column: str, value: Any) -> str:
 def _or_inf(value: float | None) -> float:
     return math.inf if value is None else value
 
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _events(run: Run | None, kind: str) -> list[dict[str, Any]]:

@@ -15,16 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbtune import dtypes, optimizers, tasks
+
 SCHEMA_VERSION = 1
 
 EMBEDDED_MODEL = "nbtune:tiny"
 EMBEDDED_PREFIX = "nbtune:"
 
-TASKS = ("causal-lm", "seq2seq", "seq-cls")
+TASKS = tuple(tasks.TASKS)
 # "auto" is resolved where the config runs or is planned for (nbtune.precision); the config keeps "auto".
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "adafactor")
+DTYPES = ("auto", *dtypes.DTYPES)
+PRECISIONS = DTYPES  # training.precision names the same formats, auto included
+OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
 SCHEDULERS = ("linear", "cosine", "constant", "constant-with-warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 

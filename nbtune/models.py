@@ -9,8 +9,8 @@ from typing import Any
 
 from nbtune._lazy import import_heavy
 from nbtune.config import EMBEDDED_MODEL, EMBEDDED_PREFIX, TuneConfig
-
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from nbtune.dtypes import torch_dtype
+from nbtune.tasks import TASKS
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -52,13 +52,10 @@ def load_model_config(config: TuneConfig) -> Any:
 
 
 def auto_class(task: str) -> Any:
+    """The transformers AutoModel class that loads a model for `task`."""
     import transformers
 
-    return {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "seq2seq": transformers.AutoModelForSeq2SeqLM,
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-    }[task]
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def load_tokenizer(config: TuneConfig) -> Any:
@@ -86,13 +83,12 @@ def weights_dtype(config: TuneConfig) -> str:
 def load_model(config: TuneConfig, num_labels: int | None = None, extra_kwargs: dict[str, Any] | None = None,
                tokenizer: Any = None) -> Any:
     """Load the base model for the config's task, dtype ("auto": see `weights_dtype`) and attention."""
-    import torch
 
     m = config.model
     kwargs: dict[str, Any] = {
         "revision": m.revision,
         "trust_remote_code": m.trust_remote_code,
-        "dtype": getattr(torch, TORCH_DTYPES[weights_dtype(config)]),
+        "dtype": torch_dtype(weights_dtype(config)),
         "attn_implementation": m.attn_implementation,
     }
     if config.training.dropout is not None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nbtune.dtypes import from_torch
+
 # Measured for issue 9: the default LoRA config, 60 steps, on a 2-core CPU without AVX512-BF16/AMX, trained at
 # 2,614 tokens/s in fp32 and 378 tokens/s in bf16 (PyTorch emulates bf16 there).
 EMULATED_BF16_SLOWDOWN = 6.9
@@ -30,7 +32,6 @@ CPU_BF16_ENV = "NBTUNE_CPU_BF16"
 _ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
                      "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"}
 _CPU_BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}  # the first one found names the reason
-_TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def checkpoint_dtype(model_config: Any) -> str | None:
     value = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
     if value is None:
         return None
-    return _TORCH_DTYPES.get(str(value).removeprefix("torch."))
+    return from_torch(value)
 
 
 def choose_dtype(requested: str, device: DeviceInfo, stored: str | None, embedded: bool = False) -> Choice:

@@ -20,15 +20,9 @@ from typing import Any
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.events import EventStream
+from nbtune.optimizers import OPTIMIZERS
+from nbtune.units import format_bytes
 
-OPTIMIZERS = {
-    "adamw": "adamw_torch",
-    "adamw-8bit": "adamw_bnb_8bit",
-    "paged-adamw": "paged_adamw_32bit",
-    "paged-adamw-8bit": "paged_adamw_8bit",
-    "sgd": "sgd",
-    "adafactor": "adafactor",
-}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant",
               "constant-with-warmup": "constant_with_warmup"}
 
@@ -243,7 +237,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         warmup_steps=t.warmup_ratio,
         lr_scheduler_type=SCHEDULERS[t.scheduler],
         weight_decay=t.weight_decay,
-        optim=OPTIMIZERS[t.optimizer],
+        optim=OPTIMIZERS[t.optimizer].trainer_name,
         optim_args="momentum=0.9" if t.optimizer == "sgd" else None,
         bf16=precision.value == "bf16",
         fp16=precision.value == "fp16",
@@ -419,7 +413,7 @@ def failure_summary(config: TuneConfig, err: BaseException, events: EventStream)
             first = summary["suggestions"][0]
             summary["error"] += "; try " + first["description"]
             if first.get("total_bytes"):
-                summary["error"] += f" (estimated peak {first['total_bytes'] / 2**30:.1f} GiB)"
+                summary["error"] += f" (estimated peak {format_bytes(first['total_bytes'])})"
     elif isinstance(err, LossNotFinite):
         summary["error"] = f"{err}; lower training.learning_rate or set training.max_grad_norm"
     else:

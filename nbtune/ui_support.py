@@ -15,6 +15,7 @@ from typing import Any
 from nbtune import config as config_module
 from nbtune.config import ConfigError, TuneConfig
 from nbtune.methods.registry import Field
+from nbtune.units import format_bytes
 
 # ----- the config sections as form fields --------------------------------------------------------------------
 
@@ -345,14 +346,6 @@ def summary_rows(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
         rows.append(("peak memory", format_bytes(peak_bytes)))
     return rows
 
-
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.0f} {unit}"
-    return f"{n:.0f} B"
 
 
 # ----- data preview ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS
+from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS, TASKS
 
 
 def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--seq", type=int, default=512, help="sequence length in tokens")
-    p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq2seq", "seq-cls"))
+    p.add_argument("--task", default="causal-lm", choices=TASKS)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype the weights are loaded in (default auto: the checkpoint's 16-bit dtype where the "
                         "GPU computes it natively, else fp32)")

@@ -93,10 +93,9 @@ def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]
     """The model really loaded in 4 bits by bitsandbytes (on CPU), with its method; and its constants' bytes."""
     import tempfile
 
-    import torch
-
+    from nbtune.dtypes import torch_dtype
     from nbtune.methods import MethodContext
-    from nbtune.models import TORCH_DTYPES, auto_class
+    from nbtune.models import auto_class
 
     method, params = info["method"], info["params"]
     ctx = MethodContext(task=config.model.task, model_config=model_config, dtype=config.model.dtype)
@@ -104,7 +103,7 @@ def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]
     with tempfile.TemporaryDirectory() as folder:
         auto_class(config.model.task).from_config(model_config).save_pretrained(folder)
         model = auto_class(config.model.task).from_pretrained(
-            folder, dtype=getattr(torch, TORCH_DTYPES[config.model.dtype]), device_map="cpu", **kwargs)
+            folder, dtype=torch_dtype(config.model.dtype), device_map="cpu", **kwargs)
     constants: dict[int, int] = {}
     for p in model.parameters():
         state = getattr(p, "quant_state", None)

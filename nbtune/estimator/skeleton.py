@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbtune.config import TuneConfig
+from nbtune.dtypes import BYTES
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = BYTES
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
 _BEFORE_LAYERS = ("embed", "wte", "wpe", "shared", "prompt_encoder", "prefix", "token_type")
 
@@ -96,8 +97,9 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
 
     import torch
 
+    from nbtune.dtypes import from_torch, torch_dtype
     from nbtune.methods import MethodContext, registry
-    from nbtune.models import TORCH_DTYPES, auto_class
+    from nbtune.models import auto_class
 
     method = registry.get(config.method.name)
     params = config.method_params
@@ -109,9 +111,9 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
                         num_labels=getattr(model_config, "num_labels", 2) if task == "seq-cls" else None)
     load_kwargs = method.hook("load_kwargs")(params, ctx) if method.load_kwargs else {}
     quant = _quant_settings(load_kwargs.get("quantization_config"))
-    dtype = load_kwargs.get("dtype") or load_kwargs.get("torch_dtype") or getattr(torch, TORCH_DTYPES[config.model.dtype])
+    dtype = load_kwargs.get("dtype") or load_kwargs.get("torch_dtype") or torch_dtype(config.model.dtype)
     if isinstance(dtype, str):
-        dtype = getattr(torch, TORCH_DTYPES.get(dtype, dtype))
+        dtype = torch_dtype(from_torch(dtype) or dtype)
     with torch.device(device):
         model = auto_class(task).from_config(model_config, dtype=dtype,
                                              attn_implementation=config.model.attn_implementation)

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.methods.registry import Method, MethodContext
+from nbtune.tasks import TASKS
 
 RUN_FILE = "nbtune_run.json"
 EMBEDDED_BASE_HINT = 'python -c "import nbtune.embedded as e; print(e.BASE_MODEL_DIR)"'
-AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
-                "seq-cls": "AutoModelForSequenceClassification"}
 
 
 def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodContext,
@@ -62,7 +61,7 @@ def describe(config: Any, method: Method, ctx: MethodContext, fmt: str) -> dict[
         labels = [model_config.id2label[i] for i in sorted(model_config.id2label)]
     record: dict[str, Any] = {
         "format": fmt, "base_model": config.model.name_or_path, "revision": config.model.revision,
-        "task": config.model.task, "auto_class": AUTO_CLASSES[config.model.task],
+        "task": config.model.task, "auto_class": TASKS[config.model.task].auto_class,
         "method": method.name, "method_params": config.method_params,
     }
     if labels:
@@ -210,7 +209,7 @@ def _write_model(run: Any, method: Method, artifact: Path, ctx: MethodContext, d
     if method.hook("save") is not None:  # bottleneck adapters: the model with its adapters and their code
         from nbtune.methods.adapters import save_adapter_model
 
-        save_adapter_model(model, directory, AUTO_CLASSES[run.config.model.task])
+        save_adapter_model(model, directory, TASKS[run.config.model.task].auto_class)
         return model, "transformers-model-with-code"
     model.save_pretrained(str(directory))
     return model, "transformers-model"

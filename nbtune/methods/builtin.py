@@ -6,12 +6,13 @@ Learning rates are recommendations for the tiny embedded model; larger models us
 from __future__ import annotations
 
 from nbtune.methods.registry import Field, Method, register
+from nbtune.tasks import TASKS
 
 _SELECTIVE = "nbtune.methods.selective"
 _PEFT = "nbtune.methods.peft_methods"
 _ADAPTERS = "nbtune.methods.adapters"
 _DISTILL = "nbtune.methods.distillation"
-PEFT_TASKS = ("causal-lm", "seq2seq", "seq-cls")
+PEFT_TASKS = tuple(TASKS)  # peft applies its methods to every task nbtune has
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 
 

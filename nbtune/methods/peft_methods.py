@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from nbtune.dtypes import torch_dtype
 from nbtune.methods.registry import MethodContext
+from nbtune.tasks import TASKS
 
-PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq-cls": "SEQ_CLS"}
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PEFT_TASK = {name: task.peft_task_type for name, task in TASKS.items()}
 
 
 def get_peft_model(model: Any, peft_config: Any) -> Any:
@@ -65,7 +66,6 @@ def _lora_config(params: dict[str, Any], ctx: MethodContext) -> Any:
 
 def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, Any]:
     """`from_pretrained` kwargs that load the base in 4 bits (bitsandbytes; runs on CPU and CUDA)."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     compute = ctx.dtype if params["compute_dtype"] == "auto" else params["compute_dtype"]
@@ -73,7 +73,7 @@ def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, A
         load_in_4bit=True,
         bnb_4bit_quant_type=params["quant_type"],
         bnb_4bit_use_double_quant=params["double_quant"],
-        bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[compute]),
+        bnb_4bit_compute_dtype=torch_dtype(compute),
     )}
 
 

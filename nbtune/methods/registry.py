@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbtune._lazy import import_heavy
+from nbtune.tasks import TASKS
 
 FIELD_KINDS = ("int", "float", "bool", "choice", "str", "str-list", "int-list")
-ALL_TASKS = ("causal-lm", "seq2seq", "seq-cls")
+ALL_TASKS = tuple(TASKS)
 
 
 @dataclass(frozen=True)
