@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbtune
 from nbtune.methods import registry
+from nbtune.records import RunSummary
 
 TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls"}
 
@@ -34,14 +35,14 @@ def main() -> None:
     started = time.time()
     for name in methods:
         run = nbtune.train(base.replace(method=name), store=args.store, progress=False)
-        s = run.summary or {}
-        base_loss, final_loss = s.get("base_eval_loss"), s.get("final_eval_loss")
+        s = run.summary or RunSummary()  # train() returns an ended run, which always has a summary
+        base_loss, final_loss = s.base_eval_loss, s.final_eval_loss
         drop = 100 * (1 - final_loss / base_loss) if base_loss and final_loss else None
         rows.append({
-            "method": name, "state": run.status, "lr": s.get("learning_rate"),
-            "trainable %": s.get("trainable_percent"), "base eval loss": base_loss, "eval loss": final_loss,
-            "drop %": drop, "base acc": s.get("base_eval_accuracy"), "acc": s.get("final_eval_accuracy"),
-            "time s": s.get("wall_time_s"), "cached": run.cached, "error": s.get("error"),
+            "method": name, "state": run.status, "lr": s.learning_rate,
+            "trainable %": s.trainable_percent, "base eval loss": base_loss, "eval loss": final_loss,
+            "drop %": drop, "base acc": s.base_eval_accuracy, "acc": s.final_eval_accuracy,
+            "time s": s.wall_time_s, "cached": run.cached, "error": s.error,
         })
         print(_line(rows[-1]), flush=True)
 

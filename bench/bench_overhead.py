@@ -88,26 +88,21 @@ def run_bare(config: Any, out_dir: Path) -> tuple[float, float]:
 
     from nbtune import data as data_module
     from nbtune import models
-    from nbtune.methods import MethodContext, registry
     from nbtune.training import OPTIMIZERS, SCHEDULERS, _checkpointing_args
 
     t = config.training
-    method = registry.get(config.method.name)
     set_seed(t.seed)
     tokenizer = models.load_tokenizer(config)
     prepared = data_module.prepare(config, tokenizer)
-    ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=None, dtype=config.model.dtype,
-                        extras={"total_steps": t.max_steps})
-    base = models.load_model(config, tokenizer=tokenizer)
-    ctx.model_config = base.config
-    model = method.hook("apply")(base, config.method_params, ctx)
+    model = models.build(config, tokenizer=tokenizer, dtype=config.model.dtype,
+                         extras={"total_steps": t.max_steps}).model
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=max(t.micro_batch_size, 16),
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=config.learning_rate,
         num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
-        lr_scheduler_type=SCHEDULERS[t.scheduler], weight_decay=t.weight_decay, optim=OPTIMIZERS[t.optimizer],
+        lr_scheduler_type=SCHEDULERS[t.scheduler], weight_decay=t.weight_decay, optim=OPTIMIZERS[t.optimizer].trainer_name,
         bf16=t.precision == "bf16" and on_gpu, fp16=t.precision == "fp16" and on_gpu,
         **_checkpointing_args(TrainingArguments, t.gradient_checkpointing), max_grad_norm=t.max_grad_norm,
         seed=t.seed, data_seed=t.seed, eval_strategy="no", eval_on_start=bool(prepared.eval),

@@ -61,7 +61,7 @@ def train_once(precision: str, steps: int) -> tuple[float, float, str]:
     timer = step_timer()
     with tempfile.TemporaryDirectory() as folder:
         summary = execute(config, Path(folder) / "run", EventStream(), extra_callbacks=[timer])
-    return timer.tokens / timer.seconds, timer.tokens / timer.cpu_seconds, summary["precision"]
+    return timer.tokens / timer.seconds, timer.tokens / timer.cpu_seconds, summary.precision
 
 
 def machine() -> dict[str, str]:

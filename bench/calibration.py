@@ -235,27 +235,29 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
 
     f = facts(config, mc)
     t = terms(config, f, fused_optimizer=c.fused)
+    constants = t.weights.constants
+    frozen, acts, recompute = t.weights.frozen, t.activations.forward_end, t.activations.recompute
     if c.torchtune_qlora:
         lora = to_config(dataclasses.replace(c, method={**c.method, "name": "lora"}))
         fl = facts(lora, mc)
-        t = {**terms(lora, fl, fused_optimizer=c.fused), "qconst": t["qconst"]}
+        t = terms(lora, fl, fused_optimizer=c.fused)
         q = f.quantized_params
-        t["frozen"] += q // 2 - 2 * q
-        for k in ("activations", "recompute"):
-            t[k] += 2 * 2 * f.largest_linear_elems  # one dequantized weight, forward and backward
+        dequant = 2 * 2 * f.largest_linear_elems  # one dequantized weight, forward and backward
+        frozen = t.weights.frozen + q // 2 - 2 * q
+        acts, recompute = t.activations.forward_end + dequant, t.activations.recompute + dequant
         f = fl
-    state = 0 if c.paged else t["optimizer_state"]
-    static = t["frozen"] + t["trainable"] + t["qconst"] + state
-    grads = t["grads"]
-    acts, logits = t["activations"], t["logits"]
-    stored_back, recompute = t["stored_in_backward"], t["recompute"]
-    if c.offload and t["checkpointing"]:  # stored block inputs moved to the CPU
-        acts -= t["stored_activations"]
+    state = 0 if c.paged else t.optimizer.state
+    static = frozen + t.weights.trainable + constants + state
+    grads = t.optimizer.gradients
+    logits = t.logits.logits
+    stored_back = t.activations.stored_in_backward
+    if c.offload and t.shape.checkpointing:  # stored block inputs moved to the CPU
+        acts -= t.activations.stored
         stored_back = 0
     if c.chunked_ce:
-        logits = int(t["tokens"] * f.dims["V"] * CHUNKED_CE_BYTES)
+        logits = int(t.shape.tokens * f.dims["V"] * CHUNKED_CE_BYTES)
     if c.shards > 1:
-        gathered = 2 * (t["frozen"] + t["trainable"]) // max(f.total_layers, 1)
+        gathered = 2 * (frozen + t.weights.trainable) // max(f.total_layers, 1)
         static = static // c.shards + gathered
         grads = grads // c.shards
     if c.grads_kept:  # zero_grad() zeroes in place: the gradients stay allocated through every forward
@@ -271,7 +273,7 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
     else:
         ga = grads if c.accumulation > 1 else 0
         peaks = {"forward end": static + ga + acts + logits, "backward": static + max(grads, stored_back) + recompute,
-                 "optimizer step": static + grads + (t["step_temp"] if not c.paged else 0)}
+                 "optimizer step": static + grads + (t.optimizer.step_temp if not c.paged else 0)}
     phase = max(peaks, key=peaks.get)
     allocated = peaks[phase] + WORKSPACE
     dynamic = {"forward end": acts + logits, "backward": max(grads, stored_back) + recompute}.get(phase, grads)

@@ -61,8 +61,8 @@ def measure_cuda(config, mc, steps: int) -> tuple[float, float]:
             auto_class("causal-lm").from_config(mc).save_pretrained(folder)
             base = auto_class("causal-lm").from_pretrained(
                 folder, dtype=torch_dtype(config.model.dtype), device_map="cuda",
-                **method.hook("load_kwargs")(params, ctx))
-        model = method.hook("apply")(base, params, ctx)
+                **method.load_kwargs(params, ctx))
+        model = method.apply(base, params, ctx)
     else:
         with torch.device("cuda"):
             model = build_model(config, mc, device="cuda")[0]

@@ -117,13 +117,12 @@ def _run(args: argparse.Namespace) -> int:
         run = train(config, store=args.store, force=args.force, progress=not args.quiet)
     except ConfigError as err:  # found when the data is read (e.g. an unknown built-in dataset)
         raise config_file_error(Path(args.config), err) from None
-    summary = run.summary or {}
     cached = " (from the store)" if run.cached else ""
     print(f"run {run.id}: {run.status}{cached} -> {run.path}")
     for key in ("step", "base_eval_loss", "final_eval_loss", "final_eval_accuracy", "trainable_params",
                 "trainable_percent", "wall_time_s", "tokens_per_s", "error"):
-        if summary.get(key) is not None:
-            value = summary[key]
+        value = getattr(run.summary, key, None)  # no summary (still running elsewhere): nothing to print
+        if value is not None:
             print(f"  {key:20s} {value:.4g}" if isinstance(value, float) else f"  {key:20s} {value}")
     return 0 if run.status == "finished" else 1
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbtune import dtypes, optimizers, tasks
+
+if TYPE_CHECKING:
+    from nbtune.methods.registry import Field
 
 SCHEMA_VERSION = 1
 
@@ -44,16 +49,58 @@ class ConfigError(ValueError):
         return next((m for f, m in self.problems if f == name), None)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config field allows, and how an error message says so ("> 0 and <= 1")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the bound itself is not allowed
+    high_open: bool = False
+    note: str = ""  # said after the bounds, e.g. " (0 turns clipping off)"
+
+    def allows(self, value: Any, integer: bool = False) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below  # written as comparisons that hold, so NaN is refused
+
+    def words(self, integer: bool = False) -> str:
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            bounds = f"between {self.low:g} and {self.high:g}"
+        else:
+            parts = [f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "",
+                     f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""]
+            bounds = " and ".join(p for p in parts if p)
+        return ("an integer " if integer else "") + bounds + self.note
+
+
+def _about(help: str, **facts: Any) -> dict[str, Any]:  # noqa: A002 (PEFT's word for it)
+    """A config field's metadata: its help sentence and optional `choices`, `range`, `unit`, `multiline`."""
+    return {"help": help, **facts}
+
+
+COUNT = Range(low=1)  # a count of steps, rows or examples
+
+
 @dataclass
 class ModelConfig:
     """Which model to tune and for what task."""
 
-    name_or_path: str = EMBEDDED_MODEL
-    task: str = "causal-lm"
-    dtype: str = "auto"  # the checkpoint's dtype where the device computes it natively, else fp32
-    revision: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    name_or_path: str = field(default=EMBEDDED_MODEL, metadata=_about(
+        "A hub id (e.g. Qwen/Qwen2.5-0.5B), a local folder, or nbtune:tiny (the embedded model)."))
+    task: str = field(default="causal-lm", metadata=_about(
+        "; ".join(f"{t.name}: {t.description}" for t in tasks.TASKS.values()) + ".", choices=TASKS))
+    dtype: str = field(default="auto", metadata=_about(
+        "The dtype the base weights are loaded in (auto: the checkpoint's dtype where the device computes it "
+        "natively, else fp32).", choices=DTYPES))
+    revision: str | None = field(default=None, metadata=_about(
+        "A branch, tag or commit of the hub model (empty: main)."))
+    trust_remote_code: bool = field(default=False, metadata=_about(
+        "Run the model repository's own Python code (only for repositories you trust)."))
+    attn_implementation: str = field(default="sdpa", metadata=_about(
+        "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU only).", choices=ATTENTION))
 
 
 @dataclass
@@ -75,40 +122,67 @@ class DataConfig:
     source or a fraction of the train rows held out for evaluation.
     """
 
-    source: Any = "nbtune:capitals"
-    split: str = "train"
-    text_column: str | None = None
-    target_column: str | None = None
-    label_column: str | None = None
-    prompt_template: str | None = None
-    max_length: int = 128
-    eval_split: str | float = "eval"
-    max_samples: int | None = None
-    max_eval_samples: int | None = None
-    revision: str | None = None
+    source: Any = field(default="nbtune:capitals", metadata=_about(
+        "A built-in dataset (nbtune:capitals), a hub id, or a local csv/jsonl/parquet file."))
+    split: str = field(default="train", metadata=_about("The split the training rows come from."))
+    text_column: str | None = field(default=None, metadata=_about(
+        "The column holding the input text (empty: the dataset's default)."))
+    target_column: str | None = field(default=None, metadata=_about(
+        "The column appended as the target; only its tokens are trained on (causal LM)."))
+    label_column: str | None = field(default=None, metadata=_about("The column holding the class label (seq-cls)."))
+    prompt_template: str | None = field(default=None, metadata=_about(
+        "How a row becomes the input text, with {column} placeholders, e.g. 'Q: {question}\\nA:'.", multiline=True))
+    max_length: int = field(default=128, metadata=_about(
+        "Tokens per example; longer examples are truncated (the preview says how many).", range=Range(low=8),
+        unit="tokens"))
+    eval_split: str | float = field(default="eval", metadata=_about(
+        "A split name for evaluation, or a fraction like 0.1 of the training rows held out."))
+    max_samples: int | None = field(default=None, metadata=_about(
+        "Use at most this many training rows (empty: all).", range=COUNT, unit="rows"))
+    max_eval_samples: int | None = field(default=None, metadata=_about(
+        "Use at most this many evaluation rows (empty: all).", range=COUNT, unit="rows"))
+    revision: str | None = field(default=None, metadata=_about("A branch, tag or commit of the hub dataset."))
 
 
 @dataclass
 class TrainingConfig:
     """Optimisation settings. `learning_rate=None` takes the method's recommended rate from the registry."""
 
-    learning_rate: float | None = None
-    epochs: float = 1.0
-    max_steps: int | None = 150
-    micro_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.06
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    dropout: float | None = None
-    optimizer: str = "adamw"
-    precision: str = "auto"  # bf16 where the device computes it natively, fp16 on older GPUs, else fp32
-    gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_every: int | None = 50
-    log_every: int = 5
-    checkpoint_every: int | None = None  # steps between resumable checkpoints (only the latest is kept)
+    learning_rate: float | None = field(default=None, metadata=_about(
+        "Peak learning rate (empty: the method's recommended rate).", range=Range(0, 1, low_open=True)))
+    epochs: float = field(default=1.0, metadata=_about(
+        "Passes over the training rows (max_steps, when set, wins).", range=Range(0, low_open=True)))
+    max_steps: int | None = field(default=150, metadata=_about(
+        "Stop after this many optimizer steps (empty: run the epochs).", range=COUNT, unit="steps"))
+    micro_batch_size: int = field(default=16, metadata=_about(
+        "Examples per forward pass; the main driver of activation memory.", range=COUNT, unit="examples"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_about(
+        "Micro-batches per optimizer step (effective batch = micro batch x this).", range=COUNT))
+    warmup_ratio: float = field(default=0.06, metadata=_about(
+        "Fraction of the steps spent warming the learning rate up from 0.", range=Range(0, 1, high_open=True)))
+    scheduler: str = field(default="cosine", metadata=_about(
+        "How the learning rate changes after warm-up.", choices=SCHEDULERS))
+    weight_decay: float = field(default=0.0, metadata=_about(
+        "Decoupled weight decay of the optimizer.", range=Range(0, 1)))
+    dropout: float | None = field(default=None, metadata=_about(
+        "Dropout of the model (empty: keep the model's own).",
+        range=Range(0, 1, high_open=True, note=", or null to keep the model's")))
+    optimizer: str = field(default="adamw", metadata=_about(
+        "The optimizer; 8-bit and paged variants need bitsandbytes and a GPU.", choices=OPTIMIZERS))
+    precision: str = field(default="auto", metadata=_about(
+        "Mixed precision of the forward/backward (auto: bf16 where the device computes it natively, fp16 on "
+        "older GPUs, fp32 on other CPUs).", choices=PRECISIONS))
+    gradient_checkpointing: bool = field(default=False, metadata=_about(
+        "Recompute activations in the backward: much less memory, ~30% slower."))
+    max_grad_norm: float = field(default=1.0, metadata=_about(
+        "Clip the gradient norm to this (0 turns clipping off).", range=Range(0, note=" (0 turns clipping off)")))
+    seed: int = field(default=0, metadata=_about("Random seed of data order and initialisation.", range=Range(0)))
+    eval_every: int | None = field(default=50, metadata=_about(
+        "Evaluate every this many steps (empty: only at the end).", range=COUNT, unit="steps"))
+    log_every: int = field(default=5, metadata=_about(
+        "Record a training step event every this many steps.", range=COUNT, unit="steps"))
+    checkpoint_every: int | None = field(default=None, metadata=_about(
+        "Steps between resumable checkpoints; only the latest is kept (empty: none).", range=COUNT, unit="steps"))
 
 
 SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "training": TrainingConfig}
@@ -147,78 +221,25 @@ class TuneConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         """Every problem of this config as (dotted field, message); empty when valid."""
-        from nbtune.methods import registry
-
         out: list[tuple[str, str]] = []
-        m, d, t = self.model, self.data, self.training
-
-        def bad(name: str, value: Any, allowed: str) -> None:
-            out.append((name, f"{name} must be {allowed} (got {value!r})"))
-
         if self.schema_version != SCHEMA_VERSION:
-            bad("schema_version", self.schema_version, f"{SCHEMA_VERSION}")
-        if not isinstance(m.name_or_path, str) or not m.name_or_path.strip():
-            bad("model.name_or_path", m.name_or_path, "a hub id, a local path or 'nbtune:tiny'")
-        _choice(out, "model.task", m.task, TASKS)
-        _choice(out, "model.dtype", m.dtype, DTYPES)
-        _choice(out, "model.attn_implementation", m.attn_implementation, ATTENTION)
-        if not isinstance(m.trust_remote_code, bool):
-            bad("model.trust_remote_code", m.trust_remote_code, "true or false")
+            out.append(_bad("schema_version", self.schema_version, f"{SCHEMA_VERSION}"))
+        if not isinstance(self.model.name_or_path, str) or not self.model.name_or_path.strip():
+            out.append(_bad("model.name_or_path", self.model.name_or_path, "a hub id, a local path or 'nbtune:tiny'"))
+        out.extend(_field_problems("model", self.model))
+        out.extend(self._method_problems())
+        out.extend(_data_problems(self.data, self.model.task))
+        out.extend(_field_problems("data", self.data))
+        out.extend(_field_problems("training", self.training))
+        return out
+
+    def _method_problems(self) -> list[tuple[str, str]]:
+        from nbtune.methods import registry
 
         method = registry.find(self.method.name)
         if method is None:
-            names = ", ".join(registry.names())
-            bad("method.name", self.method.name, f"one of: {names}")
-        else:
-            out.extend(method.check(self.method.params, task=m.task))
-
-        if isinstance(d.source, str) and not d.source.strip():
-            bad("data.source", d.source, "a built-in dataset, hub id, file path or in-memory rows")
-        elif not isinstance(d.source, (str, list)):
-            bad("data.source", type(d.source).__name__, "a string, a list of dicts or a pandas DataFrame")
-        elif isinstance(d.source, list) and not all(isinstance(r, dict) for r in d.source):
-            bad("data.source", "list", "a list of dicts (one per row)")
-        _positive_int(out, "data.max_length", d.max_length, low=8)
-        if d.max_samples is not None:
-            _positive_int(out, "data.max_samples", d.max_samples)
-        if d.max_eval_samples is not None:
-            _positive_int(out, "data.max_eval_samples", d.max_eval_samples)
-        if isinstance(d.eval_split, float) and not 0 < d.eval_split < 1:
-            bad("data.eval_split", d.eval_split, "a split name or a fraction between 0 and 1")
-        if d.prompt_template is not None and "{" not in d.prompt_template:
-            bad("data.prompt_template", d.prompt_template, "a template naming at least one column, like '{text}'")
-        if m.task == "seq-cls" and isinstance(d.source, (list,)) and d.label_column is None:
-            bad("data.label_column", None, "the column holding the class label (task seq-cls)")
-
-        if t.learning_rate is not None and not (_is_number(t.learning_rate) and 0 < t.learning_rate <= 1):
-            bad("training.learning_rate", t.learning_rate, "> 0 and <= 1")
-        if not (_is_number(t.epochs) and t.epochs > 0):
-            bad("training.epochs", t.epochs, "> 0")
-        if t.max_steps is not None:
-            _positive_int(out, "training.max_steps", t.max_steps)
-        _positive_int(out, "training.micro_batch_size", t.micro_batch_size)
-        _positive_int(out, "training.gradient_accumulation_steps", t.gradient_accumulation_steps)
-        if not (_is_number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1):
-            bad("training.warmup_ratio", t.warmup_ratio, ">= 0 and < 1")
-        _choice(out, "training.scheduler", t.scheduler, SCHEDULERS)
-        if not (_is_number(t.weight_decay) and 0 <= t.weight_decay <= 1):
-            bad("training.weight_decay", t.weight_decay, "between 0 and 1")
-        if t.dropout is not None and not (_is_number(t.dropout) and 0 <= t.dropout < 1):
-            bad("training.dropout", t.dropout, ">= 0 and < 1, or null to keep the model's")
-        _choice(out, "training.optimizer", t.optimizer, OPTIMIZERS)
-        _choice(out, "training.precision", t.precision, PRECISIONS)
-        if not isinstance(t.gradient_checkpointing, bool):
-            bad("training.gradient_checkpointing", t.gradient_checkpointing, "true or false")
-        if not (_is_number(t.max_grad_norm) and t.max_grad_norm >= 0):
-            bad("training.max_grad_norm", t.max_grad_norm, ">= 0 (0 turns clipping off)")
-        if not isinstance(t.seed, int) or isinstance(t.seed, bool) or t.seed < 0:
-            bad("training.seed", t.seed, "an integer >= 0")
-        if t.eval_every is not None:
-            _positive_int(out, "training.eval_every", t.eval_every)
-        _positive_int(out, "training.log_every", t.log_every)
-        if t.checkpoint_every is not None:
-            _positive_int(out, "training.checkpoint_every", t.checkpoint_every)
-        return out
+            return [_bad("method.name", self.method.name, f"one of: {', '.join(registry.names())}")]
+        return list(method.check(self.method.params, task=self.model.task))
 
     # ----- derived values ---------------------------------------------------------------------------------
     @property
@@ -382,18 +403,95 @@ def _coerce_source(source: Any) -> Any:
     return source
 
 
-def _choice(out: list[tuple[str, str]], name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        out.append((name, f"{name} must be one of {', '.join(allowed)} (got {value!r})"))
+def _bad(name: str, value: Any, allowed: str) -> tuple[str, str]:
+    return name, f"{name} must be {allowed} (got {value!r})"
 
 
-def _positive_int(out: list[tuple[str, str]], name: str, value: Any, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        out.append((name, f"{name} must be an integer >= {low} (got {value!r})"))
+def _field_problems(section: str, values: Any) -> list[tuple[str, str]]:
+    """The checks a section's field metadata states: choices, ranges, true/false."""
+    out = []
+    for f, kind, optional in _described(SECTIONS[section]):
+        name, value = f"{section}.{f.name}", getattr(values, f.name)
+        choices, allowed = f.metadata.get("choices"), f.metadata.get("range")
+        if value is None and optional:
+            continue
+        if choices and value not in choices:
+            out.append((name, f"{name} must be one of {', '.join(choices)} (got {value!r})"))
+        elif kind == "bool" and not isinstance(value, bool):
+            out.append(_bad(name, value, "true or false"))
+        elif allowed is not None and not allowed.allows(value, integer=kind == "int"):
+            out.append(_bad(name, value, allowed.words(integer=kind == "int")))
+    return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
+    """The data checks no single field's metadata states: what a source may be, templates, class labels."""
+    out = []
+    if isinstance(d.source, str) and not d.source.strip():
+        out.append(_bad("data.source", d.source, "a built-in dataset, hub id, file path or in-memory rows"))
+    elif not isinstance(d.source, (str, list)):
+        out.append(_bad("data.source", type(d.source).__name__, "a string, a list of dicts or a pandas DataFrame"))
+    elif isinstance(d.source, list) and not all(isinstance(r, dict) for r in d.source):
+        out.append(_bad("data.source", "list", "a list of dicts (one per row)"))
+    if isinstance(d.eval_split, float) and not 0 < d.eval_split < 1:
+        out.append(_bad("data.eval_split", d.eval_split, "a split name or a fraction between 0 and 1"))
+    if d.prompt_template is not None and "{" not in d.prompt_template:
+        out.append(_bad("data.prompt_template", d.prompt_template,
+                        "a template naming at least one column, like '{text}'"))
+    if task == "seq-cls" and isinstance(d.source, list) and d.label_column is None:
+        out.append(_bad("data.label_column", None, "the column holding the class label (task seq-cls)"))
+    return out
+
+
+# ----- the sections described for forms and docs ---------------------------------------------------------------
+
+_KINDS = {str: "str", int: "int", float: "float", bool: "bool"}
+
+
+@functools.cache
+def _described(cls: type) -> tuple[tuple[dataclasses.Field, str, bool], ...]:
+    """(field, kind, optional) of each field of a section dataclass, the kind read from its type:
+    "str", "int", "float", "bool", "text" (multi-line, kept as typed), "str-or-float" or "choice"."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        members = typing.get_args(hints[f.name]) or (hints[f.name],)
+        optional = type(None) in members
+        types = tuple(t for t in members if t is not type(None))
+        kind = "str-or-float" if types == (str, float) else _KINDS.get(types[0], "str")
+        if f.metadata.get("choices"):
+            kind = "choice"
+        elif f.metadata.get("multiline"):
+            kind = "text"
+        out.append((f, kind, optional))
+    return tuple(out)
+
+
+def section_fields(section: str) -> list[Field]:
+    """The fields of one config section ("model", "data", "training") described like a method's fields, for
+    forms and docs: kind from the type, help, choices and range from the field's metadata."""
+    from nbtune.methods.registry import Field
+
+    out = []
+    for f, kind, optional in _described(SECTIONS[section]):
+        about, allowed = f.metadata, f.metadata.get("range")
+        unit = f" Unit: {about['unit']}." if about.get("unit") else ""
+        out.append(Field(f.name, kind, f.default, about["help"] + unit, choices=about.get("choices", ()),
+                         optional=optional, low=allowed.low if allowed else None,
+                         high=allowed.high if allowed else None))
+    return out
+
+
+def config_from_values(values: dict[str, Any]) -> tuple[TuneConfig | None, list[tuple[str, str]]]:
+    """(config, []) when dotted-name values (a form's) make a valid config, else (None, every problem)."""
+    data: dict[str, Any] = {"model": {}, "method": {}, "data": {}, "training": {}}
+    for dotted, value in values.items():
+        section, _, name = dotted.partition(".")
+        data[section][name] = value
+    try:
+        return TuneConfig.from_dict(data), []
+    except ConfigError as err:
+        return None, list(err.problems)
 
 
 def _read_if_path(text_or_path: str | Path, suffixes: tuple[str, ...]) -> str:

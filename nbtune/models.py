@@ -1,16 +1,25 @@
-"""Loading the model and tokenizer a config names: the embedded default, a local folder or a hub id."""
+"""Loading the model and tokenizer a config names (the embedded default, a local folder or a hub id), and
+`build`: the one way every path (training, loading a result, counting, the estimator) makes the model with its
+method applied.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbtune._lazy import import_heavy
 from nbtune.config import EMBEDDED_MODEL, EMBEDDED_PREFIX, TuneConfig
-from nbtune.dtypes import torch_dtype
+from nbtune.dtypes import DTYPES, from_torch, torch_dtype
+from nbtune.methods.registry import MethodContext
 from nbtune.tasks import TASKS
+
+if TYPE_CHECKING:
+    from nbtune.methods.registry import Method
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -108,3 +117,79 @@ def _dropout_kwargs(config: TuneConfig, p: float) -> dict[str, Any]:
     names = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
              "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate")
     return {name: p for name in names if hasattr(model_config, name)}
+
+
+@dataclass
+class BuiltModel:
+    """A config's model with its method applied, and what applying the method needed."""
+
+    model: Any  # the model to train (or to count, or to measure)
+    method: Method
+    params: dict[str, Any]  # the method's parameters, defaults filled in
+    ctx: MethodContext  # what the method's hooks need later (training loss, callbacks, saving)
+    load_kwargs: dict[str, Any]  # what the method added to loading the base (QLoRA: its quantization config)
+
+
+def build(config: TuneConfig, *, device: str | None = None, model_config: Any = None, tokenizer: Any = None,
+          labels: Sequence[str] = (), dtype: str | None = None, extras: dict[str, Any] | None = None,
+          with_load_kwargs: bool = True, prepare: Callable[[Any, dict[str, Any]], None] | None = None,
+          trained: Path | None = None) -> BuiltModel:
+    """The config's base model with its method applied (or, with `trained`, that run artifact loaded onto it).
+
+    Without `device` the base's weights are loaded (`model.name_or_path`, in `weights_dtype`). With a device
+    ("meta": nothing is allocated, "cpu") it is built from `model_config` (default: the config's) with fresh
+    weights on that device, and the method is applied there too. `labels` name a classification head's classes;
+    `dtype` is the dtype the method is told (default: the one the weights load in); `extras` are handed to the
+    method (e.g. "total_steps"). `with_load_kwargs=False` builds QLoRA's base unquantized (counting: the logical
+    counts are the same). `prepare(base, load_kwargs)` runs on the base just before the method is applied.
+    """
+    from nbtune.methods import registry
+
+    method = registry.get(config.method.name)
+    params = config.method_params
+    if dtype is None:
+        dtype = weights_dtype(config) if device is None else config.model.dtype
+    ctx = MethodContext(task=config.model.task, model_config=model_config, tokenizer=tokenizer,
+                        num_labels=len(labels) or None, dtype=dtype, extras=dict(extras or {}))
+    load_kwargs = method.load_kwargs(params, ctx) if method.load_kwargs and with_load_kwargs else {}
+    if device is None:
+        base = load_model(config, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)
+        return _apply(BuiltModel(_with_labels(base, labels), method, params, ctx, load_kwargs), prepare, trained)
+    import torch
+
+    with torch.device(device):  # the method's new weights too (tests/test_methods.py: counts equal a real model's)
+        base = _fresh_model(config, model_config or load_model_config(config), load_kwargs, dtype)
+        return _apply(BuiltModel(_with_labels(base, labels), method, params, ctx, load_kwargs), prepare, trained)
+
+
+def _apply(base: BuiltModel, prepare: Callable[[Any, dict[str, Any]], None] | None,
+           trained: Path | None) -> BuiltModel:
+    """The method applied to `base.model` (or the trained artifact loaded onto it), after `prepare`."""
+    if prepare is not None:
+        prepare(base.model, base.load_kwargs)
+    base.ctx.model_config = base.model.config
+    if trained is not None:
+        from nbtune.methods.artifacts import load_trained
+
+        base.model = load_trained(base.method, base.model, trained, base.ctx)
+    else:
+        base.model = base.method.apply(base.model, base.params, base.ctx)
+    return base
+
+
+def _with_labels(model: Any, labels: Sequence[str]) -> Any:
+    """The model, its config naming the classification labels (what the saved artifact records)."""
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return model
+
+
+def _fresh_model(config: TuneConfig, model_config: Any, load_kwargs: dict[str, Any], dtype: str) -> Any:
+    """The config's architecture with fresh weights, in the dtype the method's loading asks for, else `dtype`."""
+    chosen = load_kwargs.get("dtype") or load_kwargs.get("torch_dtype") or (dtype if dtype in DTYPES else None)
+    if isinstance(chosen, str):
+        chosen = torch_dtype(from_torch(chosen) or chosen)
+    kwargs = {"dtype": chosen} if chosen is not None else {}  # none: transformers' default, fp32
+    return auto_class(config.model.task).from_config(model_config, attn_implementation=config.model.attn_implementation,
+                                                     **kwargs)

@@ -22,6 +22,7 @@ from typing import Any
 
 from nbtune.config import TuneConfig
 from nbtune.events import TERMINAL, Event, EventStream
+from nbtune.records import RunSummary
 from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
 
 log = logging.getLogger("nbtune")
@@ -61,13 +62,13 @@ class Run:
         return self.record.state
 
     @property
-    def summary(self) -> dict[str, Any] | None:
+    def summary(self) -> RunSummary | None:
         return self.record.summary
 
     @property
     def error(self) -> str | None:
-        summary = self.summary or {}
-        return summary.get("error")
+        summary = self.summary
+        return summary.error if summary is not None else None
 
     @property
     def artifact_path(self) -> Path:
@@ -187,6 +188,11 @@ _DEVICE = _Device()
 _ACTIVE: dict[str, Run] = {}  # runs queued or training in this process, by id
 
 
+def active_runs() -> list[Run]:
+    """The runs this process has queued or is training, oldest first."""
+    return list(_ACTIVE.values())
+
+
 def _train(run: Run) -> None:
     """Train one run on this thread and record how it ended; never raises, always ends the run."""
     record = run.record
@@ -194,11 +200,11 @@ def _train(run: Run) -> None:
         summary = _execute(run)
         gc.collect()  # the model, optimizer and data are unreachable now; free them before the next run
         _empty_cuda_cache()
-        summary.setdefault("cache", {k: record.meta.get(k) for k in ("key", "config_hash", "data_id", "model_id")})
-        write_atomic(record.path / "summary.json", _json(summary))
-        record.update_meta(state=summary["state"], ended=time.time())
-        kind = summary["state"] if summary["state"] in TERMINAL else "failed"
-        run.events.emit(kind, **{k: summary.get(k) for k in
+        summary.cache = summary.cache or record.cache_key
+        write_atomic(record.path / "summary.json", summary.to_json())
+        record.update_meta(state=summary.state, ended=time.time())
+        kind = summary.state if summary.state in TERMINAL else "failed"
+        run.events.emit(kind, **{k: getattr(summary, k) for k in
                                  ("step", "error", "reason", "checkpoint", "final_eval_loss", "wall_time_s")})
     except BaseException:  # recording the end failed (disk full?): still end the run, never hang a waiter
         log.exception("nbtune: could not record the end of run %s", run.id)
@@ -208,7 +214,7 @@ def _train(run: Run) -> None:
         run._done.set()
 
 
-def _execute(run: Run) -> dict[str, Any]:
+def _execute(run: Run) -> RunSummary:
     """Train and return the summary, whatever happens: stopped, finished, or failed with the reason."""
     record = run.record
     try:
@@ -221,23 +227,22 @@ def _execute(run: Run) -> dict[str, Any]:
             summary = training.execute(run.config, record.path, run.events, run._stop, run._resume_from,
                                        extra_callbacks=run.extra_callbacks)
         except training.StopRequested:
-            summary = {"state": "stopped", "step": 0, "error": None, "method": run.config.method.name,
-                       "checkpoint": None}
-        if summary["state"] == "stopped":
-            summary["reason"] = "stopped by Run.stop()" if summary["step"] else "stopped before the first step"
+            summary = RunSummary(state="stopped", step=0, method=run.config.method.name)
+        if summary.state == "stopped":
+            summary.reason = "stopped by Run.stop()" if summary.step else "stopped before the first step"
         return summary
     except BaseException as err:  # any failure ends the run with the reason; the kernel stays usable
         try:
             summary = training.failure_summary(run.config, err, run.events)
         except BaseException as inner:  # even describing the failure failed: keep the original error
-            summary = {"state": "failed", "step": 0, "error": f"{type(err).__name__}: {err}",
-                       "note": f"failure_summary raised {inner!r}"}
+            summary = RunSummary(state="failed", step=0, error=f"{type(err).__name__}: {err}",
+                                 note=f"failure_summary raised {inner!r}")
         checkpoint = record.latest_checkpoint()
-        summary["checkpoint"] = str(checkpoint) if checkpoint else None
-        if checkpoint is not None and summary.get("error_type") == "LossNotFinite":
-            summary["error"] += f"; the last good checkpoint ({checkpoint.name}) is kept"
-        summary["reason"] = summary.get("error")
-        log.warning("nbtune: run %s failed: %s", run.id, summary.get("error"))
+        summary.checkpoint = str(checkpoint) if checkpoint else None
+        if checkpoint is not None and summary.error_type == "LossNotFinite":
+            summary.error += f"; the last good checkpoint ({checkpoint.name}) is kept"
+        summary.reason = summary.error
+        log.warning("nbtune: run %s failed: %s", run.id, summary.error)
         return summary
 
 
@@ -247,12 +252,6 @@ def _empty_cuda_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _json(data: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(data, indent=2, default=str)
 
 
 def open_run(record: RunRecord) -> Run:
@@ -330,7 +329,7 @@ def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunSt
     store = store if isinstance(store, RunStore) else RunStore(store)
     key = cache_key(config)
     if not force:
-        cached = store.find_finished(key["key"])
+        cached = store.find_finished(key.key)
         if cached is not None:
             return open_run(cached)
     record = store.create(config, key)
@@ -358,8 +357,7 @@ def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = Non
     if checkpoint is None:
         log.warning("nbtune: run %s has no checkpoint; its resumption starts from step 0", record.id)
     config = record.config
-    new = store.create(config, {k: record.meta[m] for k, m in
-                                (("key", "key"), ("config_hash", "config_hash"), ("data", "data_id"), ("model", "model_id"))})
+    new = store.create(config, record.cache_key)
     new.update_meta(resumed_from=record.id)
     resumed = Run(new, config, EventStream(new.events_path))
     resumed._resume_from = checkpoint

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.config import TuneConfig
+from nbtune.records import CacheKey, RunSummary
 
 log = logging.getLogger("nbtune")
 
@@ -77,7 +78,7 @@ def _pid_alive(pid: int | None, host: str | None, started: str | None = None) ->
     return started is None or process_start(pid) in (None, started)
 
 
-def cache_key(config: TuneConfig) -> dict[str, str]:
+def cache_key(config: TuneConfig) -> CacheKey:
     """What identifies a result: the config's content hash, the data actually used and the base weights.
 
     Computing it reads the data rows (JSON) and hashes local model files, but imports no torch.
@@ -94,7 +95,7 @@ def cache_key(config: TuneConfig) -> dict[str, str]:
     import hashlib
 
     key = hashlib.sha256(f"{config.content_hash}|{data_id}|{model_id}".encode()).hexdigest()[:16]
-    return {"key": key, "config_hash": config.content_hash, "data": data_id, "model": model_id}
+    return CacheKey(key=key, config_hash=config.content_hash, data_id=data_id, model_id=model_id)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class RunRecord:
         """finished / stopped / failed / running / queued / interrupted (a dead process left it running)."""
         summary = self.summary
         if summary is not None:
-            return summary.get("state", "failed")
+            return summary.state
         state = self.meta.get("state", "queued")
         if state in ("running", "queued") and not _pid_alive(self.meta.get("pid"), self.meta.get("host"),
                                                              self.meta.get("pid_start")):
@@ -122,9 +123,13 @@ class RunRecord:
         return TuneConfig.from_yaml((self.path / "config.yaml").read_text())
 
     @property
-    def summary(self) -> dict[str, Any] | None:
+    def summary(self) -> RunSummary | None:
         path = self.path / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return RunSummary.from_json(path.read_text()) if path.exists() else None
+
+    @property
+    def cache_key(self) -> CacheKey:
+        return CacheKey.from_dict(self.meta)
 
     @property
     def events_path(self) -> Path:
@@ -158,11 +163,11 @@ class RunStore:
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
 
-    def create(self, config: TuneConfig, key: dict[str, str] | None = None) -> RunRecord:
+    def create(self, config: TuneConfig, key: CacheKey | None = None) -> RunRecord:
         """A new, empty run directory for `config` (atomic mkdir: concurrent creators never collide)."""
         key = key or cache_key(config)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method.name}-{key['key'][:8]}"
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method.name}-{key.key[:8]}"
         for n in range(1000):
             run_id = base if n == 0 else f"{base}-{n}"
             try:
@@ -172,7 +177,8 @@ class RunStore:
                 continue
         path = self.runs_dir / run_id
         meta = {"id": run_id, "created": time.time(), "state": "queued", "pid": os.getpid(),
-                "pid_start": process_start(os.getpid()), "host": socket.gethostname(), "method": config.method.name, **{f"{k}_id" if k in ("data", "model") else k: v for k, v in key.items()}}
+                "pid_start": process_start(os.getpid()), "host": socket.gethostname(), "method": config.method.name,
+                **key.to_dict()}
         write_atomic(path / "config.yaml", config.to_yaml())
         write_atomic(path / "meta.json", json.dumps(meta, indent=2))
         return RunRecord(run_id, path, meta)

@@ -12,6 +12,7 @@ import tarfile
 import time
 from typing import Any
 
+from nbtune.records import RunSummary
 from nbtune.store import RunRecord, RunStore
 
 
@@ -60,9 +61,9 @@ def _find(store: RunStore, prefix: str) -> RunRecord:
 
 def run_row(record: RunRecord) -> dict[str, Any]:
     """The figures a listing shows for one run."""
-    summary = record.summary or {}
+    summary = record.summary
     return {"id": record.id, "state": record.state, "method": record.meta.get("method"),
-            "step": summary.get("step"), "eval_loss": summary.get("final_eval_loss"),
+            "step": getattr(summary, "step", None), "eval_loss": getattr(summary, "final_eval_loss", None),
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(record.meta.get("created", 0)))}
 
 
@@ -92,22 +93,21 @@ def _cell(value: Any) -> str:
 
 def _show(args: argparse.Namespace) -> int:
     record = _find(_store(args), args.run)
-    summary = record.summary or {}
+    summary = record.summary or RunSummary(state=record.state)  # a run still training has no summary yet
     print(f"run               {record.id}")
-    print(f"state             {record.state}" + (f" ({summary['error']})" if summary.get("error") else ""))
+    print(f"state             {record.state}" + (f" ({summary.error})" if summary.error else ""))
     print(f"path              {record.path}")
     for name in ("method", "step", "total_steps", "final_train_loss", "final_eval_loss", "best_eval_loss",
                  "base_eval_loss", "trainable_params", "tokens_per_s", "wall_time_s", "checkpoint"):
-        if summary.get(name) is not None:
-            print(f"{name:<17} {_cell(summary[name])}")
+        if getattr(summary, name) is not None:
+            print(f"{name:<17} {_cell(getattr(summary, name))}")
     if record.meta.get("resumed_from"):
         print(f"resumed_from      {record.meta['resumed_from']}")
-    print(f"cache_key         {record.meta.get('key')} (config {record.meta.get('config_hash')}, "
-          f"data {record.meta.get('data_id')}, model {record.meta.get('model_id')})")
-    versions = summary.get("versions") or {}
-    if versions:
-        print("versions          " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    for suggestion in summary.get("suggestions") or []:
+    key = record.cache_key
+    print(f"cache_key         {key.key} (config {key.config_hash}, data {key.data_id}, model {key.model_id})")
+    if summary.versions:
+        print("versions          " + ", ".join(f"{k} {v}" for k, v in summary.versions.items()))
+    for suggestion in summary.suggestions:
         print(f"suggestion: {suggestion['description']}")
     print("config:")
     print("  " + (record.path / "config.yaml").read_text().rstrip().replace("\n", "\n  "))

@@ -1,8 +1,10 @@
 """Training one config with transformers' Trainer, announcing everything it does as events.
 
 `execute` is the one training path: `nbtune.train` (headless), `nbtune run` (CLI) and `nbtune.launch`
-(background thread in a notebook kernel) all call it. It loads the model and data, applies the method from the
-registry, trains and evaluates, saves the artifact and returns the run's summary.
+(background thread in a notebook kernel) all call it. Read top to bottom it is the steps of a run: prepare the
+data and the model with its method (`_prepare`), `_training_arguments`, `_build_trainer`, `_train`, `_finish`,
+`_save_artifact`, `_summary`. What differs between kinds of training (data, collator, Trainer class, metrics,
+artifact) comes from the run's stage (nbtune/stages.py). Only imported when a run starts: it loads transformers.
 """
 
 from __future__ import annotations
@@ -14,14 +16,20 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
+from nbtune.estimator.estimate import Suggestion
 from nbtune.events import EventStream
 from nbtune.optimizers import OPTIMIZERS
+from nbtune.records import RunSummary
 from nbtune.units import format_bytes
+
+import_heavy()  # the one guarded import: another thread may be loading transformers for the builder right now
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant",
               "constant-with-warmup": "constant_with_warmup"}
@@ -56,86 +64,84 @@ def memory_now() -> dict[str, float]:
     return {"rss": rss, "peak_rss": peak}
 
 
-def _make_callback_classes() -> tuple[type, type]:
-    from transformers import Trainer, TrainerCallback
+class EventCallback(TrainerCallback):
+    """Turns the Trainer's logs into step/eval events and honours the stop flag at step boundaries."""
 
-    class EventCallback(TrainerCallback):
-        """Turns the Trainer's logs into step/eval events and honours the stop flag at step boundaries."""
+    def __init__(self, events: EventStream, stop: threading.Event, total_steps: int):
+        self.events = events
+        self.stop = stop
+        self.total_steps = total_steps
+        self.last_time = time.perf_counter()
+        self.last_tokens = 0
+        self.last_step = 0
+        self.started = time.perf_counter()
 
-        def __init__(self, events: EventStream, stop: threading.Event, total_steps: int):
-            self.events = events
-            self.stop = stop
-            self.total_steps = total_steps
-            self.last_time = time.perf_counter()
-            self.last_tokens = 0
-            self.last_step = 0
-            self.started = time.perf_counter()
+    def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+        self.last_time = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen
+        self.last_step = state.global_step
+        if self.stop.is_set():
+            control.should_training_stop = True
 
-        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-            self.last_time = time.perf_counter()
-            self.last_tokens = state.num_input_tokens_seen
-            self.last_step = state.global_step
-            if self.stop.is_set():
-                control.should_training_stop = True
+    def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+        if self.stop.is_set():
+            control.should_training_stop = True
+            raise StopRequested
 
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
-            if self.stop.is_set():
-                control.should_training_stop = True
-                raise StopRequested
+    def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+        if self.stop.is_set():
+            control.should_training_stop = True
 
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            if self.stop.is_set():
-                control.should_training_stop = True
+    def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self.last_time, 1e-9)
+        tokens = state.num_input_tokens_seen - self.last_tokens
+        steps = state.global_step - self.last_step
+        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.last_time, self.last_tokens, self.last_step = now, state.num_input_tokens_seen, state.global_step
+        loss = float(logs["loss"])
+        self.events.emit(
+            "step", step=state.global_step, total_steps=self.total_steps, epoch=state.epoch, loss=loss,
+            learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+            tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed,
+            tokens_seen=state.num_input_tokens_seen, elapsed_s=now - self.started, memory=memory_now(),
+        )
+        if not math.isfinite(loss):
+            raise LossNotFinite(f"the training loss became {loss} at step {state.global_step}")
 
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            logs = logs or {}
-            if "loss" not in logs:
-                return
-            now = time.perf_counter()
-            elapsed = max(now - self.last_time, 1e-9)
-            tokens = state.num_input_tokens_seen - self.last_tokens
-            steps = state.global_step - self.last_step
-            samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-            self.last_time, self.last_tokens, self.last_step = now, state.num_input_tokens_seen, state.global_step
-            loss = float(logs["loss"])
-            self.events.emit(
-                "step", step=state.global_step, total_steps=self.total_steps, epoch=state.epoch, loss=loss,
-                learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed,
-                tokens_seen=state.num_input_tokens_seen, elapsed_s=now - self.started, memory=memory_now(),
-            )
-            if not math.isfinite(loss):
-                raise LossNotFinite(f"the training loss became {loss} at step {state.global_step}")
+    def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001
+        metrics = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()
+                   if not k.endswith(("_runtime", "_per_second")) and k not in ("epoch", "step")}
+        if "loss" in metrics and metrics["loss"] is not None and math.isfinite(metrics["loss"]):
+            metrics.setdefault("perplexity", math.exp(min(metrics["loss"], 50.0)))
+        self.events.emit("eval", step=state.global_step, epoch=state.epoch, **metrics)
 
-        def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001
-            metrics = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()
-                       if not k.endswith(("_runtime", "_per_second")) and k not in ("epoch", "step")}
-            if "loss" in metrics and metrics["loss"] is not None and math.isfinite(metrics["loss"]):
-                metrics.setdefault("perplexity", math.exp(min(metrics["loss"], 50.0)))
-            self.events.emit("eval", step=state.global_step, epoch=state.epoch, **metrics)
 
-    class MethodTrainer(Trainer):
-        """A Trainer whose training loss may come from the method (e.g. distillation), and which never
-        saves a checkpoint whose trainable weights are NaN or infinite (so the last one kept is good)."""
+class MethodTrainer(Trainer):
+    """A Trainer whose training loss may come from the method (e.g. distillation), and which never
+    saves a checkpoint whose trainable weights are NaN or infinite (so the last one kept is good)."""
 
-        method_loss = None
-        method_context = None
+    def __init__(self, *args: Any, method_loss: Any = None, method_context: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.method_loss = method_loss  # (model, inputs, ctx) -> (loss, outputs), or None: the model's own loss
+        self.method_context = method_context
 
-        def _save_checkpoint(self, model, trial):  # noqa: ANN001
-            import torch
+    def _save_checkpoint(self, model, trial):  # noqa: ANN001
+        import torch
 
-            for name, p in self.model.named_parameters():
-                if p.requires_grad and not bool(torch.isfinite(p).all()):
-                    raise LossNotFinite(f"the weights became non-finite ({name}) at step {self.state.global_step}")
-            return super()._save_checkpoint(model, trial)
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                raise LossNotFinite(f"the weights became non-finite ({name}) at step {self.state.global_step}")
+        return super()._save_checkpoint(model, trial)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            if self.method_loss is not None and model.training:
-                loss, outputs = self.method_loss(model, inputs, self.method_context)
-                return (loss, outputs) if return_outputs else loss
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
-
-    return EventCallback, MethodTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        if self.method_loss is not None and model.training:
+            loss, outputs = self.method_loss(model, inputs, self.method_context)
+            return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 SMALL_MODEL_PARAMS = 50_000_000
@@ -163,70 +169,104 @@ def _checkpointing_args(arguments_class: type, enabled: bool) -> dict[str, Any]:
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def _accuracy(eval_prediction: Any) -> dict[str, float]:
-    import numpy as np
+@dataclass
+class _Prepared:
+    """What a run has before its Trainer exists: the stage, data, the model with its method, and precision."""
 
-    logits = eval_prediction.predictions
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return {"accuracy": float((np.argmax(logits, axis=-1) == eval_prediction.label_ids).mean())}
+    stage: Any  # stages.Stage
+    tokenizer: Any
+    data: Any  # data.PreparedData
+    built: Any  # models.BuiltModel
+    total_steps: int
+    precision: Any  # precision.Choice: what training.precision became here, and why
+    dtype: Any  # precision.Choice: what model.dtype became here, and why
+    trainable: int
+    total: int
+    on_gpu: bool
+
+
+@dataclass
+class _Outcome:
+    """How the training loop ended."""
+
+    stopped: bool
+    step: int
+    train_seconds: float
+    threads: int | None  # CPU threads training used
+    checkpoint: Path | None = None
 
 
 def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: threading.Event | None = None,
-            resume_from: Path | None = None, extra_callbacks: list[Any] | None = None) -> dict[str, Any]:
+            resume_from: Path | None = None, extra_callbacks: list[Any] | None = None) -> RunSummary:
     """Train `config`, writing checkpoints and the artifact under `run_dir`; returns the summary.
 
     Raises on failure (the caller records it). A set `stop` ends training at the next step boundary and the
     summary's state is "stopped", with a checkpoint to resume from.
     """
-    import_heavy()
-    import torch
     import transformers
-    from transformers import TrainingArguments, set_seed
-
-    from nbtune import data as data_module
-    from nbtune import models
-    from nbtune import precision as precision_module
-    from nbtune.methods import MethodContext, registry
-    from nbtune.methods.artifacts import save_trained
-    from nbtune.methods.counting import count_parameters
+    from transformers import set_seed
 
     stop = stop or threading.Event()
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
-    t = config.training
-    method = registry.get(config.method.name)
-    params = config.method_params
-    set_seed(t.seed)
+    set_seed(config.training.seed)
+    prepared = _prepare(config)
+    args = _training_arguments(config, prepared, run_dir)
+    trainer = _build_trainer(prepared, args, EventCallback(events, stop, prepared.total_steps), extra_callbacks or [])
+    _announce_start(events, config, prepared, resume_from)
+    outcome = _train(trainer, prepared, stop, resume_from)
+    _finish(trainer, config, prepared, outcome, events)
+    artifact = _save_artifact(trainer.model, config, prepared, run_dir)
+    summary = _summary(config, prepared, trainer, outcome, events, artifact, time.perf_counter() - started)
+    # Drop every reference to the model, optimizer and data before returning, so memory can be freed.
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    trainer.train_dataset = trainer.eval_dataset = None
+    prepared.built.ctx.extras.clear()
+    prepared.built = prepared.data = None
+    return summary
 
+
+def _prepare(config: TuneConfig) -> _Prepared:
+    """The run's stage, tokenizer and data, and the model with its method, in the precision chosen here."""
+    import torch
+
+    from nbtune import models, stages
+    from nbtune import precision as precision_module
+    from nbtune.methods.counting import count_parameters
+
+    stage = stages.for_config(config)
     tokenizer = models.load_tokenizer(config)
-    prepared = data_module.prepare(config, tokenizer)
+    data = stage.prepare_data(config, tokenizer)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    micro_steps_per_epoch = math.ceil(len(prepared.train) / t.micro_batch_size)
-    steps_per_epoch = max(1, micro_steps_per_epoch // t.gradient_accumulation_steps)
-    total_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    total_steps = _total_steps(config, len(data.train))
     # "auto" resolves against this machine; the config (the cache key) keeps "auto"
     device = precision_module.this_device()
     concrete, _, dtype = precision_module.resolve(config, device)
-    ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=len(prepared.labels) or None,
-                        dtype=dtype.value, extras={"total_steps": total_steps})
-    load_kwargs = method.hook("load_kwargs")(params, ctx) if method.load_kwargs else {}
-    base = models.load_model(concrete, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)
-    if prepared.labels:
-        base.config.id2label = dict(enumerate(prepared.labels))
-        base.config.label2id = {name: i for i, name in enumerate(prepared.labels)}
-    ctx.model_config = base.config
-    model = method.hook("apply")(base, params, ctx)
-    del base
-    trainable, total = count_parameters(model)
+    built = models.build(concrete, tokenizer=tokenizer, labels=data.labels, dtype=dtype.value,
+                         extras={"total_steps": total_steps})
+    trainable, total = count_parameters(built.model)
     if trainable == 0:
-        raise ValueError(f"method {method.name} left no trainable parameters on this model")
-    precision = precision_module.choose_precision(t.precision, device, total)
+        raise ValueError(f"method {built.method.name} left no trainable parameters on this model")
+    precision = precision_module.choose_precision(config.training.precision, device, total)
     precision_module.warn_if_slow(precision, dtype)
+    return _Prepared(stage, tokenizer, data, built, total_steps, precision, dtype, trainable, total, on_gpu)
 
-    args = TrainingArguments(
+
+def _total_steps(config: TuneConfig, train_rows: int) -> int:
+    t = config.training
+    micro_steps_per_epoch = math.ceil(train_rows / t.micro_batch_size)
+    steps_per_epoch = max(1, micro_steps_per_epoch // t.gradient_accumulation_steps)
+    return t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+
+
+def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) -> Any:
+    from transformers import TrainingArguments
+
+    t = config.training
+    evaluates = bool(prepared.data.eval)
+    return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=max(t.micro_batch_size, 16),
@@ -238,16 +278,16 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         lr_scheduler_type=SCHEDULERS[t.scheduler],
         weight_decay=t.weight_decay,
         optim=OPTIMIZERS[t.optimizer].trainer_name,
-        optim_args="momentum=0.9" if t.optimizer == "sgd" else None,
-        bf16=precision.value == "bf16",
-        fp16=precision.value == "fp16",
+        optim_args="momentum=0.9" if OPTIMIZERS[t.optimizer].state == "momentum" else None,
+        bf16=prepared.precision.value == "bf16",
+        fp16=prepared.precision.value == "fp16",
         **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
         data_seed=t.seed,
-        eval_strategy="steps" if (t.eval_every and prepared.eval) else "no",
+        eval_strategy="steps" if (t.eval_every and evaluates) else "no",
         eval_steps=t.eval_every,
-        eval_on_start=bool(prepared.eval),
+        eval_on_start=evaluates,
         logging_steps=t.log_every,
         logging_nan_inf_filter=False,  # a NaN loss must reach the step event (and stop the run), not be averaged away
         save_strategy="steps" if t.checkpoint_every else "no",
@@ -255,38 +295,50 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
-        use_cpu=not on_gpu,
+        use_cpu=not prepared.on_gpu,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,
-        prediction_loss_only=config.model.task != "seq-cls",
+        dataloader_pin_memory=prepared.on_gpu,
+        prediction_loss_only=prepared.stage.metrics(config.model.task) is None,  # logits only for a metric
     )
-    EventCallback, MethodTrainer = _make_callback_classes()
-    callback = EventCallback(events, stop, total_steps)
-    method_callbacks = method.hook("callbacks")(model, params, ctx) if method.callbacks else []
-    trainer = MethodTrainer(
-        model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval or None,
-        data_collator=data_module.Collator(tokenizer.pad_token_id, config.model.task),
-        compute_metrics=_accuracy if config.model.task == "seq-cls" else None,
-        callbacks=[callback, *method_callbacks, *(extra_callbacks or [])],
+
+
+def _build_trainer(prepared: _Prepared, args: Any, event_callback: Any, extra_callbacks: list[Any]) -> Any:
+    """The stage's Trainer over the prepared data, with the method's loss and callbacks; no progress bars."""
+    import transformers
+
+    built, data, stage, task = prepared.built, prepared.data, prepared.stage, prepared.built.ctx.task
+    method_callbacks = built.method.callbacks(built.model, built.params, built.ctx) if built.method.callbacks else []
+    trainer = stage.trainer_class()(
+        model=built.model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
+        data_collator=stage.collator(prepared.tokenizer, task), compute_metrics=stage.metrics(task),
+        callbacks=[event_callback, *method_callbacks, *extra_callbacks],
+        method_loss=built.method.compute_loss, method_context=built.ctx,
     )
-    trainer.method_loss = method.hook("compute_loss")
-    trainer.method_context = ctx
     for name in ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback"):
         cls = getattr(transformers.trainer_callback, name, None) or getattr(transformers, name, None)
         if cls is not None:
             trainer.remove_callback(cls)
+    return trainer
 
-    events.emit("started", total_steps=total_steps, trainable_params=trainable, total_params=total,
-                method=method.name, learning_rate=config.learning_rate, precision=precision.value,
-                precision_reason=precision.reason, dtype=dtype.value, dtype_reason=dtype.reason,
-                device="cuda" if on_gpu else "cpu", train_rows=len(prepared.train), eval_rows=len(prepared.eval),
+
+def _announce_start(events: EventStream, config: TuneConfig, prepared: _Prepared, resume_from: Path | None) -> None:
+    p = prepared
+    events.emit("started", total_steps=p.total_steps, trainable_params=p.trainable, total_params=p.total,
+                method=p.built.method.name, learning_rate=config.learning_rate, precision=p.precision.value,
+                precision_reason=p.precision.reason, dtype=p.dtype.value, dtype_reason=p.dtype.reason,
+                device="cuda" if p.on_gpu else "cpu", train_rows=len(p.data.train), eval_rows=len(p.data.eval),
                 resumed_from=str(resume_from) if resume_from else None)
 
+
+def _train(trainer: Any, prepared: _Prepared, stop: threading.Event, resume_from: Path | None) -> _Outcome:
+    """Run the training loop (on one CPU thread for small models); a stop ends it at a step boundary."""
+    import torch
+
+    started = time.perf_counter()
     stopped_early = False
-    load_seconds = time.perf_counter() - started
-    threads = cpu_threads(total) if not on_gpu else None
+    threads = cpu_threads(prepared.total) if not prepared.on_gpu else None
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -299,86 +351,79 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
         raise
     finally:
         torch.set_num_threads(previous_threads)
-    stopped = stopped_early or stop.is_set()
-    train_seconds = time.perf_counter() - started - load_seconds
-    step = trainer.state.global_step
+    used = threads or (None if prepared.on_gpu else previous_threads)
+    return _Outcome(stopped_early or stop.is_set(), trainer.state.global_step, time.perf_counter() - started, used)
 
-    checkpoint = None
-    if stopped:  # keep what was learned so far, resumable
+
+def _finish(trainer: Any, config: TuneConfig, prepared: _Prepared, outcome: _Outcome, events: EventStream) -> None:
+    """A stopped run keeps what it learned as a resumable checkpoint; a finished one gets its final eval."""
+    every = config.training.eval_every
+    if outcome.stopped:
         trainer._save_checkpoint(trainer.model, trial=None)
-        checkpoint = Path(args.output_dir) / f"checkpoint-{step}"
-        events.emit("checkpoint", step=step, path=str(checkpoint))
-    elif prepared.eval and (not t.eval_every or step % t.eval_every):
+        outcome.checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{outcome.step}"
+        events.emit("checkpoint", step=outcome.step, path=str(outcome.checkpoint))
+    elif prepared.data.eval and (not every or outcome.step % every):
         trainer.evaluate()  # the final eval, unless the last step just evaluated
 
-    artifact = run_dir / "artifact"
-    partial = run_dir / "artifact.partial"
+
+def _save_artifact(model: Any, config: TuneConfig, prepared: _Prepared, run_dir: Path) -> Path:
+    """The stage saves the trained model into artifact.partial, renamed into place once complete."""
+    artifact, partial = run_dir / "artifact", run_dir / "artifact.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    save_trained(trainer.model, method, partial, ctx, config=config)
+    prepared.stage.save_artifact(model, prepared.built.method, partial, prepared.built.ctx, config)
     shutil.rmtree(artifact, ignore_errors=True)
     partial.rename(artifact)
+    return artifact
 
+
+def _summary(config: TuneConfig, prepared: _Prepared, trainer: Any, outcome: _Outcome, events: EventStream,
+             artifact: Path, wall_seconds: float) -> RunSummary:
+    """What the run measured: losses and accuracy from its eval events, parameters, time, speed, memory."""
+    p = prepared
     evals = [e.data for e in events.history if e.kind == "eval"]
     steps = [e.data for e in events.history if e.kind == "step"]
     tokens = trainer.state.num_input_tokens_seen
-    summary: dict[str, Any] = {
-        "state": "stopped" if stopped else "finished",
-        "method": method.name,
-        "step": step,
-        "total_steps": total_steps,
-        "epoch": trainer.state.epoch,
-        "learning_rate": config.learning_rate,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "final_train_loss": steps[-1]["loss"] if steps else None,
-        "final_eval_loss": evals[-1].get("loss") if evals and len(evals) > 1 else None,
-        "best_eval_loss": min((e["loss"] for e in evals[1:] if e.get("loss") is not None), default=None),
-        "base_eval_loss": evals[0].get("loss") if evals and evals[0].get("step") == 0 else None,
-        "final_eval_accuracy": evals[-1].get("accuracy") if len(evals) > 1 else None,
-        "base_eval_accuracy": evals[0].get("accuracy") if evals and evals[0].get("step") == 0 else None,
-        "final_perplexity": evals[-1].get("perplexity") if len(evals) > 1 else None,
-        "wall_time_s": time.perf_counter() - started,
-        "train_time_s": train_seconds,
-        "tokens_seen": tokens,
-        "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
-        "peak_memory": memory_now(),
-        "device": "cuda" if on_gpu else "cpu",
-        "cpu_threads": threads or (None if on_gpu else previous_threads),
-        "precision": precision.value,
-        "precision_reason": precision.reason,
-        "dtype": dtype.value,
-        "dtype_reason": dtype.reason,
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "artifact_path": str(artifact),
-        "artifact_bytes": sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()),
-        "data": {"fingerprint": prepared.fingerprint, "truncated": prepared.truncated, **prepared.stats,
-                 "labels": list(prepared.labels)},
-        "versions": library_versions(),
-    }
-    summary.update(_estimate_beside_measured(config, summary))
-    # Drop every reference to the model, optimizer and data before returning, so memory can be freed.
-    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
-    trainer.train_dataset = trainer.eval_dataset = None
-    ctx.extras.clear()
-    del trainer, model, prepared
+    base = evals[0] if evals and evals[0].get("step") == 0 else {}  # the untuned model, evaluated at step 0
+    final = evals[-1] if len(evals) > 1 else {}
+    summary = RunSummary(
+        state="stopped" if outcome.stopped else "finished", method=p.built.method.name, step=outcome.step,
+        total_steps=p.total_steps, epoch=trainer.state.epoch, learning_rate=config.learning_rate,
+        trainable_params=p.trainable, total_params=p.total, trainable_percent=100.0 * p.trainable / p.total,
+        final_train_loss=steps[-1]["loss"] if steps else None,
+        final_eval_loss=final.get("loss"), best_eval_loss=min(
+            (e["loss"] for e in evals[1:] if e.get("loss") is not None), default=None),
+        base_eval_loss=base.get("loss"), final_eval_accuracy=final.get("accuracy"),
+        base_eval_accuracy=base.get("accuracy"), final_perplexity=final.get("perplexity"),
+        wall_time_s=wall_seconds, train_time_s=outcome.train_seconds, tokens_seen=tokens,
+        tokens_per_s=tokens / outcome.train_seconds if outcome.train_seconds > 0 else None,
+        peak_memory=memory_now(), device="cuda" if p.on_gpu else "cpu", cpu_threads=outcome.threads,
+        precision=p.precision.value, precision_reason=p.precision.reason,
+        dtype=p.dtype.value, dtype_reason=p.dtype.reason,
+        checkpoint=str(outcome.checkpoint) if outcome.checkpoint else None, artifact_path=str(artifact),
+        artifact_bytes=sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()),
+        data={"fingerprint": p.data.fingerprint, "truncated": p.data.truncated, **p.data.stats,
+              "labels": list(p.data.labels)},
+        versions=library_versions(),
+    )
+    _estimate_beside_measured(config, summary)
     return summary
 
 
-def _estimate_beside_measured(config: TuneConfig, summary: dict[str, Any]) -> dict[str, Any]:
+def _estimate_beside_measured(config: TuneConfig, summary: RunSummary) -> None:
     """The estimator's peak beside the measured one (GPU only: CPU RSS is no match for GPU memory)."""
     try:
         from nbtune.estimator import estimate_memory
 
-        estimate = estimate_memory(config).total_bytes
+        summary.estimated_peak_bytes = estimate_memory(config).total_bytes
     except Exception as err:  # the estimate is informative; a run never fails for it
-        return {"estimated_peak_bytes": None, "estimate_note": f"no estimate: {err}"}
-    if summary["device"] == "cuda":
-        measured = summary["peak_memory"]["peak_reserved"]
-        return {"estimated_peak_bytes": estimate, "measured_peak_bytes": measured,
-                "estimate_error_percent": 100.0 * (estimate - measured) / measured}
-    return {"estimated_peak_bytes": estimate, "measured_peak_bytes": None,
-            "estimate_note": "CPU run: process memory (RSS) is not comparable with a GPU estimate"}
+        summary.estimate_note = f"no estimate: {err}"
+        return
+    if summary.device == "cuda":
+        measured = summary.peak_memory["peak_reserved"]
+        summary.measured_peak_bytes = measured
+        summary.estimate_error_percent = 100.0 * (summary.estimated_peak_bytes - measured) / measured
+    else:
+        summary.estimate_note = "CPU run: process memory (RSS) is not comparable with a GPU estimate"
 
 
 def library_versions() -> dict[str, str]:
@@ -393,7 +438,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def failure_summary(config: TuneConfig, err: BaseException, events: EventStream) -> dict[str, Any]:
+def failure_summary(config: TuneConfig, err: BaseException, events: EventStream) -> RunSummary:
     """How a failed run is recorded: the reason in plain words, the step reached, and for out-of-memory the
     cheapest changes that would fit."""
     import traceback
@@ -402,22 +447,20 @@ def failure_summary(config: TuneConfig, err: BaseException, events: EventStream)
     step = getattr(err, "step_reached", None)
     if step is None:
         step = steps[-1]["step"] if steps else 0
-    summary: dict[str, Any] = {"state": "failed", "step": step, "method": config.method.name,
-                               "error_type": type(err).__name__,
-                               "traceback": "".join(traceback.format_exception(err))[-4000:],
-                               "versions": library_versions()}
+    summary = RunSummary(state="failed", step=step, method=config.method.name, error_type=type(err).__name__,
+                         traceback="".join(traceback.format_exception(err))[-4000:], versions=library_versions())
     if _is_out_of_memory(err):
-        summary["error"] = f"out of memory at step {step}"
-        summary["suggestions"] = _memory_suggestions(config)
-        if summary["suggestions"]:
-            first = summary["suggestions"][0]
-            summary["error"] += "; try " + first["description"]
-            if first.get("total_bytes"):
-                summary["error"] += f" (estimated peak {format_bytes(first['total_bytes'])})"
+        summary.error = f"out of memory at step {step}"
+        suggestions = _memory_suggestions(config)
+        summary.suggestions = [s.to_dict() for s in suggestions]  # as summary.json holds them
+        if suggestions:
+            summary.error += "; try " + suggestions[0].description
+            if suggestions[0].total_bytes:
+                summary.error += f" (estimated peak {format_bytes(suggestions[0].total_bytes)})"
     elif isinstance(err, LossNotFinite):
-        summary["error"] = f"{err}; lower training.learning_rate or set training.max_grad_norm"
+        summary.error = f"{err}; lower training.learning_rate or set training.max_grad_norm"
     else:
-        summary["error"] = f"{type(err).__name__}: {err}"
+        summary.error = f"{type(err).__name__}: {err}"
     return summary
 
 
@@ -427,10 +470,13 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _memory_suggestions(config: TuneConfig) -> list[dict[str, Any]]:
+def _memory_suggestions(config: TuneConfig) -> list[Suggestion]:
     """The cheapest changes that would fit, cheapest first: the estimator's, checked against this GPU, or
-    plain advice (micro-batch with more accumulation, gradient checkpointing, QLoRA) with estimated peaks."""
+    plain advice (micro-batch with more accumulation, gradient checkpointing, the method's lightest alternative)
+    with estimated peaks."""
     import torch
+
+    from nbtune.methods import registry
 
     try:
         from nbtune.estimator import estimate_memory
@@ -438,8 +484,7 @@ def _memory_suggestions(config: TuneConfig) -> list[dict[str, Any]]:
         gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         fitting = estimate_memory(config, gpu=gpu).suggestions if gpu else []
         if fitting:
-            return [{"description": s["title"], "changes": s["changes"], "total_bytes": s.get("total_bytes"),
-                     "fits": s.get("fits")} for s in fitting]
+            return fitting
     except Exception:  # the estimator is advice; a failed run's summary never fails for it
         estimate_memory = None
     t = config.training
@@ -450,8 +495,8 @@ def _memory_suggestions(config: TuneConfig) -> list[dict[str, Any]]:
                       {"training.micro_batch_size": smaller, "training.gradient_accumulation_steps": more}))
     if not t.gradient_checkpointing:
         plain.append(("training.gradient_checkpointing true", {"training.gradient_checkpointing": True}))
-    if config.method.name != "qlora":
-        plain.append(("method qlora", {"method": "qlora"}))
+    for name in registry.get(config.method.name).lighter_methods[-1:]:  # the one that saves the most
+        plain.append((f"method {name}", {"method": name}))
     out = []
     for description, changes in plain:
         total = None
@@ -460,26 +505,16 @@ def _memory_suggestions(config: TuneConfig) -> list[dict[str, Any]]:
                 total = estimate_memory(config.replace(**changes)).total_bytes
             except Exception:
                 total = None
-        out.append({"description": description, "changes": changes, "total_bytes": total})
+        out.append(Suggestion(description, changes, total))
     return out
 
 
 def load_trained_model(run: Any) -> Any:
     """The trained model of a run (its config's base with the saved artifact applied)."""
     from nbtune import models
-    from nbtune.methods import MethodContext, registry
-    from nbtune.methods.artifacts import load_trained
 
-    config = run.config
-    method = registry.get(config.method.name)
-    summary = run.summary or {}
-    labels = (summary.get("data") or {}).get("labels") or []
-    tokenizer = models.load_tokenizer(config)
-    ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=len(labels) or None,
-                        dtype=models.weights_dtype(config))
-    load_kwargs = method.hook("load_kwargs")(config.method_params, ctx) if method.load_kwargs else {}
-    base = models.load_model(config, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)
-    ctx.model_config = base.config
-    model = load_trained(method, base, Path(run.artifact_path), ctx)
+    labels = run.summary.labels if run.summary is not None else []
+    tokenizer = models.load_tokenizer(run.config)
+    model = models.build(run.config, tokenizer=tokenizer, labels=labels, trained=Path(run.artifact_path)).model
     model.eval()
     return model

@@ -99,11 +99,6 @@ RUN_KEYS = ([f"causal-lm:{m}" for m in CAUSAL_METHODS] + ["causal-lm:dora"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> RunStore:
-    return RunStore(tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="module")
 def runs(store: RunStore) -> dict[str, nbtune.Run]:
     launched = {key: nbtune.launch(tune_config(key), store=store) for key in RUN_KEYS}  # they train in turn
     for key, run in launched.items():
@@ -154,14 +149,14 @@ def nbtune_logits(model: Any, run: nbtune.Run) -> tuple[torch.Tensor, torch.Tens
 def full_precision_model(run: nbtune.Run) -> Any:
     """A QLoRA run's adapter on the base loaded unquantized: what merging onto the full-precision base keeps."""
     config = run.config
-    labels = run.summary["data"]["labels"]
+    labels = run.summary.labels
     ctx = MethodContext(task=config.model.task, num_labels=len(labels) or None, dtype=config.model.dtype)
     base = models.load_model(config, num_labels=ctx.num_labels)
     return artifacts.load_trained(registry.get(config.method.name), base, run.artifact_path, ctx)
 
 
 def base_logits(run: nbtune.Run) -> torch.Tensor:
-    labels = run.summary["data"]["labels"]
+    labels = run.summary.labels
     return nbtune_logits(models.load_model(run.config, num_labels=len(labels) or None), run)[1]
 
 
@@ -176,7 +171,7 @@ def assert_same_as_nbtune(name: str, expected: tuple[torch.Tensor, torch.Tensor]
     base = base_logits(run)
     if base.shape == logits.shape:  # the comparison means something only if training changed the model
         assert not torch.allclose(base, logits, atol=1e-5, rtol=1e-4)
-    labels = run.summary["data"]["labels"]
+    labels = run.summary.labels
     if labels:
         assert facts[name]["id2label"] == {str(i): label for i, label in enumerate(labels)}
 

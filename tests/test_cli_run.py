@@ -148,7 +148,7 @@ def test_the_copied_code_run_as_a_script_trains_to_the_end(tmp_path):
     assert out.returncode == 0, out.stderr
     run = RunStore(tmp_path / "store").get(out.stdout.split()[-1])
     assert run.state == "finished", run.summary
-    assert run.summary["step"] == 3 and run.summary["final_eval_loss"] is not None
+    assert run.summary.step == 3 and run.summary.final_eval_loss is not None
 
 
 @pytest.mark.slow  # trains until interrupted
@@ -166,4 +166,4 @@ def test_ctrl_c_stops_the_script_s_run_cleanly(tmp_path):
     child.send_signal(signal.SIGINT)  # the script itself has ended: this reaches the wait at interpreter exit
     child.communicate(timeout=120)
     run = RunStore(tmp_path / "store").get(run_id)
-    assert run.state == "stopped" and 0 < run.summary["step"] < 100_000, run.summary
+    assert run.state == "stopped" and 0 < run.summary.step < 100_000, run.summary

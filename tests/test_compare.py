@@ -32,12 +32,11 @@ def base() -> nbtune.TuneConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(base, tmp_path_factory) -> tuple[Comparison, str]:
-    store = str(tmp_path_factory.mktemp("store"))
+def trained(base, store) -> tuple[Comparison, str]:
     # AdaLoRA's default schedule (tinit 10 + tfinal 20) cannot fit 3 steps: a failing variant must not stop the rest.
     comparison = nbtune.compare(base, methods=METHODS, variants={"broken": {"method": "adalora"}}, store=store,
                                 progress=False)
-    return comparison, store
+    return comparison, str(store.root)
 
 
 def test_table_has_one_row_per_variant_with_real_numbers(trained):
@@ -128,7 +127,7 @@ def test_best_picks_the_right_run(trained):
     table = comparison.to_pandas().loc[METHODS]
     assert comparison.best(by="trainable_params").id == table.loc[table["trainable_params"].idxmin(), "run_id"]
     best = comparison.best()
-    assert best.summary["final_eval_accuracy"] == table["eval_accuracy"].max()
+    assert best.summary.final_eval_accuracy == table["eval_accuracy"].max()
     assert comparison.best(by="tokens_per_s").id == table.loc[table["tokens_per_s"].idxmax(), "run_id"]
 
 
@@ -197,6 +196,31 @@ def test_to_html_is_a_self_contained_report(trained, tmp_path):
     table = re.search(r'<table class="nbtune-comparison">.*?</table>', page, re.S).group(0)
     assert table.count("<tr") == 1 + 4  # header + one row per variant
     assert "Fairness" in page and "seed 0" in page
+
+
+def test_a_report_computes_the_table_once(trained, monkeypatch):
+    # every row reads its run's summary from disk and may estimate memory: a store of many runs re-opens fast
+    # only if the page, its table, the Pareto marks and the charts all draw from one computation
+    comparison, _ = trained
+    rows = comparison.rows
+    calls = []
+    monkeypatch.setattr(comparison, "rows", lambda: calls.append(1) or rows())
+    comparison.to_html()
+    assert len(calls) == 1
+    comparison._repr_html_()
+    assert len(calls) == 2
+
+
+def test_memory_chart_stacks_the_estimate_of_every_variant(trained):
+    comparison, _ = trained
+    fig = comparison.memory_chart()
+    table = comparison.to_pandas()
+    assert {t.name for t in fig.data} >= {"frozen weights", "gradients"}  # the estimator's categories, by label
+    for i, label in enumerate(fig.data[0].x):
+        name = label.removesuffix(" (failed)")
+        stacked = sum(t.y[i] for t in fig.data) * 2**20
+        assert stacked == pytest.approx(table.loc[name, "estimated_peak_bytes"], rel=1e-6), name
+    assert list(fig.data[0].x) == [*METHODS, "broken (failed)"]  # a failed variant says so on the chart
 
 
 def test_notebook_display_is_static_html_with_the_table(trained):

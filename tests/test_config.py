@@ -100,3 +100,29 @@ def test_switching_method_by_name_keeps_shared_parameters():
     switched = config.replace(**{"method.name": "qlora"})
     assert switched.method.name == "qlora" and switched.method.params["r"] == 8
     assert config.replace(**{"method.name": "ia3"}).method.params == {}  # ia3 has no rank
+
+
+def test_every_section_field_states_its_help_and_validation_enforces_its_stated_range():
+    from nbtune.config import section_fields
+
+    for section in ("model", "data", "training"):
+        for f in section_fields(section):
+            assert f.help.strip(), f"{section}.{f.name} has no help"
+            if f.low is None:
+                continue
+            below = f.low - 1 if f.kind == "int" else f.low - 0.5
+            with pytest.raises(ConfigError) as info:
+                TuneConfig(**{section: {f.name: below}})
+            assert info.value.for_field(f"{section}.{f.name}").endswith(f"(got {below!r})")
+            TuneConfig(**{section: {f.name: f.low if f.kind == "int" else (f.high or f.low + 1) * 0.5}})
+
+
+def test_choice_fields_offer_exactly_what_validation_accepts():
+    from nbtune.config import section_fields
+
+    optimizer = next(f for f in section_fields("training") if f.name == "optimizer")
+    assert optimizer.kind == "choice" and "adamw" in optimizer.choices
+    for choice in optimizer.choices:
+        assert TuneConfig(training={"optimizer": choice}).training.optimizer == choice
+    with pytest.raises(ConfigError, match="training.optimizer must be one of adamw"):
+        TuneConfig(training={"optimizer": "adam"})

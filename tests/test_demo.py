@@ -16,8 +16,7 @@ BROKEN = json.dumps({"method": "lora", "method.target_modules": ["no_such_layer"
 
 
 @pytest.mark.slow  # a kernel imports torch and trains two smoke-sized variants
-def test_a_failed_method_fails_the_demo_and_is_marked_in_the_report(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_failed_method_fails_the_demo_and_is_marked_in_the_report(tmp_path, capsys, offline):
     report = tmp_path / "report.html"
     code = demo.main(["--store", str(tmp_path / "store"), "--out", str(report), "--smoke",
                       "--methods", "lora", "--variant", f"broken={BROKEN}"])

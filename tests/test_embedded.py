@@ -28,11 +28,10 @@ def test_import_is_light():
     assert out.stdout.strip() == "False"
 
 
-def test_base_loads_offline_as_causal_lm_and_classifier(tokenizer, monkeypatch):
+def test_base_loads_offline_as_causal_lm_and_classifier(tokenizer, offline):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert EMBEDDED_MODEL == "nbtune:tiny"
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
     lm = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)

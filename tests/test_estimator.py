@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,11 +56,12 @@ def test_instant_terms_match_a_real_step(method, dtype, precision):
     t = terms(config, f, device="cpu")
     real = measure_step(config, model_config)
 
-    assert close(t["frozen"] + t["trainable"] + t["qconst"] - f.teacher_bytes, real["weights"], 0.01)
-    assert close(t["trainable"], real["trainable_weights"], 0.01)
-    assert close(t["grads"], real["gradients"], 0.01)
-    assert close(t["optimizer_state"], real["optimizer_state"], 0.01)
-    saved = t["saved_activations"] + 4 * f.dims["V"] * t["tokens"]  # + the log-softmax the loss keeps
+    w = t.weights
+    assert close(w.frozen + w.trainable + w.constants - f.teacher_bytes, real["weights"], 0.01)
+    assert close(w.trainable, real["trainable_weights"], 0.01)
+    assert close(t.optimizer.gradients, real["gradients"], 0.01)
+    assert close(t.optimizer.state, real["optimizer_state"], 0.01)
+    saved = t.activations.saved + 4 * f.dims["V"] * t.shape.tokens  # + the log-softmax the loss keeps
     assert close(saved, real["saved_activations"], 0.15), (saved, real["saved_activations"])
 
 
@@ -71,7 +73,7 @@ def test_optimizer_state_of_other_optimizers_is_exact(optimizer):
 
     config = tiny_config("full", optimizer=optimizer)
     t = terms(config, facts(config, tiny_llama()))
-    assert close(t["optimizer_state"], measure_step(config, tiny_llama())["optimizer_state"], 0.01)
+    assert close(t.optimizer.state, measure_step(config, tiny_llama())["optimizer_state"], 0.01)
 
 
 def test_checkpointing_eager_attention_and_virtual_tokens_move_activations():
@@ -88,10 +90,9 @@ def test_checkpointing_eager_attention_and_virtual_tokens_move_activations():
     assert longer.breakdown["activations"] > prompt.breakdown["activations"]
 
 
-def test_estimate_for_a_catalogue_model_works_offline_with_exact_counts(monkeypatch):
+def test_estimate_for_a_catalogue_model_works_offline_with_exact_counts(offline):
     from nbtune.estimator import estimate_memory
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = TuneConfig(model={"name_or_path": "meta-llama/Llama-2-7b-hf", "dtype": "bf16"}, method="lora",
                         data={"max_length": 512}, training={"micro_batch_size": 1})
     est = estimate_memory(config, gpu="t4")
@@ -114,12 +115,45 @@ def test_suggestions_are_dotted_changes_that_fit_when_applied():
                         data={"max_length": 2048}, training={"micro_batch_size": 4})
     est = estimate_memory(config, gpu="a100-80gb")
     assert not est.fits()
-    assert est.suggestions and all(s["fits"] for s in est.suggestions)
+    assert est.suggestions and all(s.fits for s in est.suggestions)
     for s in est.suggestions:
-        assert all("." in key for key in s["changes"])
-        again = estimate_memory(apply_changes(config, s["changes"]), gpu="a100-80gb")
-        assert again.total_bytes == s["total_bytes"] and again.fits()
+        assert all("." in key for key in s.changes)
+        again = estimate_memory(apply_changes(config, s.changes), gpu="a100-80gb")
+        assert again.total_bytes == s.total_bytes and again.fits()
     assert estimate_memory(config.replace(method="lora"), gpu="h200").suggestions == []
+
+
+def test_lora_is_told_to_try_qlora_because_its_registry_entry_says_so(offline, monkeypatch):
+    from nbtune.estimator import estimate_memory
+
+    config = TuneConfig(model={"name_or_path": "meta-llama/Llama-2-7b-hf", "dtype": "bf16"}, method="lora",
+                        data={"max_length": 512}, training={"micro_batch_size": 1})
+    est = estimate_memory(config, gpu="t4")
+    assert [s.changes["method.name"] for s in est.suggestions if "method.name" in s.changes] == ["qlora"]
+    assert [d["description"] for d in est.to_dict()["suggestions"]] == [s.description for s in est.suggestions]
+    monkeypatch.setitem(registry._METHODS, "lora", dataclasses.replace(registry.get("lora"), lighter_methods=()))
+    assert not any("method.name" in s.changes for s in estimate_memory(config, gpu="t4").suggestions)
+
+
+def test_bitfit_on_a_llama_like_model_says_it_trains_very_little():
+    from nbtune.estimator import estimate_memory
+
+    bitfit = estimate_memory(tiny_config("bitfit"), tiny_llama(attention_bias=True, mlp_bias=True))
+    assert "this architecture has almost no biases, so BitFit trains very little" in bitfit.notes
+    assert not any("biases" in note for note in estimate_memory(tiny_config("lora"), tiny_llama()).notes)
+
+
+def test_every_optimizer_is_estimated_from_what_it_keeps_per_parameter():
+    from nbtune.estimator import estimate_memory
+    from nbtune.optimizers import OPTIMIZERS
+
+    mc = tiny_llama(hidden_size=256, intermediate_size=688, num_attention_heads=8, vocab_size=1024)
+    estimates = {name: estimate_memory(tiny_config("full", optimizer=name), mc) for name in OPTIMIZERS}
+    state = {name: e.breakdown["optimizer_state"] for name, e in estimates.items()}
+    assert state["paged-adamw"] == state["adamw"] == 2 * state["sgd"]  # fp32 weights: two fp32 moments, one
+    assert state["adamw-8bit"] == state["paged-adamw-8bit"] < 0.3 * state["adamw"]
+    for name, est in estimates.items():
+        assert any("paged optimizer state" in note for note in est.notes) == OPTIMIZERS[name].paged, name
 
 
 def test_instant_tier_is_fast_for_70b_once_the_skeleton_is_cached():
@@ -158,10 +192,9 @@ def test_default_config_estimates_without_arguments():
     assert est.trainable_params > 0 and est.total_bytes > 0
 
 
-def test_cli_prints_breakdown_verdict_and_suggestions(capsys, monkeypatch):
+def test_cli_prints_breakdown_verdict_and_suggestions(capsys, offline):
     from nbtune.estimator.cli import main
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["meta-llama/Llama-2-7b-hf", "--method", "lora", "--batch", "1", "--seq", "512"]) == 0
     out = capsys.readouterr().out
     assert "frozen weights" in out and "fits on" in out
@@ -190,10 +223,11 @@ def test_checkpointed_step_agrees_with_simulation_and_keeps_no_recomputed_block_
                     vocab_size=1024, num_hidden_layers=6)
     config = tiny_config(method, dtype="bf16", gradient_checkpointing=True).replace(**{"data.max_length": 256})
     t = terms(config, facts(config, mc))
-    stored = 2 * 256 * t["tokens"] * 6  # one 16-bit block input per layer
-    assert t["stored_activations"] == stored
-    assert t["activations"] < stored + t["one_layer"]  # the recomputed block is not at the forward end
-    assert t["phases"]["backward"] >= t["phases"]["optimizer step"] - t["step_temp"] + t["one_layer"]
+    acts, phases = t.activations, t.phases
+    stored = 2 * 256 * t.shape.tokens * 6  # one 16-bit block input per layer
+    assert acts.stored == stored
+    assert acts.forward_end < stored + acts.one_layer  # the recomputed block is not at the forward end
+    assert phases["backward"].allocated >= phases["optimizer step"].allocated - t.optimizer.step_temp + acts.one_layer
     sim = simulate_memory(config, mc)
     est = estimate_memory(config, mc)
     assert close(est.allocated_bytes, sim.allocated_bytes, 0.15), (est.allocated_bytes, sim.allocated_bytes)

@@ -111,8 +111,8 @@ def check_method(name: str, task: str, directory: Path, tmp_path: Path, params: 
     params = method.resolve(params or {})
     ctx = MethodContext(task=task, model_config=model_config(task), num_labels=3, dtype="fp32",
                         extras={"total_steps": 100})
-    load_kwargs = method.hook("load_kwargs")(params, ctx) if method.load_kwargs else {}
-    model = method.hook("apply")(load_base(directory, task, load_kwargs), params, ctx)
+    load_kwargs = method.load_kwargs(params, ctx) if method.load_kwargs else {}
+    model = method.apply(load_base(directory, task, load_kwargs), params, ctx)
 
     # (a) the reported trainable count is the independent one, and the meta-skeleton count agrees
     trainable, total = count_parameters(model)
@@ -129,7 +129,7 @@ def check_method(name: str, task: str, directory: Path, tmp_path: Path, params: 
     teacher = ctx.extras.get("teacher")
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()} if teacher else {}
     optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.0)
-    compute_loss = method.hook("compute_loss")
+    compute_loss = method.compute_loss
     for _ in range(2):
         inputs = batch(task)
         loss = compute_loss(model, inputs, ctx)[0] if compute_loss else model(**inputs).loss
@@ -228,6 +228,29 @@ def test_reading_the_built_in_registry_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_method_registered_before_any_read_keeps_every_built_in_and_a_taken_name_is_refused() -> None:
+    # A fresh process: the registry has not been read yet when the user registers.
+    code = f"""
+import pytest
+from nbtune.methods import Method, registry
+from nbtune.methods.selective import apply_full
+
+def mine(name):
+    return Method(name=name, title=name.upper(), family="full", description="mine", paper="-", fields=(),
+                  apply=apply_full, learning_rate=1e-4, is_peft=False)
+
+registry.register(mine("my-full"))
+registry.register(mine("vera"))  # also a peft method: the user's entry wins, peft's is not generated
+assert registry.names(include_generated=False) == {BUILT_IN!r} + ["my-full", "vera"]
+for taken in ("lora", "my-full"):
+    with pytest.raises(ValueError, match=f"method '{{taken}}' is already registered"):
+        registry.register(mine(taken))
+assert registry.get("lora").title == "LoRA" and registry.get("vera").title == "VERA"
+assert len(registry.names()) > {len(BUILT_IN) + 2} and registry.names().count("vera") == 1
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_validation_names_field_value_and_what_is_allowed() -> None:
     lora = registry.get("lora")
     assert lora.check({"r": 0}) == [("method.r", "method.r must be >= 1 (got 0)")]
@@ -243,7 +266,7 @@ def test_bitfit_on_a_model_without_biases_says_so_and_suggests_lora_or_ia3() -> 
     model = auto_class("causal-lm").from_config(model_config("causal-lm", attention_bias=False, mlp_bias=False))
     ctx = MethodContext(task="causal-lm")
     with pytest.raises(ValueError, match="bitfit needs bias parameters, but LlamaForCausalLM has none.*lora or ia3"):
-        registry.get("bitfit").hook("apply")(model, {}, ctx)
+        registry.get("bitfit").apply(model, {}, ctx)
 
 
 def test_freeze_with_more_layers_than_the_model_has_names_the_limit() -> None:
@@ -251,12 +274,12 @@ def test_freeze_with_more_layers_than_the_model_has_names_the_limit() -> None:
     params = registry.get("freeze").resolve({"layers": 5})
     with pytest.raises(ValueError, match=r"method.layers must be between 0 and 2, the layer count of "
                                          r"LlamaForCausalLM \(got 5\)"):
-        registry.get("freeze").hook("apply")(model, params, MethodContext(task="causal-lm"))
+        registry.get("freeze").apply(model, params, MethodContext(task="causal-lm"))
 
 
 def test_freeze_top_only_trains_the_top_layer_and_head_only() -> None:
     model = auto_class("causal-lm").from_config(model_config("causal-lm"))
-    registry.get("freeze").hook("apply")(model, registry.get("freeze").resolve({}), MethodContext(task="causal-lm"))
+    registry.get("freeze").apply(model, registry.get("freeze").resolve({}), MethodContext(task="causal-lm"))
     trained = {n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
                for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"layers", "norm", "lm_head"}
@@ -271,7 +294,7 @@ def test_adalora_reallocates_its_budget_with_live_gradients_inside_the_trainer(t
     method = registry.get("adalora")
     params = method.resolve({"tinit": 0, "tfinal": 1, "deltaT": 1})
     ctx = MethodContext(task="causal-lm", extras={"total_steps": 3})
-    model = method.hook("apply")(auto_class("causal-lm").from_config(model_config("causal-lm")), params, ctx)
+    model = method.apply(auto_class("causal-lm").from_config(model_config("causal-lm")), params, ctx)
     seen = []
     allocate = model.base_model.update_and_allocate
 
@@ -285,7 +308,7 @@ def test_adalora_reallocates_its_budget_with_live_gradients_inside_the_trainer(t
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
                              save_strategy="no", use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=rows,
-            callbacks=method.hook("callbacks")(model, params, ctx)).train()
+            callbacks=method.callbacks(model, params, ctx)).train()
     assert seen == [(0, True), (1, True), (2, True)]
 
 
@@ -296,7 +319,7 @@ def test_prompt_tuning_text_init_starts_from_the_embeddings_of_the_text() -> Non
     method = registry.get("prompt-tuning")
     params = method.resolve({"num_virtual_tokens": 5, "init": "text", "init_text": "ab abc"})
     base = auto_class("causal-lm").from_config(model_config("causal-lm"))
-    model = method.hook("apply")(base, params, MethodContext(task="causal-lm", tokenizer=tokenizer))
+    model = method.apply(base, params, MethodContext(task="causal-lm", tokenizer=tokenizer))
     prompt = model.prompt_encoder["default"].embedding.weight
     words = model.get_input_embeddings().weight
     torch.testing.assert_close(prompt, words[[12, 13, 12, 13, 12]])
@@ -306,7 +329,7 @@ def test_distillation_student_starts_from_every_other_teacher_layer_and_matches_
     teacher = auto_class("causal-lm").from_config(model_config("causal-lm", num_hidden_layers=4))
     method = registry.get("distillation")
     ctx = MethodContext(task="causal-lm")
-    student = method.hook("apply")(teacher, method.resolve({"alpha": 0.25}), ctx)
+    student = method.apply(teacher, method.resolve({"alpha": 0.25}), ctx)
     assert ctx.extras["teacher"] is teacher and not teacher.training
     assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
     for j, i in enumerate((0, 2)):
@@ -316,8 +339,8 @@ def test_distillation_student_starts_from_every_other_teacher_layer_and_matches_
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
 
     # a student identical to its teacher has nothing left to distil: only the hard-label term remains
-    twin = method.hook("apply")(teacher, method.resolve({"alpha": 0.25, "student_layers": 4}), ctx)
-    loss, outputs = method.hook("compute_loss")(twin.eval(), batch("causal-lm"), ctx)
+    twin = method.apply(teacher, method.resolve({"alpha": 0.25, "student_layers": 4}), ctx)
+    loss, outputs = method.compute_loss(twin.eval(), batch("causal-lm"), ctx)
     torch.testing.assert_close(loss, 0.75 * outputs.loss)
 
 
@@ -341,9 +364,9 @@ def test_counting_a_7b_llama_is_exact_and_fast() -> None:
 def test_qlora_keeps_training_after_an_evaluation_on_cpu(base_dirs: dict[str, Path]) -> None:
     method = registry.get("qlora")
     params, ctx = method.resolve({}), MethodContext(task="causal-lm")
-    base = load_base(base_dirs["causal-lm"], "causal-lm", method.hook("load_kwargs")(params, ctx))
+    base = load_base(base_dirs["causal-lm"], "causal-lm", method.load_kwargs(params, ctx))
     assert base.is_loaded_in_4bit
-    model = method.hook("apply")(base, params, ctx)
+    model = method.apply(base, params, ctx)
     inputs = batch("causal-lm")
     for training in (True, False, True):  # the engine evaluates between training steps
         model.train(training)

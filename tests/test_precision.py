@@ -169,7 +169,7 @@ def test_a_run_says_what_auto_became_in_its_start_event_and_summary(tmp_path, mo
         warnings.simplefilter("always")
         started, summary = short_run(tmp_path)
     assert not [w for w in caught if "training.precision" in str(w.message)]  # auto never warns
-    for record in (started, summary):
+    for record in (started, summary.to_dict()):
         assert record["precision"] == "fp32" and "has no native bf16" in record["precision_reason"]
         assert record["dtype"] == "fp32" and record["dtype_reason"] == "fp32: the embedded model is fp32"
 
@@ -177,10 +177,10 @@ def test_a_run_says_what_auto_became_in_its_start_event_and_summary(tmp_path, mo
 def test_on_a_bf16_cpu_the_tiny_embedded_model_trains_in_fp32_unless_bf16_is_chosen(tmp_path, monkeypatch):
     monkeypatch.setenv("NBTUNE_CPU_BF16", "1")
     started, summary = short_run(tmp_path)
-    assert started["precision"] == summary["precision"] == "fp32"
-    assert "1.3M parameters" in summary["precision_reason"]
+    assert started["precision"] == summary.precision == "fp32"
+    assert "1.3M parameters" in summary.precision_reason
     started, summary = short_run(tmp_path / "explicit", precision="bf16")
-    assert (started["precision"], summary["precision"], summary["state"]) == ("bf16", "bf16", "finished")
+    assert (started["precision"], summary.precision, summary.state) == ("bf16", "bf16", "finished")
 
 
 def test_explicit_bf16_on_an_emulating_cpu_warns_once_per_run(tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_once_per_run(tmp_path, monkeypa
     with pytest.warns(UserWarning, match=r"~7x slower than fp32") as caught:
         started, summary = short_run(tmp_path, precision="bf16")
     assert len([w for w in caught if "slower than fp32" in str(w.message)]) == 1
-    assert summary["precision"] == "bf16" and "emulates it" in summary["precision_reason"]
+    assert summary.precision == "bf16" and "emulates it" in summary.precision_reason
 
 
 # ----- the estimator plans for the chosen GPU, not for this machine ---------------------------------------
@@ -198,10 +198,9 @@ def llama2_lora() -> TuneConfig:
                       data={"max_length": 512}, training={"micro_batch_size": 1})
 
 
-def test_the_estimate_resolves_auto_against_the_chosen_gpu(monkeypatch):
+def test_the_estimate_resolves_auto_against_the_chosen_gpu(offline):
     from nbtune.estimator import estimate_memory
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = TuneConfig(model={"name_or_path": "llama-3.1-8b"}, method="lora", training={"micro_batch_size": 1})
     on_t4, on_a100 = estimate_memory(config, gpu="t4"), estimate_memory(config, gpu="a100-40gb")
     assert on_t4.config.training.precision == "fp16" and on_a100.config.training.precision == "bf16"
@@ -210,10 +209,9 @@ def test_the_estimate_resolves_auto_against_the_chosen_gpu(monkeypatch):
     assert any("T4" in note and "no native bf16" in note for note in on_t4.notes)
 
 
-def test_llama_2_7b_lora_with_dtype_auto_plans_16_bit_weights_on_a_bf16_gpu(monkeypatch):
+def test_llama_2_7b_lora_with_dtype_auto_plans_16_bit_weights_on_a_bf16_gpu(offline):
     from nbtune.estimator import estimate_memory
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     estimate = estimate_memory(llama2_lora(), gpu="a100-40gb")
     assert estimate.breakdown["weights"] / 2**30 == pytest.approx(12.55, abs=0.1)
     assert estimate.config.model.dtype == "fp16"  # the checkpoint's own 16-bit dtype

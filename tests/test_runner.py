@@ -62,11 +62,6 @@ class AtStep(TrainerCallback):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> RunStore:
-    return RunStore(tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="module")
 def finished(store: RunStore) -> tuple[nbtune.Run, Remember]:
     remember = Remember()
     run = nbtune.launch(small_config(), store=store, callbacks=[remember])
@@ -91,7 +86,7 @@ def test_a_finished_run_reports_every_step_and_eval_with_timestamps(finished):
     metrics = run.metrics
     assert list(metrics[metrics.kind == "step"].step) == [1, 2, 3, 4, 5, 6]
     assert {"loss", "memory_rss", "learning_rate"} <= set(metrics.columns)
-    assert run.summary["final_eval_loss"] is not None and run.summary["versions"]["transformers"]
+    assert run.summary.final_eval_loss is not None and run.summary.versions["transformers"]
     assert run.artifact_path.is_dir()
 
 
@@ -118,7 +113,7 @@ def test_an_identical_launch_is_served_from_the_store_at_once(finished, store):
     again = nbtune.launch(small_config(), store=store)
     assert time.perf_counter() - start < 1.0
     assert again.id == run.id and again.cached and again.status == "finished"
-    assert again.summary["final_eval_loss"] == run.summary["final_eval_loss"]
+    assert again.summary.final_eval_loss == run.summary.final_eval_loss
     assert list(again.metrics.step) == list(run.metrics.step)
 
 
@@ -153,7 +148,7 @@ def test_launch_returns_before_the_first_step_and_stopping_early_twice_ends_it_s
     run.stop()
     run.stop()
     assert run.wait(timeout=120).status == "stopped"
-    assert run.summary["step"] == 0 and run.events.history[-1].kind == "stopped"
+    assert run.summary.step == 0 and run.events.history[-1].kind == "stopped"
     assert "first step" in run.events.history[-1].data["reason"]
     run.stop()  # stopping an ended run changes nothing
     assert run.status == "stopped"
@@ -182,8 +177,8 @@ def test_stop_mid_run_keeps_a_checkpoint_and_resume_continues_the_step_count(sto
                         callbacks=[AtStep(3, lambda model: holder["run"].stop())])
     holder["run"] = run
     assert run.wait(timeout=300).status == "stopped", run.error
-    assert run.summary["step"] == 3 and run.events.history[-1].kind == "stopped"
-    checkpoint = Path(run.summary["checkpoint"])
+    assert run.summary.step == 3 and run.events.history[-1].kind == "stopped"
+    checkpoint = Path(run.summary.checkpoint)
     assert checkpoint.name == "checkpoint-3"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
     on_disk = [e.data["step"] for e in EventStream.read(run.record.events_path) if e.kind == "step"]
@@ -195,7 +190,7 @@ def test_stop_mid_run_keeps_a_checkpoint_and_resume_continues_the_step_count(sto
     assert resumed.wait(timeout=300).status == "finished", resumed.error
     steps = [e.data["step"] for e in resumed.events.history if e.kind == "step"]
     assert steps == [4, 5, 6, 7, 8]
-    assert resumed.summary["step"] == 8 and resumed.record.meta["resumed_from"] == run.id
+    assert resumed.summary.step == 8 and resumed.record.meta["resumed_from"] == run.id
     # nbtune reports progress; transformers' own printer and progress bars are removed
     out, err = capfd.readouterr()
     assert "'loss'" not in out and "it/s" not in err and "%|" not in err
@@ -211,9 +206,9 @@ def test_out_of_memory_fails_the_run_with_suggestions_frees_it_and_the_next_laun
                             callbacks=[remember, AtStep(2, out_of_memory)])
         assert run.wait(timeout=300).status == "failed"
     assert run.error.startswith("out of memory at step 2")
-    assert run.summary["suggestions"] and "try " in run.error
+    assert run.summary.suggestions and "try " in run.error
     assert any("micro_batch_size" in s["description"] or "qlora" in s["description"]
-               for s in run.summary["suggestions"])
+               for s in run.summary.suggestions)
     assert run.events.history[-1].kind == "failed" and "out of memory" in run.events.history[-1].data["error"]
     assert remember.alive() == []
     following = nbtune.launch(small_config(seed=42, max_steps=2, eval_every=None), store=store)
@@ -250,7 +245,7 @@ def test_an_error_in_a_callback_or_in_the_data_fails_the_run_with_the_original_e
                         callbacks=[AtStep(1, broken)])
     assert run.wait(timeout=300).done and run.status == "failed"
     assert run.error == "RuntimeError: custom hook exploded"
-    assert "custom hook exploded" in run.summary["traceback"]
+    assert "custom hook exploded" in run.summary.traceback
 
     bad_data = small_config(seed=62).replace(**{"data.prompt_template": "{question}"})
     run = nbtune.launch(bad_data, store=store)
@@ -313,3 +308,30 @@ def test_gpu_memory_returns_to_its_baseline_after_a_run(store):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= allocated + 2**20
     assert torch.cuda.memory_reserved() <= reserved + 2**20
+
+
+def test_training_takes_its_data_metrics_and_artifact_from_the_stage(tmp_path, monkeypatch):
+    """The stage seam: a stage's metrics reach the eval events and summary, and its saver writes the artifact."""
+    import dataclasses
+
+    from nbtune import stages
+    from nbtune.training import execute
+
+    supervised = stages.STAGES["supervised"]
+    saved = []
+
+    def top_token_share(prediction: Any) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return {"top_token_share": float((logits.argmax(-1) == 0).mean())}
+
+    def save_and_note(model: Any, method: Any, directory: Path, ctx: Any, config: TuneConfig) -> Any:
+        saved.append(method.name)
+        return supervised.save_artifact(model, method, directory, ctx, config)
+
+    stage = dataclasses.replace(supervised, metrics=lambda task: top_token_share, save_artifact=save_and_note)
+    monkeypatch.setattr(stages, "for_config", lambda config: stage)
+    events = EventStream()
+    summary = execute(small_config(max_steps=2, eval_every=None), tmp_path / "run", events)
+    evals = [e.data for e in events.history if e.kind == "eval"]
+    assert evals and all(0.0 <= e["top_token_share"] <= 1.0 for e in evals)
+    assert saved == ["lora"] and summary.state == "finished" and (tmp_path / "run" / "artifact").is_dir()

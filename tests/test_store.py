@@ -19,6 +19,7 @@ import pytest
 
 from nbtune import TuneConfig, embedded
 from nbtune.events import EventStream
+from nbtune.records import CacheKey, RunSummary
 from nbtune.store import RunRecord, RunStore, cache_key, default_root, write_atomic
 from nbtune.store_cli import add_store_parsers
 
@@ -87,7 +88,7 @@ def test_the_cache_key_names_config_data_content_and_base_model_but_not_library_
     config = small_config()
     key = cache_key(config)
     assert cache_key(small_config()) == key
-    assert cache_key(small_config(learning_rate=1e-3))["key"] != key["key"]
+    assert cache_key(small_config(learning_rate=1e-3)).key != key.key
 
     # the same config over a file whose rows changed is a different result
     data_file = tmp_path / "rows.jsonl"
@@ -96,7 +97,7 @@ def test_the_cache_key_names_config_data_content_and_base_model_but_not_library_
     before = cache_key(on_file)
     data_file.write_text("\n".join(json.dumps(r) for r in ROWS[:-1]))
     after = cache_key(on_file)
-    assert after["config_hash"] == before["config_hash"] and after["key"] != before["key"]
+    assert after.config_hash == before.config_hash and after.key != before.key
 
     # the same config on a base model whose files changed is a different result
     base = tmp_path / "base"
@@ -104,14 +105,43 @@ def test_the_cache_key_names_config_data_content_and_base_model_but_not_library_
     local = config.replace(**{"model.name_or_path": str(base)})
     before = cache_key(local)
     (base / "generation_config.json").write_text('{"changed": true}')
-    assert cache_key(local)["key"] != before["key"]
-    assert "versions" not in json.dumps(key) and "torch" not in json.dumps(key)
+    assert cache_key(local).key != before.key
+    assert "versions" not in json.dumps(key.to_dict()) and "torch" not in json.dumps(key.to_dict())
+
+
+def test_a_run_folder_and_its_summary_name_the_cache_key_the_same_way(tmp_path):
+    config = small_config()
+    record = RunStore(tmp_path).create(config)
+    stored = json.loads((record.path / "meta.json").read_text())
+    assert RunStore(tmp_path).get(record.id).cache_key == cache_key(config) == CacheKey.from_dict(stored)
+    assert {"key", "config_hash", "data_id", "model_id"} <= set(stored)
+    summary = RunSummary(state="finished", cache=record.cache_key)
+    assert RunSummary.from_json(summary.to_json()) == summary
+
+
+def test_a_summary_written_by_an_older_nbtune_still_reads_and_unknown_keys_survive_a_rewrite(tmp_path):
+    older = {"state": "stopped", "step": 0, "error": None, "method": "lora", "checkpoint": None,
+             "reason": "stopped before the first step", "data": None,
+             "cache": {"key": "0123456789abcdef", "config_hash": "c", "data_id": "d", "model_id": "m"}}
+    newer = {"state": "finished", "step": 6, "final_eval_loss": 1.25, "a_later_figure": {"x": 1}}
+    store = RunStore(tmp_path)
+    for summary in (older, newer):
+        record = store.create(small_config(seed=len(summary)))
+        write_atomic(record.path / "summary.json", json.dumps(summary))
+        read = store.get(record.id).summary
+        assert (read.state, read.step, read.final_eval_accuracy, read.data, read.labels) == (
+            summary["state"], summary["step"], None, {}, [])
+        written = {k: v for k, v in summary.items() if v is not None}
+        assert {k: v for k, v in read.to_dict().items() if k in written} == written  # nothing lost or changed
+    assert store.get(record.id).summary.extra == {"a_later_figure": {"x": 1}}
+    assert store.list()[0].summary.cache == CacheKey("0123456789abcdef", "c", "d", "m")
+    assert store.list()[0].state == "stopped"
 
 
 def test_only_a_finished_run_is_served_from_the_cache(tmp_path):
     store = RunStore(tmp_path)
     config = small_config()
-    key = cache_key(config)["key"]
+    key = cache_key(config).key
     ended_run(store, config, state="stopped")
     ended_run(store, config, state="failed")
     assert store.find_finished(key) is None
@@ -187,7 +217,7 @@ def test_export_and_import_carry_runs_between_stores(tmp_path, caplog):
     target = RunStore(tmp_path / "b")
     assert sorted(target.import_(archive)) == sorted([first.id, second.id])
     imported = target.get(first.id)
-    assert imported.state == "finished" and imported.summary["final_eval_loss"] == 1.25
+    assert imported.state == "finished" and imported.summary.final_eval_loss == 1.25
     assert (imported.artifact_path / "adapter_model.safetensors").read_bytes() == b"\0" * 64
     assert not (imported.path / "checkpoints").exists()
     assert not (imported.artifact_path / "training_args.bin").exists()
@@ -233,6 +263,7 @@ import json, sys, time
 from pathlib import Path
 from nbtune import TuneConfig
 from nbtune.events import EventStream
+from nbtune.records import CacheKey, RunSummary
 from nbtune.store import RunStore, write_atomic
 root, go, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 rows = [{"q": f"Q: what is {i} plus {j}?\\nA:", "a": f" {i + j}"} for i in range(20) for j in range(10)]
@@ -269,7 +300,7 @@ def test_two_processes_writing_the_same_store_at_once_lose_nothing(tmp_path):
     assert len(runs) == 50 and len({r.id for r in runs}) == 50
     assert sorted(r.meta["writer"] for r in runs) == ["a"] * 25 + ["b"] * 25
     for record in runs:
-        assert record.state == "finished" and record.summary["writer"] == record.meta["writer"]
+        assert record.state == "finished" and record.summary.extra["writer"] == record.meta["writer"]
         assert [e.kind for e in EventStream.read(record.events_path)] == ["step"] * 5 + ["finished"]
 
 

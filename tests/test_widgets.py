@@ -7,8 +7,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from nbtune.widgets import progress
 
-from nbtune import TuneConfig, ui_support
+from nbtune import TuneConfig
+from nbtune.config import section_fields
 from nbtune.events import Event, EventStream
 from nbtune.methods import registry
 
@@ -17,6 +19,7 @@ pytest.importorskip("ipywidgets")
 from nbtune.widgets import charts  # noqa: E402
 from nbtune.widgets.builder import Builder  # noqa: E402
 from nbtune.widgets.dashboard import Dashboard  # noqa: E402
+from nbtune.widgets.forms import parse_value  # noqa: E402
 
 NEVER = 3600.0  # a debounce that never fires during a test: no estimate runs unless the test asks for one
 
@@ -95,6 +98,20 @@ def test_changing_the_method_swaps_in_its_registry_fields_with_help_as_tooltips(
     b.method.value = "ia3"
     assert "method.r" not in b.controls and "method.feedforward_modules" in b.controls
     assert b.config.method.name == "ia3"
+
+
+def test_config_fields_show_their_stated_help_and_the_prompt_template_is_multi_line():
+    import ipywidgets
+
+    b = Builder(debounce_s=NEVER)
+    for section in ("model", "data", "training"):
+        for f in section_fields(section):
+            control = b.controls[f"{section}.{f.name}"].input
+            tip = control.tooltip if control.has_trait("tooltip") else control.description_tooltip
+            assert tip == f.help, f.name
+    assert isinstance(b.controls["data.prompt_template"].input, ipywidgets.Textarea)
+    b.controls["data.prompt_template"].input.value = "Q: {question}\nA: "
+    assert b.config.data.prompt_template == "Q: {question}\nA: "  # kept as typed, trailing space included
 
 
 def test_shared_method_fields_keep_their_value_across_a_switch():
@@ -193,9 +210,9 @@ def test_a_suggestion_applies_itself_to_the_form():
     assert suggestions and len(b.memory.suggestions.children) == len(suggestions) + 1
     first = suggestions[0]
     b.memory.suggestions.children[1].click()
-    for dotted, value in first["changes"].items():
+    for dotted, value in first.changes.items():
         assert b.controls[dotted].value == value
-    assert b.memory.estimate.total_bytes == first["total_bytes"]
+    assert b.memory.estimate.total_bytes == first.total_bytes
 
 
 def test_the_memory_panel_says_it_is_estimating_until_the_first_estimate_lands():
@@ -311,7 +328,7 @@ def test_live_traces_never_exceed_two_thousand_points_while_the_store_keeps_all(
 
 
 def test_folding_an_event_costs_the_same_late_in_a_long_run():
-    series = ui_support.Series(max_points=2000)
+    series = progress.Series(max_points=2000)
     for i in range(200_000):
         series.append(i, float(i))
     assert len(series.view()[0]) <= 2001 and series._stride <= 128
@@ -422,21 +439,23 @@ def test_a_comparison_shows_its_table_and_each_chart_once(published, tmp_path: P
 
 def test_form_text_parses_into_config_values_or_stays_text_for_validation():
     f = registry.get("lora").field("target_modules")
-    assert ui_support.parse_value("method.target_modules", f, "q_proj, v_proj") == ["q_proj", "v_proj"]
-    lr = next(f for f in ui_support.section_fields("training") if f.name == "learning_rate")
-    assert ui_support.parse_value("training.learning_rate", lr, "") is None
-    assert ui_support.parse_value("training.learning_rate", lr, "1e-4") == 1e-4
-    assert ui_support.parse_value("training.learning_rate", lr, "abc") == "abc"
-    split = next(f for f in ui_support.section_fields("data") if f.name == "eval_split")
-    assert ui_support.parse_value("data.eval_split", split, "0.1") == 0.1
-    assert ui_support.parse_value("data.eval_split", split, "validation") == "validation"
+    assert parse_value(f, "q_proj, v_proj") == ["q_proj", "v_proj"]
+    lr = next(f for f in section_fields("training") if f.name == "learning_rate")
+    assert parse_value(lr, "") is None
+    assert parse_value(lr, "1e-4") == 1e-4
+    assert parse_value(lr, "abc") == "abc"
+    split = next(f for f in section_fields("data") if f.name == "eval_split")
+    assert parse_value(split, "0.1") == 0.1
+    assert parse_value(split, "validation") == "validation"
+    template = next(f for f in section_fields("data") if f.name == "prompt_template")
+    assert parse_value(template, "Q: {q}\nA: ") == "Q: {q}\nA: "  # multi-line text is kept as typed
 
 
 def test_eta_and_plain_words():
-    assert ui_support.eta_seconds(25, 100, 10.0) == 30.0
-    assert ui_support.eta_seconds(0, 100, 1.0) is None
-    assert ui_support.format_duration(3725) == "1:02:05"
-    assert ui_support.state_words("failed", "CUDA out of memory") == "Failed: CUDA out of memory"
+    assert progress.eta_seconds(25, 100, 10.0) == 30.0
+    assert progress.eta_seconds(0, 100, 1.0) is None
+    assert progress.format_duration(3725) == "1:02:05"
+    assert progress.state_words("failed", "CUDA out of memory") == "Failed: CUDA out of memory"
 
 
 # ----- the extension and its magics --------------------------------------------------------------------------
@@ -501,7 +520,7 @@ def test_runs_magic_lists_the_store_and_cell_magic_launches(shell, capsys, tmp_p
 
 def test_html_fallback_of_a_chart_renders_with_a_named_template():
     # The static record falls back to HTML when no PNG can be made; a template given by name must not break it.
-    from widgets.charts import figure_html
+    from nbtune.widgets.charts import figure_html
 
     html = figure_html({"data": [{"type": "scatter", "x": [1, 2], "y": [3, 4]}], "layout": {"template": "plotly_white"}})
     assert "plotly" in html and "[1,2]" in html.replace(" ", "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import ipywidgets as w
@@ -23,13 +24,11 @@ from nbtune.widgets import environment
 from nbtune.widgets.forms import STYLE, FieldControl
 from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel
 
-from nbtune.config import ConfigError, TuneConfig
+from nbtune.config import ConfigError, TuneConfig, config_from_values, section_fields
 from nbtune.methods import registry
 from nbtune.precision import precision_here
-from nbtune.ui_support import config_from_values, section_fields
 
 SECTION_TITLES = ("Model", "Task", "Data", "Method", "Training")
-MULTILINE = {"data.prompt_template"}
 
 
 class Builder:
@@ -52,12 +51,50 @@ class Builder:
         self.methods_loaded = threading.Event()  # the generated peft entries are in the dropdown
         self.methods = _methods_for(config.method.name)
 
+        self.sections = self._make_sections(config)
+        self.memory = MemoryPanel(gpu=gpu, debounce_s=debounce_s, on_apply=self.apply)
+        self.status = w.HTML("")
+        self.launch_button = w.Button(description="Launch", icon="play", button_style="success",
+                                      layout=w.Layout(width="130px"))
+        environment.set_tooltip(self.launch_button, "Start training this config; its dashboard opens below.")
+        self.launch_button.on_click(lambda _: self.launch())
+        self.exports = self._make_exports()
+
+        header = w.HTML(f"{STYLE}<div style='font-size:15px;margin-bottom:4px'><b>nbtune</b> · fine-tuning "
+                        "builder</div>")
+        actions = w.HBox([self.launch_button, self.status], layout=w.Layout(align_items="center", gap="12px",
+                                                                            margin="8px 0"))
+        self.box = w.VBox([header, w.HBox([self.sections, self.memory.box]), actions, self.exports],
+                          layout=w.Layout(padding="4px"))
+        self.box.add_class("nbtune-builder")
+        self.set_config(config)
+
+    # ----- the parts of the form ------------------------------------------------------------------------------
+    def _make_sections(self, config: TuneConfig) -> Any:
+        """The tabs: Model, Task, Data (with its preview), Method (dropdown and fields), Training."""
         model = self._section("model", exclude=("task",))
         task = self._section("model", only=("task",))
         data = self._section("data")
         training = self._section("training")
         self.precision_note = w.HTML("")  # what precision auto (or the choice) becomes on this machine, and why
         training.insert(training.index(self.controls["training.precision"].box) + 1, self.precision_note)
+
+        self.preview_button = w.Button(description="Preview data", icon="table", layout=w.Layout(width="150px"))
+        environment.set_tooltip(self.preview_button, "Load the first rows, apply the template and tokenize.")
+        self.preview_button.on_click(lambda _: self.preview())
+        self.preview_out = w.HTML("")
+        self.task_note = w.HTML("")
+        children = [w.VBox(model), w.VBox([*task, self.task_note]),
+                    w.VBox([*data, w.HBox([self.preview_button]), self.preview_out]),
+                    self._make_method_tab(config), w.VBox(training)]
+        sections = w.Tab(children=children, layout=w.Layout(width="600px"))
+        for i, title in enumerate(SECTION_TITLES):
+            sections.set_title(i, title)
+        sections.selected_index = SECTION_TITLES.index("Method")
+        return sections
+
+    def _make_method_tab(self, config: TuneConfig) -> Any:
+        """The method dropdown, the note while peft's methods load, and the chosen method's own fields."""
         self.method = w.Dropdown(
             options=_method_options(self.methods), value=config.method.name, description="method",
             style={"description_width": "170px"}, layout=w.Layout(width="530px"))
@@ -72,29 +109,10 @@ class Builder:
         self._swapping = False  # the dropdown's options are being replaced; its value is not the user's choice
         self.method.observe(lambda change: self._swapping or self._switch_method(change["new"]), names="value")
         self._build_method_fields(config.method.name, config.method_params)
+        return w.VBox([self.method, self.methods_note, self.method_info, self.method_fields])
 
-        self.preview_button = w.Button(description="Preview data", icon="table", layout=w.Layout(width="150px"))
-        environment.set_tooltip(self.preview_button, "Load the first rows, apply the template and tokenize.")
-        self.preview_button.on_click(lambda _: self.preview())
-        self.preview_out = w.HTML("")
-        data_tab = w.VBox([*data, w.HBox([self.preview_button]), self.preview_out])
-        self.task_note = w.HTML("")
-        task_tab = w.VBox([*task, self.task_note])
-        method_tab = w.VBox([self.method, self.methods_note, self.method_info, self.method_fields])
-
-        self.sections = w.Tab(children=[w.VBox(model), task_tab, data_tab, method_tab, w.VBox(training)],
-                              layout=w.Layout(width="600px"))
-        for i, title in enumerate(SECTION_TITLES):
-            self.sections.set_title(i, title)
-        self.sections.selected_index = 3
-
-        self.memory = MemoryPanel(gpu=gpu, debounce_s=debounce_s, on_apply=self.apply)
-        self.status = w.HTML("")
-        self.launch_button = w.Button(description="Launch", icon="play", button_style="success",
-                                      layout=w.Layout(width="130px"))
-        environment.set_tooltip(self.launch_button, "Start training this config; its dashboard opens below.")
-        self.launch_button.on_click(lambda _: self.launch())
-
+    def _make_exports(self) -> Any:
+        """The "Code & YAML" accordion: copy as code, the YAML, and a YAML to load into the form."""
         self.code = w.Textarea(layout=w.Layout(width="100%", height="200px"))
         self.yaml = w.Textarea(layout=w.Layout(width="100%", height="200px"))
         self.load_text = w.Textarea(placeholder="Paste a YAML config here, then Load into form.",
@@ -102,7 +120,7 @@ class Builder:
         self.load_button = w.Button(description="Load into form", icon="upload", layout=w.Layout(width="150px"))
         self.load_button.on_click(lambda _: self.load_yaml(self.load_text.value))
         self.load_message = w.HTML("")
-        exports = w.Tab(children=[
+        tabs = w.Tab(children=[
             w.VBox([w.HTML("<span class='nbtune-help'>A runnable cell (nbtune API); select and copy.</span>"),
                     self.code]),
             w.VBox([w.HTML("<span class='nbtune-help'>The config as YAML (use with <code>%%nbtune</code>).</span>"),
@@ -110,18 +128,10 @@ class Builder:
             w.VBox([self.load_text, w.HBox([self.load_button, self.load_message])]),
         ])
         for i, title in enumerate(("Copy as code", "YAML", "Load YAML")):
-            exports.set_title(i, title)
-        self.exports = w.Accordion(children=[exports], selected_index=None, layout=w.Layout(width="1014px"))
-        self.exports.set_title(0, "Code & YAML")
-
-        header = w.HTML(f"{STYLE}<div style='font-size:15px;margin-bottom:4px'><b>nbtune</b> · fine-tuning "
-                        "builder</div>")
-        actions = w.HBox([self.launch_button, self.status], layout=w.Layout(align_items="center", gap="12px",
-                                                                            margin="8px 0"))
-        self.box = w.VBox([header, w.HBox([self.sections, self.memory.box]), actions, self.exports],
-                          layout=w.Layout(padding="4px"))
-        self.box.add_class("nbtune-builder")
-        self.set_config(config)
+            tabs.set_title(i, title)
+        exports = w.Accordion(children=[tabs], selected_index=None, layout=w.Layout(width="1014px"))
+        exports.set_title(0, "Code & YAML")
+        return exports
 
     # ----- display --------------------------------------------------------------------------------------------
     def _ipython_display_(self) -> None:
@@ -144,7 +154,7 @@ class Builder:
         # One import storm at a time, the one the user waits for first: the estimate imports transformers,
         # peft then finds it imported.
         if not self.memory.wait(0):
-            self.memory.refresh()
+            self.memory.update(self.memory.config, at_once=True)
         if self.methods_loaded.is_set():
             return
         try:
@@ -192,7 +202,7 @@ class Builder:
             if (only and field.name not in only) or field.name in exclude:
                 continue
             dotted = f"{section}.{field.name}"
-            control = FieldControl(dotted, field, field.default, self._changed, multiline=dotted in MULTILINE)
+            control = FieldControl(dotted, field, field.default, self._changed)
             self.controls[dotted] = control
             boxes.append(control.box)
         return boxes
@@ -337,8 +347,6 @@ class Builder:
         if self._config is None:
             self.preview_out.value = "<span style='color:#c62828'>Fix the marked fields first.</span>"
             return None
-        from nbtune.ui_support import data_preview
-
         self.preview_out.value = "<span class='nbtune-help'>Loading the data and the tokenizer…</span>"
         try:
             result = data_preview(self._config)
@@ -383,6 +391,31 @@ def _task_note(methods: list[registry.Method], config: TuneConfig | None) -> str
         return ""
     supported = ", ".join(m.name for m in methods if config.model.task in m.tasks)
     return f"<div class='nbtune-section-note'>Methods for this task: {html.escape(supported)}</div>"
+
+
+def data_preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
+    """What the data preview shows: the engine's preview of the first rows, with a token-length histogram."""
+    from nbtune import data, models
+
+    result = data.preview(config, tokenizer=models.load_tokenizer(config), rows=rows)
+    result["histogram"] = histogram(result.get("token_lengths") or [])
+    result["max_length"] = config.data.max_length
+    return result
+
+
+def histogram(values: Iterable[float], bins: int = 20) -> list[tuple[float, float, int]]:
+    """(low, high, count) per bin over the values' range."""
+    values = list(values)
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    if lo == hi:
+        return [(lo, hi, len(values))]
+    width = (hi - lo) / bins
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
 
 
 def preview_html(result: dict[str, Any]) -> str:

@@ -13,19 +13,12 @@ import os
 import threading
 from typing import Any
 
-from nbtune.ui_support import TRACES, RunProgress
+from nbtune.widgets.progress import EVAL_TRACES, PANELS, TRACES, RunProgress
 
 log = logging.getLogger("nbtune")
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 FINAL_MAX_POINTS = 5000  # per trace in the saved record; the store keeps every point
-PANELS = ["Loss", "Learning rate", "Grad norm", "Tokens / s", "Memory (GiB)", "Eval"]
-COLORS = {
-    "train loss": "#1f77b4", "eval loss": "#ff7f0e", "learning rate": "#2ca02c", "grad norm": "#d62728",
-    "tokens/s": "#9467bd", "memory (GiB)": "#8c564b", "eval accuracy": "#e377c2", "eval perplexity": "#17becf",
-}
-_PANEL_OF = {"train loss": 1, "eval loss": 1, "learning rate": 2, "grad norm": 3, "tokens/s": 4,
-             "memory (GiB)": 5, "eval accuracy": 6, "eval perplexity": 6}
 
 
 _AXIS = {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "linecolor": "#c8d4e3", "automargin": True}
@@ -71,25 +64,23 @@ def training_figure(progress: RunProgress, title: str, final: bool = False) -> d
     FINAL_MAX_POINTS per trace.
     """
     series = progress.series
-    eval_name = "eval accuracy" if len(series["eval accuracy"]) else "eval perplexity"
+    shown_eval = next((name for name in EVAL_TRACES if len(series[name])), EVAL_TRACES[-1])
     data = []
-    for name in TRACES:
-        if name in ("eval accuracy", "eval perplexity") and name != eval_name:
+    for trace in TRACES:
+        if trace.name in EVAL_TRACES and trace.name != shown_eval:
             continue
-        s = series[name]
-        xs, ys = s.full(FINAL_MAX_POINTS) if final else s.view()
+        xs, ys = series[trace.name].full(FINAL_MAX_POINTS) if final else series[trace.name].view()
         if not xs:  # plotly.js draws NaN paths for an empty trace beside a one-point trace; leave it out
             continue
-        panel = _PANEL_OF[name]
-        n = "" if panel == 1 else str(panel)
-        is_eval = name.startswith("eval")
+        panel = PANELS.index(trace.panel)
+        n = "" if panel == 0 else str(panel + 1)
         data.append({
-            "type": "scatter", "name": name, "x": list(xs), "y": _round(ys), "xaxis": f"x{n}", "yaxis": f"y{n}",
-            "mode": "lines+markers" if is_eval else "lines", "line": {"color": COLORS[name], "width": 2},
-            "marker": {"size": 6}, "showlegend": name in ("train loss", "eval loss"),
+            "type": "scatter", "name": trace.name, "x": list(xs), "y": _round(ys), "xaxis": f"x{n}",
+            "yaxis": f"y{n}", "mode": "lines+markers" if trace.event == "eval" else "lines",
+            "line": {"color": trace.color, "width": 2}, "marker": {"size": 6},
+            "showlegend": trace.panel == "Loss",
         })
-    return {"data": data, "layout": _layout(title, "Eval accuracy" if eval_name == "eval accuracy" else
-                                            "Eval perplexity")}
+    return {"data": data, "layout": _layout(title, shown_eval.capitalize())}
 
 
 def point_counts(figure: dict[str, Any]) -> dict[str, int]:

@@ -18,9 +18,10 @@ from typing import Any
 
 from IPython.display import display
 from nbtune.widgets import charts, environment
+from nbtune.widgets.progress import RunProgress, Throttle, format_duration, state_words, summary_rows
 
 from nbtune.events import TERMINAL, Event
-from nbtune.ui_support import RunProgress, Throttle, format_duration, state_words, summary_rows
+from nbtune.records import RunSummary
 
 log = logging.getLogger("nbtune")
 
@@ -137,8 +138,8 @@ class Dashboard:
         status = self.run.status
         if status in ("interrupted",) + TERMINAL:
             self.progress.state = status
-        summary = self.run.summary or {}
-        self.progress.error = self.progress.error or summary.get("error")
+        summary = self.run.summary
+        self.progress.error = self.progress.error or (summary.error if summary is not None else None)
         self.figure = charts.training_figure(self.progress, self._title(), final=True)
         self._update_controls()
         if self._handles is not None:
@@ -236,7 +237,7 @@ class Dashboard:
                 f"</code> — {words}{extra}{error}</div>")
 
 
-def summary_html(summary: dict[str, Any] | None) -> str:
+def summary_html(summary: RunSummary | None) -> str:
     rows = summary_rows(summary)
     if not rows:
         return ""
@@ -245,7 +246,7 @@ def summary_html(summary: dict[str, Any] | None) -> str:
     return f"<table class='nbtune-summary'><caption style='text-align:left'><b>Run summary</b></caption>{body}</table>"
 
 
-def summary_text(summary: dict[str, Any] | None) -> str:
+def summary_text(summary: RunSummary | None) -> str:
     rows = summary_rows(summary)
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -14,7 +14,6 @@ import ipywidgets as w
 from nbtune.widgets.environment import set_tooltip
 
 from nbtune.methods.registry import Field
-from nbtune.ui_support import display_value, parse_value
 
 LABEL_WIDTH = "170px"
 INPUT_WIDTH = "360px"
@@ -34,15 +33,14 @@ STYLE = """<style>
 class FieldControl:
     """The input for one field; `value` reads it as the config wants it, `show_problem` marks it."""
 
-    def __init__(self, dotted: str, field: Field, value: Any, on_change: Callable[[], None],
-                 multiline: bool = False):
+    def __init__(self, dotted: str, field: Field, value: Any, on_change: Callable[[], None]):
         self.dotted = dotted
         self.field = field
-        self.input = _make_input(field, display_value(field, value), multiline)
+        self.input = _make_input(field, display_value(field, value))
         self.input.description = field.name.replace("_", " ")
         self.input.style = {"description_width": LABEL_WIDTH}
         self.input.layout = w.Layout(width=f"calc({LABEL_WIDTH} + {INPUT_WIDTH})")
-        if multiline:
+        if field.kind == "text":
             self.input.layout.height = "64px"
         set_tooltip(self.input, field.help)
         self.input.add_class(f"nbtune-field-{dotted.replace('.', '-').replace('_', '-')}")
@@ -56,7 +54,7 @@ class FieldControl:
         raw = self.input.value
         if raw == AUTO and self.field.kind == "choice":
             return None
-        return parse_value(self.dotted, self.field, raw)
+        return parse_value(self.field, raw)
 
     def set(self, value: Any) -> None:
         shown = display_value(self.field, value)
@@ -81,7 +79,38 @@ class FieldControl:
             self.input.remove_class("nbtune-invalid")
 
 
-def _make_input(field: Field, value: Any, multiline: bool) -> Any:
+def parse_value(field: Field, raw: Any) -> Any:
+    """A form control's value as the config wants it. Text that cannot be parsed is kept as text, so the
+    config's validation names the field and the bad value; multi-line text is kept as typed."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    if field.kind in ("str-list", "int-list"):
+        items = [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
+        if field.kind == "int-list":
+            items = [int(i) if i.lstrip("-").isdigit() else i for i in items]  # type: ignore[misc]
+        return None if not items and field.optional else items
+    if text == "" and field.optional:
+        return None
+    if field.kind in ("int", "float", "str-or-float"):
+        try:
+            number = float(text)
+        except ValueError:
+            return text if text or field.kind == "str-or-float" else raw
+        return int(number) if field.kind == "int" and number.is_integer() else number
+    return raw if field.kind == "text" else text
+
+
+def display_value(field: Field, value: Any) -> Any:
+    """A config value as a form control shows it (lists as comma-separated text, None as empty text)."""
+    if field.kind in ("str-list", "int-list"):
+        return ", ".join(str(v) for v in value or [])
+    if value is None and field.kind in ("int", "float", "str", "text", "str-or-float"):
+        return ""
+    return value
+
+
+def _make_input(field: Field, value: Any) -> Any:
     kind = field.kind
     if kind == "bool":
         return w.Checkbox(value=bool(value), indent=True)
@@ -101,6 +130,6 @@ def _make_input(field: Field, value: Any, multiline: bool) -> Any:
     if kind in ("str-list", "int-list"):
         placeholder = "comma-separated" + (" (empty: auto)" if field.optional else "")
     text = "" if value is None else str(value)
-    if multiline:
+    if field.kind == "text":
         return w.Textarea(value=text, placeholder=placeholder)
     return w.Text(value=text, placeholder=placeholder, continuous_update=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import html
 import shlex
+import time
+from collections.abc import Iterable
 from typing import Any
 
 MAGIC = "nbtune"
@@ -144,7 +146,7 @@ def _estimate(args: argparse.Namespace) -> None:
     from nbtune.widgets.memory_panel import estimate_html
 
     from nbtune.config import ConfigError, TuneConfig
-    from nbtune.ui_support import estimate
+    from nbtune.estimator import estimate_memory
 
     changes: dict[str, Any] = {"model.name_or_path": args.model, "method": args.method}
     for flag, dotted in (("batch", "training.micro_batch_size"), ("seq", "data.max_length"),
@@ -159,7 +161,7 @@ def _estimate(args: argparse.Namespace) -> None:
     except ConfigError as err:
         _problems(err)
         return
-    result = estimate(config, gpu=args.gpu)
+    result = estimate_memory(config, gpu=args.gpu)
     title = (f"{args.model} · {config.method.name} · batch {config.training.micro_batch_size} · "
              f"seq {config.data.max_length}")
     _display({"text/html": estimate_html(result, args.gpu, title), "text/plain": str(result)}, raw=True)
@@ -167,7 +169,6 @@ def _estimate(args: argparse.Namespace) -> None:
 
 def _runs(args: argparse.Namespace) -> None:
     from nbtune.store import RunStore
-    from nbtune.ui_support import run_rows
 
     records = RunStore(args.store).list()
     if args.last:
@@ -180,19 +181,9 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    try:
-        from nbtune.comparison import Comparison
-    except ImportError:
-        Comparison = None  # noqa: N806
-    if Comparison is not None and hasattr(Comparison, "from_runs"):
-        _display(Comparison.from_runs(args.runs, store=args.store))
-        return
-    from nbtune.store import RunStore
-    from nbtune.ui_support import run_rows
+    from nbtune.comparison import Comparison
 
-    store = RunStore(args.store)
-    rows = run_rows(store.get(r) for r in args.runs)
-    _display({"text/html": table_html(rows), "text/plain": table_text(rows)}, raw=True)
+    _display(Comparison.from_runs(args.runs, store=args.store))
 
 
 def _open(args: argparse.Namespace) -> None:
@@ -204,7 +195,7 @@ def _open(args: argparse.Namespace) -> None:
 def _stop(args: argparse.Namespace) -> None:
     from nbtune import runner
 
-    live = [r for r in list(getattr(runner, "_ACTIVE", {}).values()) if not r.done]
+    live = [r for r in runner.active_runs() if not r.done]
     for run in live:
         run.stop()
     print(f"Asked {len(live)} run{'s' if len(live) != 1 else ''} to stop" + (
@@ -241,6 +232,25 @@ def _problems(err: Any) -> None:
     items = "".join(f"<li><code>{html.escape(f)}</code>: {html.escape(m)}</li>" for f, m in err.problems)
     _display({"text/html": f"<div style='color:#c62828'><b>The config has {len(err.problems)} problem(s):</b>"
                            f"<ul>{items}</ul></div>", "text/plain": str(err)}, raw=True)
+
+
+def run_rows(records: Iterable[Any]) -> list[dict[str, Any]]:
+    """One row per stored run: id, method, state, losses, time — what `%nbtune runs` lists."""
+    from nbtune.widgets.progress import format_duration
+
+    out = []
+    for r in records:
+        summary = r.summary  # None while a run trains
+        wall_time = getattr(summary, "wall_time_s", None)
+        out.append({
+            "run": r.id, "method": r.meta.get("method"), "state": r.state,
+            "final eval loss": getattr(summary, "final_eval_loss", None),
+            "best eval loss": getattr(summary, "best_eval_loss", None),
+            "trainable params": getattr(summary, "trainable_params", None),
+            "wall time": format_duration(wall_time) if wall_time is not None else None,
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.meta.get("created", 0))),
+        })
+    return out
 
 
 def table_html(rows: list[dict[str, Any]]) -> str:

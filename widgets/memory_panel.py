@@ -9,18 +9,21 @@ estimating. Every control is created here, on the main thread: the estimate's th
 from __future__ import annotations
 
 import html
-import inspect
 import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 from nbtune.widgets.environment import set_tooltip
 
 from nbtune.config import TuneConfig
-from nbtune.ui_support import format_bytes, gpu_choices
+from nbtune.estimator.gpus import GPUS, gpu_bytes
+from nbtune.units import format_bytes
+
+if TYPE_CHECKING:
+    from nbtune.estimator.estimate import MemoryEstimate, Suggestion
 
 PALETTE = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#9e9d24", "#5d4037", "#ad1457",
            "#455a64"]
@@ -42,7 +45,7 @@ class MemoryPanel:
         self.config = config
         self.debounce_s = debounce_s
         self.on_apply = on_apply
-        self.estimate: Any = None
+        self.estimate: MemoryEstimate | None = None
         self.error: str | None = None
         self.simulation: Any = None
         self.segments: list[tuple[str, int]] = []  # the stacked bar: (category, bytes), as drawn
@@ -52,7 +55,7 @@ class MemoryPanel:
         self._settled = threading.Event()  # no estimate pending: the panel shows the latest config's
         self._settled.set()
 
-        options = gpu_choices()
+        options = [(str(spec["title"]), name) for name, spec in GPUS.items()]
         self.gpu = w.Dropdown(options=options, value=gpu if gpu in [o[1] for o in options] else options[0][1],
                               description="GPU", style={"description_width": "40px"}, layout=w.Layout(width="260px"))
         set_tooltip(self.gpu, "The GPU to check the plan against.")
@@ -64,7 +67,7 @@ class MemoryPanel:
         self.suggestions = w.VBox([])
         self._suggestions_header = w.HTML("<span class='nbtune-help'>Suggestions (click to apply):</span>")
         self._suggestion_buttons = [self._suggestion_button(i) for i in range(MAX_SUGGESTIONS)]
-        self._shown: list[Any] = []  # the suggestions the buttons stand for, in order
+        self._shown: list[Suggestion] = []  # the suggestions the buttons stand for, in order
         self.simulate_button = w.Button(description="Simulate (exact)", icon="microchip",
                                         layout=w.Layout(width="170px"))
         set_tooltip(self.simulate_button, "Run the exact tier: build the model on a fake device and trace a "
@@ -93,8 +96,9 @@ class MemoryPanel:
         return button
 
     # ----- estimating -----------------------------------------------------------------------------------------
-    def update(self, config: TuneConfig | None) -> None:
-        """Re-estimate for `config` after the debounce (at once when debounce_s is 0); None clears the panel."""
+    def update(self, config: TuneConfig | None, at_once: bool = False) -> None:
+        """Re-estimate for `config` after the debounce (`at_once`, or a debounce_s of 0: now, on this thread);
+        None clears the panel."""
         self.config = config
         with self._lock:
             self._generation += 1
@@ -108,33 +112,22 @@ class MemoryPanel:
                 return
             self._settled.clear()
             self.title.value = TITLE.format("estimating…")
-            if self.debounce_s > 0:
+            if self.debounce_s > 0 and not at_once:
                 self._timer = threading.Timer(self.debounce_s, self._estimate, (config, generation))
                 self._timer.daemon = True
                 self._timer.start()
                 return
         self._estimate(config, generation)
 
-    def refresh(self) -> None:
-        """Estimate the current config now, on this thread, instead of after the debounce."""
-        with self._lock:
-            self._generation += 1
-            generation, config = self._generation, self.config
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        if config is not None:
-            self._estimate(config, generation)
-
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the latest config's estimate is drawn; False if `timeout` seconds passed first."""
         return self._settled.wait(timeout)
 
     def _estimate(self, config: TuneConfig, generation: int) -> None:
-        from nbtune.ui_support import estimate
+        from nbtune.estimator import estimate_memory
 
         try:
-            result, error = estimate(config, gpu=self.gpu.value), None
+            result, error = estimate_memory(config, gpu=self.gpu.value), None
         except Exception as err:  # an unreachable hub model, an unsupported architecture: say why
             result, error = None, f"{type(err).__name__}: {err}"
         with self._lock:
@@ -155,29 +148,26 @@ class MemoryPanel:
             return
         est = self.estimate
         self.segments = [(k, int(v)) for k, v in est.breakdown.items() if v]
-        capacity = _gpu_bytes(self.gpu.value)
+        capacity = gpu_bytes(self.gpu.value)[1]
         self.bar.value = stacked_bar_html(self.segments, capacity, self.gpu.label or self.gpu.value)
         self.legend.value = legend_html(self.segments, int(est.total_bytes))
-        fits = _fits(est, self.gpu.value, capacity)
-        verdict = getattr(est, "verdict", None) or ("fits" if fits else "does not fit")
+        fits = est.fits(self.gpu.value)
         color = "#2e7d32" if fits else "#c62828"
         mark = "✔" if fits else "✘"
         self.verdict.value = (f"<div style='color:{color};font-weight:600;margin:4px 0'>{mark} "
-                              f"{html.escape(str(verdict))}</div>")
-        self._shown = list(getattr(est, "suggestions", None) or [])[:MAX_SUGGESTIONS]
+                              f"{html.escape(est.verdict)}</div>")
+        self._shown = list(est.suggestions)[:MAX_SUGGESTIONS]
         for s, b in zip(self._shown, self._suggestion_buttons, strict=False):
-            total = _suggestion_total(s)
-            label = _suggestion_title(s)
-            b.description = label[:52] + (f" → {format_bytes(total)}" if total else "")
-            b.button_style = "success" if _part(s, "fits") else ""
-            set_tooltip(b, f"{label}\nApplies: {_part(s, 'changes', {})}")
+            b.description = s.description[:52] + (f" → {format_bytes(s.total_bytes)}" if s.total_bytes else "")
+            b.button_style = "success" if s.fits else ""
+            set_tooltip(b, f"{s.description}\nApplies: {s.changes}")
         buttons = self._suggestion_buttons[:len(self._shown)]
         self.suggestions.children = (self._suggestions_header, *buttons) if buttons else ()
 
-    def apply(self, suggestion: Any) -> None:
+    def apply(self, suggestion: Suggestion) -> None:
         """Apply a suggestion's changes to the form (through `on_apply`)."""
         if self.on_apply is not None:
-            self.on_apply(dict(_part(suggestion, "changes", {})))
+            self.on_apply(dict(suggestion.changes))
 
     # ----- the exact tier -------------------------------------------------------------------------------------
     def simulate(self, wait: bool = False) -> None:
@@ -191,81 +181,40 @@ class MemoryPanel:
         self.simulate_result.value = "<span class='nbtune-help'>Simulating…</span>"
 
         done = threading.Event()
-
-        def progress(fraction: float, *_: Any) -> None:
-            self.simulate_progress.value = int(max(0.0, min(1.0, fraction)) * 100)
-
-        def tick() -> None:  # the exact tier reports no progress of its own: show time passing, never 100%
-            started = time.monotonic()
-            while not done.wait(0.25):
-                progress(0.95 * (1 - math.exp(-(time.monotonic() - started) / 8)))
-
-        def work() -> None:
-            try:
-                from nbtune.estimator import simulate_memory
-
-                kwargs: dict[str, Any] = {}
-                params = inspect.signature(simulate_memory).parameters
-                if "gpu" in params:
-                    kwargs["gpu"] = gpu
-                if "progress" in params:
-                    kwargs["progress"] = progress
-                else:
-                    threading.Thread(target=tick, daemon=True).start()
-                self.simulation = simulate_memory(config, **kwargs)
-                total = getattr(self.simulation, "total_bytes", None)
-                self.simulate_result.value = (f"<b>Exact tier:</b> {format_bytes(total)} "
-                                              f"<span class='nbtune-help'>(instant: "
-                                              f"{format_bytes(getattr(self.estimate, 'total_bytes', None))})</span>")
-            except Exception as err:
-                self.simulate_result.value = f"<span style='color:#c62828'>Simulation failed: {html.escape(str(err))}</span>"
-            finally:
-                done.set()
-                self.simulate_progress.value = 100
-                self.simulate_progress.layout.display = "none"
-                self.simulate_button.disabled = False
-
-        thread = threading.Thread(target=work, name="nbtune-simulate", daemon=True)
+        thread = threading.Thread(target=self._simulated, args=(config, gpu, done), name="nbtune-simulate",
+                                  daemon=True)
+        threading.Thread(target=self._tick, args=(done,), daemon=True).start()
         thread.start()
         if wait:
             thread.join()
 
+    def _tick(self, done: threading.Event) -> None:
+        """The exact tier reports no progress of its own: show time passing, never 100%."""
+        started = time.monotonic()
+        while not done.wait(0.25):
+            fraction = 0.95 * (1 - math.exp(-(time.monotonic() - started) / 8))
+            self.simulate_progress.value = int(fraction * 100)
 
-def _gpu_bytes(gpu: str) -> int:
-    from nbtune.estimator.gpus import gpu_bytes
+    def _simulated(self, config: TuneConfig, gpu: str, done: threading.Event) -> None:
+        from nbtune.estimator import simulate_memory
 
-    return gpu_bytes(gpu)[1]
-
-
-def _fits(est: Any, gpu: str, capacity: int) -> bool:
-    fits = getattr(est, "fits", None)
-    if callable(fits):
         try:
-            return bool(fits(gpu))
-        except Exception:
-            pass
-    return int(est.total_bytes) <= capacity
-
-
-def _part(s: Any, key: str, default: Any = None) -> Any:
-    """A suggestion's part, whether the estimator gives dicts or objects."""
-    return s.get(key, default) if isinstance(s, dict) else getattr(s, key, default)
-
-
-def _suggestion_total(s: Any) -> int | None:
-    value = _part(s, "total_bytes")
-    return int(value) if isinstance(value, (int, float)) else None
-
-
-def _suggestion_title(s: Any) -> str:
-    return str(_part(s, "title") or _part(s, "description") or s)
+            self.simulation = simulate_memory(config, gpu=gpu)
+            instant = self.estimate.total_bytes if self.estimate is not None else None
+            self.simulate_result.value = (f"<b>Exact tier:</b> {format_bytes(self.simulation.total_bytes)} "
+                                          f"<span class='nbtune-help'>(instant: {format_bytes(instant)})</span>")
+        except Exception as err:
+            self.simulate_result.value = f"<span style='color:#c62828'>Simulation failed: {html.escape(str(err))}</span>"
+        finally:
+            done.set()
+            self.simulate_progress.value = 100
+            self.simulate_progress.layout.display = "none"
+            self.simulate_button.disabled = False
 
 
 def _label(category: str) -> str:
-    try:
-        from nbtune.estimator.estimate import LABELS
-    except ImportError:
-        LABELS = {}  # noqa: N806
+    from nbtune.estimator.estimate import LABELS
+
     return LABELS.get(category, category.replace("_", " "))
 
 
@@ -300,22 +249,17 @@ def legend_html(segments: list[tuple[str, int]], total: int) -> str:
             f"white-space:nowrap'><b>{format_bytes(total)}</b></td><td></td></tr></table>")
 
 
-def estimate_html(est: Any, gpu: str, title: str = "") -> str:
+def estimate_html(est: MemoryEstimate, gpu: str, title: str = "") -> str:
     """A memory estimate as static HTML (what `%nbtune estimate` shows): bar, breakdown, verdict, suggestions."""
     segments = [(k, int(v)) for k, v in est.breakdown.items() if v]
-    capacity = _gpu_bytes(gpu)
-    from nbtune.estimator.gpus import gpu_bytes
-
-    gpu_title = gpu_bytes(gpu)[0]
-    fits = _fits(est, gpu, capacity)
-    verdict = getattr(est, "verdict", None) or ("fits" if fits else "does not fit")
+    gpu_title, capacity = gpu_bytes(gpu)
+    fits = est.fits(gpu)
     suggestions = "".join(
-        f"<li>{html.escape(_suggestion_title(s))}"
-        f"{f' → {format_bytes(_suggestion_total(s))}' if _suggestion_total(s) else ''} "
-        f"<code style='font-size:11px'>{html.escape(str(_part(s, 'changes', '')))}</code></li>"
-        for s in list(getattr(est, "suggestions", None) or [])[:5])
+        f"<li>{html.escape(s.description)}{f' → {format_bytes(s.total_bytes)}' if s.total_bytes else ''} "
+        f"<code style='font-size:11px'>{html.escape(str(s.changes))}</code></li>"
+        for s in list(est.suggestions)[:MAX_SUGGESTIONS])
     return (f"<div style='max-width:560px'><b>Memory</b> · {html.escape(title)}"
             f"{stacked_bar_html(segments, capacity, gpu_title)}{legend_html(segments, int(est.total_bytes))}"
             f"<div style='color:{'#2e7d32' if fits else '#c62828'};font-weight:600;margin:6px 0'>"
-            f"{'✔' if fits else '✘'} {html.escape(str(verdict))} ({html.escape(gpu_title)})</div>"
+            f"{'✔' if fits else '✘'} {html.escape(est.verdict)} ({html.escape(gpu_title)})</div>"
             + (f"<div>Suggestions:<ul>{suggestions}</ul></div>" if suggestions else "") + "</div>")

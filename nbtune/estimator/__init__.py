@@ -10,9 +10,9 @@ from nbtune._lazy import lazy_getattr
 from nbtune.estimator.gpus import GPUS, gpu_bytes
 
 _LAZY = {"estimate_memory": "nbtune.estimator.estimate", "MemoryEstimate": "nbtune.estimator.estimate",
-         "simulate_memory": "nbtune.estimator.simulate"}
+         "Suggestion": "nbtune.estimator.estimate", "simulate_memory": "nbtune.estimator.simulate"}
 
-__all__ = ["GPUS", "MemoryEstimate", "estimate_memory", "gpu_bytes", "simulate_memory"]
+__all__ = ["GPUS", "MemoryEstimate", "Suggestion", "estimate_memory", "gpu_bytes", "simulate_memory"]
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

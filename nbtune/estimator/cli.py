@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS, TASKS
+from nbtune.units import format_bytes
 
 
 def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -93,8 +94,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     if estimate.gpu is not None and estimate.suggestions:
         print("\nto make it fit:" if not estimate.fits() else "")
         for s in estimate.suggestions:
-            mark = "fits" if s["fits"] else "still too big"
-            print(f"  {s['title']}: {s['total_bytes'] / 2**30:.1f} GiB ({mark})  {json.dumps(s['changes'])}")
+            mark = "fits" if s.fits else "still too big"
+            print(f"  {s.description}: {format_bytes(s.total_bytes)} ({mark})  {json.dumps(s.changes)}")
     return 0
 
 

@@ -2,18 +2,24 @@
 
 Parameter counts are exact (from the meta-device skeleton in `skeleton.py`); activations, logits and overheads
 follow the terms in /work/shared/VRAM_MODEL.md, checked against real steps (tests/test_estimator.py), against
-fake-tensor simulation (`simulate.py`) and against published measurements (bench/calibration.py).
+fake-tensor simulation (`simulate.py`) and against published measurements (bench/calibration.py). `terms`
+composes one small record per category (weights, gradients and optimizer, activations, logits) into the memory
+held at each phase of the step; `estimate_memory` adds the fixed overheads and picks the peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
+from nbtune.dtypes import BYTES
 from nbtune.estimator.gpus import GIB, GPUS, gpu_bytes
-from nbtune.estimator.skeleton import DTYPE_BYTES, Facts, facts
+from nbtune.estimator.skeleton import Facts, LayerFacts, facts
+from nbtune.methods import registry
+from nbtune.optimizers import OPTIMIZERS
 from nbtune.precision import for_plan
 
 # Physically motivated constants (documented in bench/results/calibration-*.md):
@@ -28,6 +34,20 @@ LABELS = {"weights": "frozen weights", "trainable_weights": "trainable weights",
           "logits_loss": "logits & loss", "quantization_constants": "quantization constants",
           "fixed_overhead": "CUDA context, workspace, allocator"}
 PHASES = ("forward end", "backward", "optimizer step")
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A config change that lowers the peak memory, with the peak it would have."""
+
+    description: str  # what to change, in words: "gradient checkpointing (about 30 % slower steps)"
+    changes: dict[str, Any]  # dotted fields, as `TuneConfig.replace` takes them
+    total_bytes: int | None = None  # the re-estimated peak; None when it could not be estimated
+    fits: bool | None = None  # whether that peak fits the GPU; None when no GPU was named
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a run summary and `--json` write it."""
+        return {**dataclasses.asdict(self), "changes": dict(self.changes)}
 
 
 @dataclass
@@ -47,7 +67,7 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     config: TuneConfig | None = field(default=None, repr=False)
     model_config: Any = field(default=None, repr=False)
-    _suggestions: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _suggestions: list[Suggestion] | None = field(default=None, repr=False)
 
     @property
     def total_gib(self) -> float:
@@ -80,16 +100,11 @@ class MemoryEstimate:
                 return self.verdict_for(name)
         return f"does not fit on any single GPU of the catalogue (needs {self.total_gib:.1f} GiB)"
 
-    def verdicts(self) -> dict[str, str]:
-        """The verdict for every GPU of the catalogue."""
-        return {name: self.verdict_for(name) for name in GPUS}
-
     @property
-    def suggestions(self) -> list[dict[str, Any]]:
+    def suggestions(self) -> list[Suggestion]:
         """The cheapest config changes that make the step fit the GPU, each with its own re-estimated total.
 
-        Each is {"title", "changes" (dotted fields, as `TuneConfig.replace` takes them), "total_bytes", "fits"}.
-        Computed on first access (changes of method build a new skeleton).
+        Computed on first access (changes of method build a new skeleton); empty without a config and a GPU.
         """
         if self._suggestions is None:
             self._suggestions = _suggest(self) if self.config is not None and self.gpu is not None else []
@@ -101,7 +116,8 @@ class MemoryEstimate:
             "allocated_bytes": self.allocated_bytes, "reserved_bytes": self.reserved_bytes,
             "breakdown": dict(self.breakdown), "peak_phase": self.peak_phase, "phases": dict(self.phases),
             "trainable_params": self.trainable_params, "total_params": self.total_params, "gpu": self.gpu,
-            "verdict": self.verdict, "notes": list(self.notes), "suggestions": self.suggestions,
+            "verdict": self.verdict, "notes": list(self.notes),
+            "suggestions": [s.to_dict() for s in self.suggestions],
         }
 
     def table(self) -> str:
@@ -128,190 +144,298 @@ def estimate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     `device="cpu"` models CPU kernels (dropout masks stored as full tensors) for comparing with CPU steps;
     `fused_optimizer=True` models a fused AdamW (no foreach temporaries).
     """
-    from nbtune.estimator.catalogue import model_config_for
-
     import_heavy()
-    config = config or TuneConfig()
-    if gpu is not None:
-        gpu_bytes(gpu)  # fail early on an unknown name
-    if model_config is None:
-        model_config = model_config_for(config)
-    config, plan_notes = for_plan(config, model_config, gpu)  # "auto" as on the chosen GPU
-    f = facts(config, model_config)
+    config, model_config, f, plan_notes = plan(config, model_config, gpu)
     estimate = _estimate(config, model_config, f, gpu, device, fused_optimizer)
     estimate.notes[:0] = plan_notes
     return estimate
 
 
-def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: bool = False) -> dict[str, Any]:
-    """Every term of the estimate in bytes (the parts the tests compare with a real step)."""
-    t = config.training
-    d = f.dims
-    h, inter, a, vocab = d["h"], d["I"], d["a"], d["V"]
-    # prepare_model_for_kbit_training upcasts embeddings and norms to fp32: the hidden states follow them
-    wb = f.residual_bytes or DTYPE_BYTES[config.model.dtype]
-    autocast = t.precision in ("fp16", "bf16") and wb == 4
-    act = 2 if (wb == 2 or autocast) else 4  # bytes of a matmul output
-    b = t.micro_batch_size
-    seq = config.data.max_length + f.virtual_tokens
-    kv_seq = seq + f.prefix_tokens
-    tokens = b * seq
-    checkpointing = t.gradient_checkpointing or f.forced_checkpointing
-    notes: list[str] = []
+def plan(config: TuneConfig | None, model_config: Any, gpu: str | int | float | None,
+         ) -> tuple[TuneConfig, Any, Facts, list[str]]:
+    """What both tiers start from: the config with "auto" resolved as on the planned GPU, its model config (read
+    when not given), the skeleton's facts, and notes on what "auto" became."""
+    from nbtune.estimator.catalogue import model_config_for
 
-    # ----- weights -----
-    trainable = f.trainable_bytes
-    frozen = f.weight_bytes - trainable
+    config = config or TuneConfig()
+    if gpu is not None:
+        gpu_bytes(gpu)  # fail early on an unknown name
+    if model_config is None:
+        model_config = model_config_for(config)
+    config, notes = for_plan(config, model_config, gpu)
+    return config, model_config, facts(config, model_config), list(notes)
+
+
+# ----- the terms of one step, one category at a time ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepShape:
+    """How many tokens one micro-batch holds and in which element sizes its tensors live."""
+
+    hidden_bytes: int  # element size of the hidden states (the residual stream)
+    autocast: bool  # 16-bit mixed precision over fp32 weights
+    matmul_bytes: int  # element size of a matmul output
+    batch: int
+    tokens: int  # batch × (sequence + virtual tokens)
+    kv_length: int  # keys/values per sequence (prefix tuning lengthens them, not the sequence)
+    checkpointing: bool  # asked for, or turned on by the method
+
+
+@dataclass(frozen=True)
+class WeightTerms:
+    """Bytes of the weights, held through the whole step."""
+
+    frozen: int  # frozen weights, quantized ones at their packed size, and a distillation teacher
+    trainable: int
+    quantized: int  # the packed 4- or 8-bit weights (part of `frozen`)
+    constants: int  # quantization constants
+
+
+@dataclass(frozen=True)
+class OptimizerTerms:
+    """Bytes of the gradients and the optimizer."""
+
+    gradients: int
+    state: int  # held through the whole step
+    step_temp: int  # transients of the optimizer step
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """Bytes the forward saves for the backward, and what the backward adds on top."""
+
+    forward_end: int  # everything saved, at the end of the forward
+    recompute: int  # in the backward: one block's activations (recomputed under checkpointing) and transients
+    stored_in_backward: int  # under checkpointing, the block inputs still held when the backward starts
+    stored: int  # the saved block activations (only the block inputs under checkpointing)
+    one_layer: int  # the largest block's activations
+    saved: int  # everything the step ever saves (what a CPU measurement of saved tensors sees)
+
+
+@dataclass(frozen=True)
+class LogitTerms:
+    """Bytes of the logits and the loss at the start of the backward."""
+
+    logits: int
+    head_gradient: int  # the output head's gradient, already there at the forward end when the head trains
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Memory torch allocates at one phase of the step, and the parts of it a breakdown names."""
+
+    allocated: int
+    dynamic: int  # what is allocated and freed every step (fragmentation scales with it)
+    gradients: int
+    activations: int
+    logits_loss: int
+
+
+@dataclass(frozen=True)
+class StepTerms:
+    """Every term of the estimate in bytes (the parts the tests compare with a real step)."""
+
+    shape: StepShape
+    weights: WeightTerms
+    optimizer: OptimizerTerms
+    activations: ActivationTerms
+    logits: LogitTerms
+    phases: dict[str, Phase]
+
+
+def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: bool = False) -> StepTerms:
+    """Every term of one training step of `config` on the model described by `f`, and the phases they make."""
+    shape = step_shape(config, f)
+    weights = weight_terms(f)
+    optimizer = optimizer_terms(config, f, fused_optimizer)
+    activations = activation_terms(config, f, shape, device)
+    logits = logit_terms(config, f, shape)
+    phases = phase_terms(config, weights, optimizer, activations, logits)
+    return StepTerms(shape, weights, optimizer, activations, logits, phases)
+
+
+def step_shape(config: TuneConfig, f: Facts) -> StepShape:
+    """Tokens and element sizes of one micro-batch."""
+    t = config.training
+    # prepare_model_for_kbit_training upcasts embeddings and norms to fp32: the hidden states follow them
+    hidden = f.residual_bytes or BYTES[config.model.dtype]
+    autocast = t.precision in ("fp16", "bf16") and hidden == 4
+    seq = config.data.max_length + f.virtual_tokens
+    return StepShape(hidden_bytes=hidden, autocast=autocast, matmul_bytes=2 if (hidden == 2 or autocast) else 4,
+                     batch=t.micro_batch_size, tokens=t.micro_batch_size * seq, kv_length=seq + f.prefix_tokens,
+                     checkpointing=t.gradient_checkpointing or f.forced_checkpointing)
+
+
+def weight_terms(f: Facts) -> WeightTerms:
+    """Frozen, trainable and quantized weights with their quantization constants."""
     q = f.quantized_params
     if f.quant_bits == 4:
-        qweights = q // 2
-        qconst = q // f.quant_block + (q // f.quant_block // 256) * 4 if f.quant_double else q // f.quant_block * 4
+        packed = q // 2
+        blocks = q // f.quant_block
+        constants = blocks + (blocks // 256) * 4 if f.quant_double else blocks * 4
     elif f.quant_bits == 8:
-        qweights, qconst = q, q // max(h, 1) * 4
+        packed, constants = q, q // max(f.dims["h"], 1) * 4
     else:
-        qweights = qconst = 0
-    frozen += qweights + f.teacher_bytes
+        packed = constants = 0
+    trainable = f.trainable_bytes
+    frozen = f.weight_bytes - trainable + packed + f.teacher_bytes
+    return WeightTerms(frozen=frozen, trainable=trainable, quantized=packed, constants=constants)
 
-    # ----- gradients and optimizer -----
-    grads = trainable
-    n = f.trainable_params
-    opt = t.optimizer
-    eight_bit = opt in ("adamw-8bit", "paged-adamw-8bit")
-    if opt == "adamw":
-        state = 2 * trainable
-        step_temp = 0 if fused_optimizer else trainable  # foreach AdamW keeps one intermediate per parameter
-    elif opt == "paged-adamw":
-        state, step_temp = 8 * n, 0  # bitsandbytes 32-bit states are fp32
-    elif eight_bit:
+
+def optimizer_terms(config: TuneConfig, f: Facts, fused: bool) -> OptimizerTerms:
+    """Gradients, the optimizer's state and its step's transients, from what the optimizer keeps per parameter."""
+    optimizer = OPTIMIZERS[config.training.optimizer]
+    trainable, n = f.trainable_bytes, f.trainable_params
+    if optimizer.eight_bit:  # blockwise 8-bit moments; small tensors keep 32-bit states
         big = n - f.small_trainable_elems
         state, step_temp = 2 * big + 2 * 4 * (big // 256) + 8 * f.small_trainable_elems, 0
-    elif opt == "sgd":
-        state, step_temp = trainable, 0  # momentum buffer
-    else:  # adafactor: factored second moment, fp32 update of one tensor at a time
+    elif optimizer.bitsandbytes_class:
+        state, step_temp = 8 * n, 0  # bitsandbytes 32-bit states are fp32
+    elif optimizer.state == "adam":
+        state = 2 * trainable
+        step_temp = 0 if fused else trainable  # foreach AdamW keeps one intermediate per parameter
+    elif optimizer.state == "momentum":
+        state, step_temp = trainable, 0
+    else:  # factored (Adafactor): factored second moment, fp32 update of one tensor at a time
         state, step_temp = f.adafactor_state_elems * f.trainable_elem_bytes, 3 * 4 * f.largest_trainable_elems
-    if opt.startswith("paged"):
-        notes.append("paged optimizer state lives in CUDA unified memory and can be evicted to CPU under pressure")
+    notes = ("paged optimizer state lives in CUDA unified memory and can be evicted to CPU under pressure",) \
+        if optimizer.paged else ()
+    return OptimizerTerms(gradients=trainable, state=state, step_temp=step_temp, notes=notes)
 
-    # ----- activations saved for the backward, per token -----
-    def layer_bytes(layer: Any) -> float:
-        # bitsandbytes' 4-bit matmul is outside autocast: its outputs keep the hidden states' dtype
-        # (attention itself is autocast: sdpa runs in 16-bit; the MLP's elementwise ops stay in wb)
-        act_l = wb if layer.quantized else act
-        per = layer_core(layer, act, act_l)
-        for d_in, r, p, lbytes in layer.lora:
-            la = 2 if t.precision in ("fp16", "bf16") else lbytes  # lora_A runs under autocast
-            mask = (1 if device == "cuda" else lbytes) if p > 0 else 0
-            per += d_in * (la + mask) + r * la
-        for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
-            per += act * (d_in + min(d_in, d_out))
-        per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
-        if config.model.attn_implementation == "eager":  # fp32 softmax output, its 16-bit copy for the matmul
-            per += a * kv_seq * (4 + (act_l if act_l < 4 else 0))
-            if d.get("attn_dropout"):  # attention dropout: its mask and its output (BERT, GPT-2)
-                per += a * kv_seq * (1 if device == "cuda" else 4) + a * kv_seq * 4
-        return per
 
-    def layer_core(layer: Any, act: int, act_mlp: int) -> float:
-        if f.family == "gated":
-            per = 8 * h + act * 3 * h + act_mlp * 3 * inter  # RMSNorm fp32 copies; attention q/k/v/out; SwiGLU
-            if layer.full:
-                per += act * (4 * h + inter) + (10 * h if autocast else 0)  # inputs of trainable Linear layers
-            # bitsandbytes >= 0.45 4-bit matmuls save only the packed weight, not their input
-        else:  # LayerNorm, GELU MLP, dropout masks (Korthikanti et al. 2022)
-            per = act * (5 * h + inter) + 2 * h
-            if layer.full:
-                per += act * (3 * h + inter)
-        return per
-
-    per_layer = [layer_bytes(layer) * tokens + 2 * act * h * f.prefix_tokens * b for layer in f.layers]
+def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str) -> ActivationTerms:
+    """What the blocks save for the backward, with and without checkpointing."""
+    h, act = f.dims["h"], shape.matmul_bytes
+    per_layer = [_layer_bytes(config, f, shape, layer, device) * shape.tokens
+                 + 2 * act * h * f.prefix_tokens * shape.batch for layer in f.layers]
     one_layer = int(max(per_layer) if per_layer else 0)
-    if checkpointing and per_layer:
+    if shape.checkpointing and per_layer:
         # Only each block's input is kept through the forward; one block's activations exist again while it is
         # recomputed in the backward, after the loss has freed the logits: the two never coexist
-        residual = 4 if (autocast or wb == 4) else wb
-        stored = residual * h * tokens * len(per_layer)
+        residual = 4 if (shape.autocast or shape.hidden_bytes == 4) else shape.hidden_bytes
+        stored = residual * h * shape.tokens * len(per_layer)
         layer_acts = stored + one_layer  # everything the step ever saves (what the CPU measurement sees)
     else:
         stored = layer_acts = sum(per_layer)
-    final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * tokens if f.layers or f.head_trainable else 0
+    final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * shape.tokens \
+        if f.layers or f.head_trainable else 0
     copies = 0
-    if autocast and f.layers:
+    if shape.autocast and f.layers:  # 16-bit copies of fp32 Linear weights, saved for the backward
         copies = act * f.autocast_copy_elems
-        if checkpointing:
+        if shape.checkpointing:
             copies = act * f.autocast_copy_elems // max(len(f.layers), 1)
-    activations = int(stored + final + copies)  # at the end of the forward
     dequant = 2 * 2 * f.largest_linear_elems if f.quant_bits else 0  # one dequantized weight, forward and backward
-    activations += dequant
     # In the backward, one block's activations (recomputed under checkpointing) and its gradient transients sit on
     # top of whichever is larger: the stored block inputs (all still held at the top block) or the gradients (all
     # held at the bottom block); the inputs are freed as the gradients grow, so the two are not added
-    recompute = int(2 * one_layer + dequant)
-    stored_in_backward = int(stored) if checkpointing else 0
+    return ActivationTerms(
+        forward_end=int(stored + final + copies) + dequant, recompute=int(2 * one_layer + dequant),
+        stored_in_backward=int(stored) if shape.checkpointing else 0, stored=int(stored), one_layer=one_layer,
+        saved=int(layer_acts + final + copies))
 
-    # ----- logits and loss: at the start of the backward the fp32 log-softmax output the loss saved, the
-    # gradient of the loss and the log-softmax gradient coexist (12 bytes per logit; transformers upcasts the
-    # logits to fp32 before the cross-entropy) -----
+
+def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFacts, device: str) -> float:
+    """Activations one block saves for the backward, per token."""
+    a, kv_length, act = f.dims["a"], shape.kv_length, shape.matmul_bytes
+    # bitsandbytes' 4-bit matmul is outside autocast: its outputs keep the hidden states' dtype
+    # (attention itself is autocast: sdpa runs in 16-bit; the MLP's elementwise ops stay in hidden_bytes)
+    act_l = shape.hidden_bytes if layer.quantized else act
+    per = _layer_core(f, shape, layer, act_l)
+    mixed = config.training.precision in ("fp16", "bf16")
+    for d_in, r, p, lbytes in layer.lora:
+        la = 2 if mixed else lbytes  # lora_A runs under autocast
+        mask = (1 if device == "cuda" else lbytes) if p > 0 else 0
+        per += d_in * (la + mask) + r * la
+    for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
+        per += act * (d_in + min(d_in, d_out))
+    per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
+    if config.model.attn_implementation == "eager":  # fp32 softmax output, its 16-bit copy for the matmul
+        per += a * kv_length * (4 + (act_l if act_l < 4 else 0))
+        if f.dims.get("attn_dropout"):  # attention dropout: its mask and its output (BERT, GPT-2)
+            per += a * kv_length * (1 if device == "cuda" else 4) + a * kv_length * 4
+    return per
+
+
+def _layer_core(f: Facts, shape: StepShape, layer: LayerFacts, act_mlp: int) -> float:
+    h, inter, act = f.dims["h"], f.dims["I"], shape.matmul_bytes
+    if f.family == "gated":
+        per = 8 * h + act * 3 * h + act_mlp * 3 * inter  # RMSNorm fp32 copies; attention q/k/v/out; SwiGLU
+        if layer.full:
+            per += act * (4 * h + inter) + (10 * h if shape.autocast else 0)  # inputs of trainable Linear layers
+        # bitsandbytes >= 0.45 4-bit matmuls save only the packed weight, not their input
+    else:  # LayerNorm, GELU MLP, dropout masks (Korthikanti et al. 2022)
+        per = act * (5 * h + inter) + 2 * h
+        if layer.full:
+            per += act * (3 * h + inter)
+    return per
+
+
+def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
+    """The logits with the loss's fp32 copies (none for classification), and an early head gradient."""
+    # At the start of the backward the fp32 log-softmax output the loss saved, the gradient of the loss and the
+    # log-softmax gradient coexist (12 bytes per logit; transformers upcasts the logits to fp32 before the
+    # cross-entropy)
+    vocab, tokens = f.dims["V"], shape.tokens
     if config.model.task == "seq-cls":
         logits = 0
     else:
         logits = int(tokens * vocab * 12)
         if f.teacher_bytes:  # the teacher's logits, upcast, and the softened distributions of both
-            logits += int(tokens * vocab * (act + 4 + 8))
-    head_grad = vocab * h * f.trainable_elem_bytes if f.head_trainable else 0
+            logits += int(tokens * vocab * (shape.matmul_bytes + 4 + 8))
+    head = vocab * f.dims["h"] * f.trainable_elem_bytes if f.head_trainable else 0
+    return LogitTerms(logits=logits, head_gradient=head)
 
-    persistent = frozen + trainable + qconst + state + WORKSPACE
-    grads_in_forward = grads if t.gradient_accumulation_steps > 1 else 0
-    phases_alloc = {
-        "forward end": persistent + grads_in_forward + activations + logits + min(head_grad, grads),
-        "backward": persistent + max(grads, stored_in_backward) + recompute,
-        "optimizer step": persistent + grads + step_temp,
+
+def phase_terms(config: TuneConfig, weights: WeightTerms, optimizer: OptimizerTerms, acts: ActivationTerms,
+                logits: LogitTerms) -> dict[str, Phase]:
+    """What is allocated at the forward end, in the backward and at the optimizer step."""
+    persistent = weights.frozen + weights.trainable + weights.constants + optimizer.state + WORKSPACE
+    grads = optimizer.gradients
+    grads_in_forward = grads if config.training.gradient_accumulation_steps > 1 else 0
+    early_head = min(logits.head_gradient, grads)
+    backward = max(grads, acts.stored_in_backward) + acts.recompute
+    forward = grads_in_forward + acts.forward_end + logits.logits
+    step = grads + optimizer.step_temp
+    return {
+        "forward end": Phase(persistent + forward + early_head, forward, grads_in_forward + early_head,
+                             acts.forward_end, logits.logits),
+        "backward": Phase(persistent + backward, backward, grads,
+                          max(acts.stored_in_backward - grads, 0) + acts.recompute, 0),
+        "optimizer step": Phase(persistent + step, step, grads, optimizer.step_temp, 0),
     }
-    dynamic = {
-        "forward end": grads_in_forward + activations + logits,
-        "backward": max(grads, stored_in_backward) + recompute,
-        "optimizer step": grads + step_temp,
-    }
-    parts = {
-        "forward end": {"gradients": grads_in_forward + min(head_grad, grads), "activations": activations,
-                        "logits_loss": logits},
-        "backward": {"gradients": grads, "activations": max(stored_in_backward - grads, 0) + recompute,
-                     "logits_loss": 0},
-        "optimizer step": {"gradients": grads, "activations": step_temp, "logits_loss": 0},
-    }
-    return {"frozen": frozen, "trainable": trainable, "qweights": qweights, "qconst": qconst, "grads": grads,
-            "optimizer_state": state, "step_temp": step_temp, "activations": activations, "recompute": recompute,
-            "stored_in_backward": stored_in_backward, "stored_activations": int(stored), "one_layer": one_layer, "saved_activations":
-            int(layer_acts + final + copies), "logits": logits, "phases": phases_alloc, "dynamic": dynamic,
-            "parts": parts, "checkpointing": checkpointing, "notes": notes, "tokens": tokens}
 
 
 def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device: str,
               fused_optimizer: bool) -> MemoryEstimate:
     tm = terms(config, f, device, fused_optimizer)
-    overhead = {p: int(FRAGMENTATION * tm["dynamic"][p]) + CUDA_CONTEXT for p in PHASES}
-    totals = {p: int(tm["phases"][p] + overhead[p]) for p in PHASES}
+    overhead = {p: int(FRAGMENTATION * tm.phases[p].dynamic) + CUDA_CONTEXT for p in PHASES}
+    totals = {p: int(tm.phases[p].allocated + overhead[p]) for p in PHASES}
     peak = max(PHASES, key=lambda p: totals[p])
-    parts = tm["parts"][peak]
+    at_peak = tm.phases[peak]
     breakdown = {
-        "weights": tm["frozen"], "trainable_weights": tm["trainable"], "gradients": parts["gradients"],
-        "optimizer_state": tm["optimizer_state"], "activations": parts["activations"],
-        "logits_loss": parts["logits_loss"], "quantization_constants": tm["qconst"],
+        "weights": tm.weights.frozen, "trainable_weights": tm.weights.trainable, "gradients": at_peak.gradients,
+        "optimizer_state": tm.optimizer.state, "activations": at_peak.activations,
+        "logits_loss": at_peak.logits_loss, "quantization_constants": tm.weights.constants,
         "fixed_overhead": WORKSPACE + overhead[peak],
     }
-    notes = list(tm["notes"])
-    if tm["checkpointing"] and not config.training.gradient_checkpointing:
+    notes = list(tm.optimizer.notes)
+    if tm.shape.checkpointing and not config.training.gradient_checkpointing:
         notes.append("the method turns gradient checkpointing on by itself")
+    method = registry.get(config.method.name)
     if f.trainable_params == 0:
         notes.append(f"method {config.method.name} leaves no trainable parameters on this model")
-    elif config.method.name == "bitfit" and f.family == "gated":
-        notes.append("this architecture has almost no biases, so BitFit trains very little")
-    allocated = int(tm["phases"][peak])
+    elif method.trains_only_biases and f.family == "gated":
+        notes.append(f"this architecture has almost no biases, so {method.title} trains very little")
+    allocated = int(at_peak.allocated)
     return MemoryEstimate(
         total_bytes=sum(breakdown.values()), breakdown=breakdown, peak_phase=peak, phases=totals,
         trainable_params=f.trainable_params, total_params=f.total_params, allocated_bytes=allocated,
-        reserved_bytes=allocated + int(FRAGMENTATION * tm["dynamic"][peak]),
+        reserved_bytes=allocated + int(FRAGMENTATION * at_peak.dynamic),
         gpu=str(gpu) if gpu is not None else None, notes=notes, config=config, model_config=model_config)
 
+
+# ----- suggestions ---------------------------------------------------------------------------------------------
 
 def apply_changes(config: TuneConfig, changes: dict[str, Any]) -> TuneConfig:
     """The config with dotted-field changes; "method.name" switches the method and drops its old parameters."""
@@ -321,13 +445,30 @@ def apply_changes(config: TuneConfig, changes: dict[str, Any]) -> TuneConfig:
     return config.replace(**changes) if changes else config
 
 
-def _suggest(est: MemoryEstimate) -> list[dict[str, Any]]:
-    from nbtune.methods import registry
-
-    config, mc, gpu = est.config, est.model_config, est.gpu
-    assert config is not None
+def _suggest(est: MemoryEstimate) -> list[Suggestion]:
+    config, gpu = est.config, est.gpu
+    assert config is not None and gpu is not None
     if est.fits(gpu):
         return []
+    out = []
+    for description, changes in _options(config):
+        try:
+            total = estimate_memory(apply_changes(config, changes), est.model_config).total_bytes
+        except Exception:  # noqa: BLE001 - a change this model cannot take is simply not suggested
+            continue
+        out.append(Suggestion(description, changes, total, total <= gpu_bytes(gpu)[1]))
+    fitting, kinds = [], set()
+    for s in out:  # per kind of change, only the mildest one that fits (largest batch, longest sequences)
+        kind = tuple(sorted(s.changes))
+        if s.fits and kind not in kinds:
+            kinds.add(kind)
+            fitting.append(s)
+    # Cheapest first: the order of the options runs from "same result, a little slower" to "different training".
+    return fitting[:5] if fitting else sorted(out, key=lambda s: s.total_bytes)[:3]
+
+
+def _options(config: TuneConfig) -> list[tuple[str, dict[str, Any]]]:
+    """Changes that lower the peak, cheapest first, each as (description, dotted changes)."""
     t = config.training
     options: list[tuple[str, dict[str, Any]]] = []
     mb, ga = t.micro_batch_size, t.gradient_accumulation_steps
@@ -338,13 +479,14 @@ def _suggest(est: MemoryEstimate) -> list[dict[str, Any]]:
         smaller //= 2
     if not t.gradient_checkpointing:
         options.append(("gradient checkpointing (about 30 % slower steps)", {"training.gradient_checkpointing": True}))
-    if t.optimizer in ("adamw", "paged-adamw"):
-        options.append(("8-bit AdamW (bitsandbytes)", {"training.optimizer": "adamw-8bit"}))
-        options.append(("paged 8-bit AdamW", {"training.optimizer": "paged-adamw-8bit"}))
+    optimizer = OPTIMIZERS[t.optimizer]
+    if optimizer.state == "adam" and not optimizer.eight_bit:
+        for eight_bit in (o for o in OPTIMIZERS.values() if o.state == "adam" and o.eight_bit):
+            options.append((eight_bit.description, {"training.optimizer": eight_bit.name}))
     if config.model.dtype == "fp32" and t.precision in ("bf16", "fp16"):
         options.append((f"load the weights in {t.precision}", {"model.dtype": t.precision}))
-    for name in ("lora", "qlora"):
-        if config.method.name not in (name, "qlora") and registry.find(name) is not None:
+    for name in registry.get(config.method.name).lighter_methods:
+        if registry.find(name) is not None:
             options.append((f"switch the method to {name}", {"method.name": name}))
     length = config.data.max_length // 2
     while length >= 128:
@@ -354,21 +496,4 @@ def _suggest(est: MemoryEstimate) -> list[dict[str, Any]]:
         options.append(("gradient checkpointing and micro-batch 1",
                         {"training.gradient_checkpointing": True, "training.micro_batch_size": 1,
                          "training.gradient_accumulation_steps": ga * mb}))
-    out = []
-    for title, changes in options:
-        try:
-            changed = apply_changes(config, changes)
-            total = estimate_memory(changed, mc).total_bytes
-        except Exception:  # noqa: BLE001 - a change this model cannot take is simply not suggested
-            continue
-        out.append({"title": title, "changes": changes, "total_bytes": total,
-                    "fits": total <= gpu_bytes(gpu)[1]})
-    fitting, kinds = [], set()
-    for s in out:  # per kind of change, only the mildest one that fits (largest batch, longest sequences)
-        kind = tuple(sorted(s["changes"]))
-        if s["fits"] and kind not in kinds:
-            kinds.add(kind)
-            fitting.append(s)
-    # Cheapest first: the order above runs from "same result, a little slower" to "different training".
-    return fitting[:5] if fitting else sorted(out, key=lambda s: s["total_bytes"])[:3]
-
+    return options

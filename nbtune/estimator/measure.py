@@ -11,26 +11,29 @@ from typing import Any
 
 from nbtune.config import TuneConfig
 from nbtune.estimator.skeleton import build_model
+from nbtune.optimizers import OPTIMIZERS
 
 
-def make_optimizer(config: TuneConfig, params: list[Any]) -> Any:
-    """The optimizer the Trainer builds for `training.optimizer` (bitsandbytes ones need CUDA)."""
+def make_optimizer(config: TuneConfig, params: list[Any], *, foreach: bool | None = None, fused: bool = False) -> Any:
+    """The optimizer the Trainer builds for `training.optimizer` (bitsandbytes ones need CUDA).
+
+    `foreach` and `fused` choose torch's implementation of AdamW and SGD (None: torch's default for the device).
+    """
     import torch
 
-    name = config.training.optimizer
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-4)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
+    optimizer = OPTIMIZERS[config.training.optimizer]
+    if optimizer.bitsandbytes_class is not None:
+        import bitsandbytes as bnb
 
-        return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
-    import bitsandbytes as bnb
+        return getattr(bnb.optim, optimizer.bitsandbytes_class)(params, lr=1e-4)
+    if optimizer.state == "adam":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True) if fused else \
+            torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+    if optimizer.state == "momentum":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=foreach)
+    from transformers.optimization import Adafactor
 
-    cls = {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw": bnb.optim.PagedAdamW32bit,
-           "paged-adamw-8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=1e-4)
+    return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
 
 
 def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[str, int]:
@@ -99,7 +102,7 @@ def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]
 
     method, params = info["method"], info["params"]
     ctx = MethodContext(task=config.model.task, model_config=model_config, dtype=config.model.dtype)
-    kwargs = method.hook("load_kwargs")(params, ctx)
+    kwargs = method.load_kwargs(params, ctx)
     with tempfile.TemporaryDirectory() as folder:
         auto_class(config.model.task).from_config(model_config).save_pretrained(folder)
         model = auto_class(config.model.task).from_pretrained(
@@ -113,4 +116,4 @@ def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]
         for x in tensors:
             constants[x.untyped_storage().data_ptr()] = x.numel() * x.element_size()
     ctx.model_config = model.config
-    return method.hook("apply")(model, params, ctx), sum(constants.values())
+    return method.apply(model, params, ctx), sum(constants.values())

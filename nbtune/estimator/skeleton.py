@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbtune.config import TuneConfig
-from nbtune.dtypes import BYTES
+from nbtune.methods.counting import count_parameters
 
-DTYPE_BYTES = BYTES
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
 _BEFORE_LAYERS = ("embed", "wte", "wpe", "shared", "prompt_encoder", "prefix", "token_type")
 
@@ -97,38 +96,29 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
 
     import torch
 
-    from nbtune.dtypes import from_torch, torch_dtype
-    from nbtune.methods import MethodContext, registry
-    from nbtune.models import auto_class
+    from nbtune import models
 
-    method = registry.get(config.method.name)
-    params = config.method_params
-    task = config.model.task
     model_config = copy.deepcopy(model_config)
-    if task == "seq-cls" and getattr(model_config, "num_labels", 2) < 2:
+    if config.model.task == "seq-cls" and getattr(model_config, "num_labels", 2) < 2:
         model_config.num_labels = 2
-    ctx = MethodContext(task=task, model_config=model_config, dtype=config.model.dtype,
-                        num_labels=getattr(model_config, "num_labels", 2) if task == "seq-cls" else None)
-    load_kwargs = method.hook("load_kwargs")(params, ctx) if method.load_kwargs else {}
-    quant = _quant_settings(load_kwargs.get("quantization_config"))
-    dtype = load_kwargs.get("dtype") or load_kwargs.get("torch_dtype") or torch_dtype(config.model.dtype)
-    if isinstance(dtype, str):
-        dtype = torch_dtype(from_torch(dtype) or dtype)
-    with torch.device(device):
-        model = auto_class(task).from_config(model_config, dtype=dtype,
-                                             attn_implementation=config.model.attn_implementation)
     quantized: set[int] = set()
-    if quant["bits"]:
-        skip = set(quant["skip"]) | {"lm_head", "score", "classifier"}
-        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and module is not out_emb and not (set(name.split(".")) & skip):
-                quantized.add(id(module.weight))
-        setattr(model, f"is_loaded_in_{quant['bits']}bit", True)
-    ctx.model_config = model.config
-    base_ids = {id(p) for p in model.parameters()}
-    model = method.hook("apply")(model, params, ctx)
-    return model, {"base_ids": base_ids, "quant": quant, "quantized_ids": quantized, "method": method, "params": params, "ctx": ctx}
+    info: dict[str, Any] = {}
+
+    def mark_quantized(model: Any, load_kwargs: dict[str, Any]) -> None:
+        """The base as bitsandbytes would load it: which Linear weights it quantizes (kept as plain weights)."""
+        quant = info["quant"] = _quant_settings(load_kwargs.get("quantization_config"))
+        if quant["bits"]:
+            skip = set(quant["skip"]) | {"lm_head", "score", "classifier"}
+            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and module is not out_emb and not (set(name.split(".")) & skip):
+                    quantized.add(id(module.weight))
+            setattr(model, f"is_loaded_in_{quant['bits']}bit", True)
+        info["base_ids"] = {id(p) for p in model.parameters()}
+
+    built = models.build(config, device=device, model_config=model_config, prepare=mark_quantized)
+    return built.model, {**info, "quantized_ids": quantized, "method": built.method, "params": built.params,
+                         "ctx": built.ctx}
 
 
 def _quant_settings(qc: Any) -> dict[str, Any]:
@@ -160,135 +150,164 @@ _CACHE: dict[str, Facts] = {}
 
 
 def read_facts(config: TuneConfig, model_config: Any) -> Facts:
+    """Build the skeleton of the config's model with its method and read every fact off its parameters."""
+    model, info = build_model(config, model_config)
+    lora_ids, lora_by_block = _lora_modules(model)
+    tally = _tally_parameters(model, info, lora_ids)
+    virtual, prefix = _virtual_tokens(model, info["method"], info["params"])
+    keys = list(tally.blocks)
+    trained = [i for i, k in enumerate(keys) if tally.blocks[k].trains() or k in lora_by_block]
+    # Gradients flow from the top down to the lowest block that trains, or through all when what trains sits
+    # below the blocks (embeddings, soft prompts) or is a prefix every block's attention reads
+    first = 0 if tally.before_trainable or prefix else trained[0] if trained else len(keys)
+    layers = tuple(tally.blocks[k].facts(lora_by_block.get(k, ())) for k in keys[first:])
+    teacher = info["ctx"].extras.get("teacher")
+    trainable, total = tally.trainable, tally.total
+    if trainable:  # the methods' own counting, so the estimator and a real run agree on the numbers
+        trainable, counted_total = count_parameters(model)
+        total = counted_total + (tally.quantized if counted_total < total else 0)
+    return Facts(
+        total_params=total, trainable_params=trainable, weight_bytes=tally.weight_bytes,
+        trainable_bytes=tally.trainable_bytes,
+        trainable_elem_bytes=max(tally.by_size, key=tally.by_size.get) if tally.by_size else 4,
+        quantized_params=tally.quantized, quant_bits=info["quant"]["bits"], quant_double=info["quant"]["double"],
+        quant_block=info["quant"]["block"], adafactor_state_elems=tally.adafactor_state,
+        small_trainable_elems=tally.small_trainable, largest_trainable_elems=tally.largest_trainable,
+        largest_linear_elems=tally.largest_quantized, layers=layers, total_layers=len(keys),
+        head_trainable=tally.head_trainable,
+        autocast_copy_elems=sum(tally.blocks[k].linear for k in keys[first:]) + tally.outside_linear,
+        virtual_tokens=virtual, prefix_tokens=prefix, forced_checkpointing=_checkpointing(_base(model)),
+        residual_bytes=_embedding_bytes(model),
+        teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0,
+        dims=model_dims(model_config),
+        family="gated" if any(".gate_proj." in n or ".w1." in n for n, _ in model.named_parameters()) else "gpt")
+
+
+@dataclass
+class _BlockTally:
+    """What the parameters of one transformer block add up to, while they are read."""
+
+    full: bool = False  # a Linear weight of its own trains
+    quantized: bool = False
+    other_trainable: int = 0
+    linear: int = 0  # elements of its unquantized Linear weights (autocast keeps 16-bit copies of them)
+    added: list[tuple[int, int]] = field(default_factory=list)  # (in, out) of trainable Linear layers added
+    vectors: int = 0  # elements of scaling vectors the method added
+
+    def trained(self, name: str, prm: Any, is_linear: bool, is_new: bool) -> None:
+        """Count a trainable parameter of this block that is not part of a LoRA module."""
+        if is_linear and is_new:
+            self.added.append((int(prm.shape[1]), int(prm.shape[0])))
+        elif is_linear:
+            self.full = True
+        else:
+            self.other_trainable += prm.numel()
+            if is_new and prm.dim() >= 1 and not name.endswith("bias"):
+                self.vectors += prm.numel()
+
+    def trains(self) -> bool:
+        return bool(self.full or self.other_trainable or self.added)
+
+    def facts(self, lora: Any) -> LayerFacts:
+        return LayerFacts(full=self.full, quantized=self.quantized, lora=tuple(lora),
+                          other_trainable=self.other_trainable, added=tuple(self.added), vectors=self.vectors)
+
+
+@dataclass
+class _Tally:
+    """What the parameters of the whole model add up to, while they are read (each parameter once)."""
+
+    total: int = 0
+    trainable: int = 0
+    weight_bytes: int = 0  # unquantized parameters, as stored
+    trainable_bytes: int = 0
+    quantized: int = 0  # elements of the Linear weights bitsandbytes quantizes
+    largest_quantized: int = 0
+    outside_linear: int = 0  # elements of unquantized Linear weights outside the blocks
+    adafactor_state: int = 0
+    small_trainable: int = 0  # elements of trainable tensors under 4096 elements
+    largest_trainable: int = 0
+    by_size: dict[int, int] = field(default_factory=dict)  # trainable elements per element size
+    before_trainable: bool = False  # something below the blocks trains (embeddings, a soft prompt)
+    head_trainable: bool = False  # something above the blocks trains (the head, the final norm)
+    blocks: dict[str, _BlockTally] = field(default_factory=dict)  # by block name, bottom to top
+
+    def stored(self, prm: Any, block: _BlockTally | None, is_linear: bool, is_quantized: bool) -> None:
+        n = prm.numel()
+        self.total += n
+        if is_quantized:
+            self.quantized += n
+            self.largest_quantized = max(self.largest_quantized, n)
+            if block is not None:
+                block.quantized = True
+        else:
+            self.weight_bytes += n * prm.element_size()
+            if is_linear and block is not None:
+                block.linear += n
+            elif is_linear:
+                self.outside_linear += n
+
+    def trained(self, prm: Any) -> None:
+        n, size = prm.numel(), prm.element_size()
+        self.trainable += n
+        self.trainable_bytes += n * size
+        self.by_size[size] = self.by_size.get(size, 0) + n
+        self.largest_trainable = max(self.largest_trainable, n)
+        # Adafactor factors a matrix's second moment into a row and a column vector; vectors keep a full one
+        self.adafactor_state += n // prm.shape[-1] + n // prm.shape[-2] if prm.dim() >= 2 else n
+        if n < 4096:
+            self.small_trainable += n
+
+
+def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int]) -> _Tally:
     import torch
 
-    model, info = build_model(config, model_config)
-    dims = model_dims(model_config)
-    quantized_ids = info["quantized_ids"]
-    method = info["method"]
-    linear_weight_ids = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    lora_ids: set[int] = set()
-    lora_by_layer: dict[str, list[tuple[int, int, float, int]]] = {}
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and len(lora_a):
-            adapter = next(iter(lora_a))
-            a_layer = lora_a[adapter]
-            if isinstance(a_layer, torch.nn.Parameter):  # AdaLoRA keeps raw (r, in) matrices
-                a_shape, a_bytes = (int(a_layer.shape[1]), int(a_layer.shape[0])), a_layer.element_size()
-            else:
-                a_shape, a_bytes = (int(a_layer.in_features), int(a_layer.out_features)), a_layer.weight.element_size()
-            drop = module.lora_dropout[adapter] if hasattr(module, "lora_dropout") else None
-            p = float(getattr(drop, "p", 0.0) or 0.0)
-            for sub in module.modules():
-                for prm in sub.parameters(recurse=False):
-                    if prm.requires_grad:
-                        lora_ids.add(id(prm))
-            match = _LAYER.match(name + ".")
-            if match:
-                lora_by_layer.setdefault(f"{match[1]}.{match[2]}", []).append((*a_shape, p, a_bytes))
-
-    seen: set[int] = set()
-    total = trainable = weight_bytes = trainable_bytes = qparams = 0
-    ada = small = largest = largest_linear = copies = 0
-    elem_count: dict[int, int] = {}
-    layer_keys: list[str] = []
-    layer_full: dict[str, bool] = {}
-    layer_quant: dict[str, bool] = {}
-    layer_other: dict[str, int] = {}
-    layer_linear: dict[str, int] = {}
-    layer_added: dict[str, list[tuple[int, int]]] = {}
-    layer_vectors: dict[str, int] = {}
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     base_ids = info["base_ids"]
     if not base_ids & {id(p) for p in model.parameters()}:  # a new model (a distillation student) is all "base"
         base_ids = {id(p) for p in model.parameters()}
-    outside_linear = 0
-    before_trainable = head_trainable = False
-    for name, prm in model.named_parameters(remove_duplicate=False):
-        if id(prm) in seen:
-            continue
-        seen.add(id(prm))
-        n = prm.numel()
-        total += n
+    tally = _Tally()
+    for name, prm in model.named_parameters():  # each shared parameter once, under its first name
         match = _LAYER.match(name)
-        lkey = f"{match[1]}.{match[2]}" if match else None
-        if lkey and lkey not in layer_full:
-            layer_keys.append(lkey)
-            layer_full[lkey] = layer_quant[lkey] = False
-            layer_other[lkey] = layer_linear[lkey] = layer_vectors[lkey] = 0
-            layer_added[lkey] = []
-        is_linear = id(prm) in linear_weight_ids
-        if id(prm) in quantized_ids:
-            qparams += n
-            if lkey:
-                layer_quant[lkey] = True
-            largest_linear = max(largest_linear, n)
-        else:
-            weight_bytes += n * prm.element_size()
-            if is_linear:
-                if lkey:
-                    layer_linear[lkey] += n
-                else:
-                    outside_linear += n
+        block = tally.blocks.setdefault(f"{match[1]}.{match[2]}", _BlockTally()) if match else None
+        is_linear = id(prm) in linear_ids
+        tally.stored(prm, block, is_linear, id(prm) in info["quantized_ids"])
         if not prm.requires_grad:
             continue
-        trainable += n
-        trainable_bytes += n * prm.element_size()
-        elem_count[prm.element_size()] = elem_count.get(prm.element_size(), 0) + n
-        largest = max(largest, n)
-        if prm.dim() >= 2:
-            ada += n // prm.shape[-1] + n // prm.shape[-2]
-        else:
-            ada += n
-        if n < 4096:
-            small += n
-        if lkey:
-            if id(prm) in lora_ids:
-                pass
-            elif is_linear and id(prm) not in base_ids:
-                layer_added[lkey].append((int(prm.shape[1]), int(prm.shape[0])))
-            elif is_linear:
-                layer_full[lkey] = True
-            else:
-                layer_other[lkey] += n
-                if id(prm) not in base_ids and prm.dim() >= 1 and not name.endswith("bias"):
-                    layer_vectors[lkey] += n
+        tally.trained(prm)
+        if block is not None:
+            if id(prm) not in lora_ids:
+                block.trained(name, prm, is_linear, id(prm) not in base_ids)
         elif any(part in name for part in _BEFORE_LAYERS):
-            before_trainable = True
+            tally.before_trainable = True
         else:
-            head_trainable = True
+            tally.head_trainable = True
+    return tally
 
-    trainable_layers = [i for i, k in enumerate(layer_keys)
-                        if layer_full[k] or layer_other[k] or k in lora_by_layer or layer_added[k]]
-    virtual, prefix = _virtual_tokens(model, method, info["params"])
-    if before_trainable or prefix:
-        first = 0
-    elif trainable_layers:
-        first = trainable_layers[0]
-    else:
-        first = len(layer_keys)
-    layers = tuple(
-        LayerFacts(full=layer_full[k], quantized=layer_quant[k], lora=tuple(lora_by_layer.get(k, ())),
-                   other_trainable=layer_other[k], added=tuple(layer_added[k]), vectors=layer_vectors[k])
-        for k in layer_keys[first:])
-    copies = sum(layer_linear[k] for k in layer_keys[first:]) + outside_linear
-    family = "gated" if any(".gate_proj." in n or ".w1." in n for n, _ in model.named_parameters()) else "gpt"
-    teacher = info["ctx"].extras.get("teacher")
-    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0
-    if trainable:
-        counted = _count_with_registry(model)
-        if counted is not None:
-            trainable, total = counted[0], counted[1] + (qparams if counted[1] < total else 0)
-    return Facts(
-        total_params=total, trainable_params=trainable, weight_bytes=weight_bytes, trainable_bytes=trainable_bytes,
-        trainable_elem_bytes=max(elem_count, key=elem_count.get) if elem_count else 4,
-        quantized_params=qparams, quant_bits=info["quant"]["bits"], quant_double=info["quant"]["double"],
-        quant_block=info["quant"]["block"], adafactor_state_elems=ada, small_trainable_elems=small,
-        largest_trainable_elems=largest, largest_linear_elems=largest_linear, layers=layers,
-        total_layers=len(layer_keys), head_trainable=head_trainable, autocast_copy_elems=copies,
-        virtual_tokens=virtual, prefix_tokens=prefix,
-        forced_checkpointing=_checkpointing(_base(model)),
-        residual_bytes=_embedding_bytes(model), teacher_bytes=teacher_bytes, dims=dims, family=family)
+
+def _lora_modules(model: Any) -> tuple[set[int], dict[str, list[tuple[int, int, float, int]]]]:
+    """The trainable parameters of LoRA-style modules, and per block (in_features, r, dropout, bytes) of each."""
+    import torch
+
+    lora_ids: set[int] = set()
+    by_block: dict[str, list[tuple[int, int, float, int]]] = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not (isinstance(lora_a, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and len(lora_a)):
+            continue
+        adapter = next(iter(lora_a))
+        a_layer = lora_a[adapter]
+        if isinstance(a_layer, torch.nn.Parameter):  # AdaLoRA keeps raw (r, in) matrices
+            a_shape, a_bytes = (int(a_layer.shape[1]), int(a_layer.shape[0])), a_layer.element_size()
+        else:
+            a_shape, a_bytes = (int(a_layer.in_features), int(a_layer.out_features)), a_layer.weight.element_size()
+        drop = module.lora_dropout[adapter] if hasattr(module, "lora_dropout") else None
+        p = float(getattr(drop, "p", 0.0) or 0.0)
+        lora_ids |= {id(prm) for prm in module.parameters() if prm.requires_grad}
+        match = _LAYER.match(name + ".")
+        if match:
+            by_block.setdefault(f"{match[1]}.{match[2]}", []).append((*a_shape, p, a_bytes))
+    return lora_ids, by_block
 
 
 def _embedding_bytes(model: Any) -> int:
@@ -321,12 +340,3 @@ def _virtual_tokens(model: Any, method: Any, params: dict[str, Any]) -> tuple[in
         if "PREFIX" in kind:
             return 0, n
     return n, 0
-
-
-def _count_with_registry(model: Any) -> tuple[int, int] | None:
-    """The methods' own counting, when present, so the estimator and a real run agree on the numbers."""
-    try:
-        from nbtune.methods.counting import count_parameters
-    except ImportError:
-        return None
-    return tuple(count_parameters(model))  # type: ignore[return-value]

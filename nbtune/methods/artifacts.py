@@ -32,9 +32,8 @@ def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodC
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save = method.hook("save")
-    if save is not None:
-        save(model, directory, ctx)
+    if method.save is not None:
+        method.save(model, directory, ctx)
     else:
         model.save_pretrained(str(directory))
         if not method.is_peft and ctx.tokenizer is not None:  # a whole model: carry its tokenizer too
@@ -50,7 +49,7 @@ def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodC
 def artifact_format(method: Method) -> str:
     if method.is_peft:
         return "peft-adapter"
-    return "nbtune-adapters" if method.hook("save") is not None else "transformers-model"
+    return "nbtune-adapters" if method.save is not None else "transformers-model"
 
 
 def describe(config: Any, method: Method, ctx: MethodContext, fmt: str) -> dict[str, Any]:
@@ -67,7 +66,7 @@ def describe(config: Any, method: Method, ctx: MethodContext, fmt: str) -> dict[
     if labels:
         record.update(labels=labels, id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)})
-    load_kwargs = method.hook("load_kwargs")(config.method_params, ctx) if method.load_kwargs else {}
+    load_kwargs = method.load_kwargs(config.method_params, ctx) if method.load_kwargs else {}
     if fmt == "peft-adapter" and "quantization_config" in load_kwargs:  # QLoRA: how the base was quantized under the adapter
         record["base_quantization"] = load_kwargs["quantization_config"].to_dict()
     record["how_to_load"] = how_to_load(record)
@@ -139,9 +138,8 @@ def write_record(directory: Path, record: dict[str, Any]) -> None:
 
 def load_trained(method: Method, base_model: Any, directory: str | Path, ctx: MethodContext) -> Any:
     """The trained model, in eval mode, from an artifact directory and a freshly loaded base model."""
-    load = method.hook("load_trained")
-    if load is not None:
-        return load(base_model, directory)
+    if method.load_trained is not None:
+        return method.load_trained(base_model, directory)
     if method.is_peft:
         from peft import PeftModel
 
@@ -173,7 +171,7 @@ def export_merged(run: Any, directory: str | Path) -> Path:
         raise ValueError(f"merged export folder {directory} already exists and is not empty; choose a new folder")
     if method.is_peft:
         _refuse_prompt_learning(method, artifact)
-    labels = ((run.summary or {}).get("data") or {}).get("labels") or []
+    labels = run.summary.labels if run.summary is not None else []
     tokenizer = models.load_tokenizer(config)
     ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=len(labels) or None,
                         dtype=config.model.dtype)
@@ -196,7 +194,7 @@ def export_merged(run: Any, directory: str | Path) -> Path:
 
 def _write_model(run: Any, method: Method, artifact: Path, ctx: MethodContext, directory: Path) -> tuple[Any, str]:
     """Save the run's model, merged where its method allows, into `directory`; returns it and its format."""
-    labels = ((run.summary or {}).get("data") or {}).get("labels") or []
+    labels = run.summary.labels if run.summary is not None else []
     if method.is_peft:
         model = _merged_peft_model(run.config, method, artifact, ctx)
     else:
@@ -206,7 +204,7 @@ def _write_model(run: Any, method: Method, artifact: Path, ctx: MethodContext, d
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
-    if method.hook("save") is not None:  # bottleneck adapters: the model with its adapters and their code
+    if method.save is not None:  # bottleneck adapters: the model with its adapters and their code
         from nbtune.methods.adapters import save_adapter_model
 
         save_adapter_model(model, directory, TASKS[run.config.model.task].auto_class)

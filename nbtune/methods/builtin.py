@@ -1,17 +1,14 @@
-"""The built-in tuning methods: registry entries only (the code that applies them is named by dotted path).
+"""The built-in tuning methods: registry entries, whose hooks live in the modules beside this one.
 
 Learning rates are recommendations for the tiny embedded model; larger models usually want smaller ones.
 """
 
 from __future__ import annotations
 
+from nbtune.methods import adapters, distillation, peft_methods, selective
 from nbtune.methods.registry import Field, Method, register
 from nbtune.tasks import TASKS
 
-_SELECTIVE = "nbtune.methods.selective"
-_PEFT = "nbtune.methods.peft_methods"
-_ADAPTERS = "nbtune.methods.adapters"
-_DISTILL = "nbtune.methods.distillation"
 PEFT_TASKS = tuple(TASKS)  # peft applies its methods to every task nbtune has
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 
@@ -35,7 +32,7 @@ register(Method(
     description="Update every weight of the model.",
     paper="Howard & Ruder 2018, Universal Language Model Fine-tuning (arXiv:1801.06146)",
     fields=(),
-    apply=f"{_SELECTIVE}:apply_full",
+    apply=selective.apply_full,
     learning_rate=1e-4,
     is_peft=False,
 ))
@@ -53,7 +50,7 @@ register(Method(
         Field("layers", "int", 1, "N: how many layers (of each stack, for encoder-decoder models).", low=0),
         Field("train_head", "bool", True, "Also train the output head and the final norm."),
     ),
-    apply=f"{_SELECTIVE}:apply_freeze",
+    apply=selective.apply_freeze,
     learning_rate=3e-4,
     is_peft=False,
 ))
@@ -65,9 +62,10 @@ register(Method(
     description="Train only the bias terms (and a classification head); every weight matrix stays frozen.",
     paper="Ben Zaken et al. 2021, BitFit: Simple Parameter-efficient Fine-tuning (arXiv:2106.10199)",
     fields=(),
-    apply=f"{_SELECTIVE}:apply_bitfit",
+    apply=selective.apply_bitfit,
     learning_rate=1e-3,
     is_peft=False,
+    trains_only_biases=True,
 ))
 
 register(Method(
@@ -77,8 +75,9 @@ register(Method(
     description="Train low-rank updates B·A added to chosen weight matrices; the base stays frozen.",
     paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)",
     fields=_lora_fields(),
-    apply=f"{_PEFT}:apply_lora",
+    apply=peft_methods.apply_lora,
     learning_rate=3e-3,
+    lighter_methods=("qlora",),
 ))
 
 register(Method(
@@ -94,9 +93,10 @@ register(Method(
         Field("compute_dtype", "choice", "auto", "Dtype of the matmuls on dequantized weights "
               "(auto: the model dtype).", choices=("auto", "fp32", "fp16", "bf16")),
     ),
-    apply=f"{_PEFT}:apply_qlora",
-    load_kwargs=f"{_PEFT}:qlora_load_kwargs",
+    apply=peft_methods.apply_qlora,
+    load_kwargs=peft_methods.qlora_load_kwargs,
     learning_rate=3e-3,
+    lighter_methods=(),  # nothing lighter: LoRA on a 4-bit base
 ))
 
 register(Method(
@@ -113,9 +113,9 @@ register(Method(
         Field("init_scale", "float", 1e-3, "Std of the down-projection init (the up-projection starts at zero).",
               low=0, high=1),
     ),
-    apply=f"{_ADAPTERS}:apply_adapters",
-    save=f"{_ADAPTERS}:save_adapters",
-    load_trained=f"{_ADAPTERS}:load_adapters",
+    apply=adapters.apply_adapters,
+    save=adapters.save_adapters,
+    load_trained=adapters.load_adapters,
     learning_rate=3e-3,
     is_peft=False,
 ))
@@ -132,7 +132,7 @@ register(Method(
               choices=("random", "text")),
         Field("init_text", "str", "", "Text whose token embeddings initialise the prompt (init = text)."),
     ),
-    apply=f"{_PEFT}:apply_prompt_tuning",
+    apply=peft_methods.apply_prompt_tuning,
     learning_rate=3e-2,
     tasks=PEFT_TASKS,
     virtual_tokens="num_virtual_tokens",
@@ -148,7 +148,7 @@ register(Method(
         Field("num_virtual_tokens", "int", 16, "Prefix length (tokens added to each sequence).", low=1, high=512),
         Field("encoder_hidden_size", "int", 64, "Hidden width of the reparametrisation MLP.", low=1, high=8192),
     ),
-    apply=f"{_PEFT}:apply_prefix_tuning",
+    apply=peft_methods.apply_prefix_tuning,
     learning_rate=1e-2,
     tasks=PEFT_TASKS,
     virtual_tokens="num_virtual_tokens",
@@ -165,7 +165,7 @@ register(Method(
         Field("encoder", "choice", "mlp", "Prompt encoder architecture.", choices=("mlp", "lstm")),
         Field("encoder_hidden_size", "int", 64, "Hidden width of the prompt encoder.", low=1, high=8192),
     ),
-    apply=f"{_PEFT}:apply_p_tuning",
+    apply=peft_methods.apply_p_tuning,
     learning_rate=2e-2,
     tasks=PEFT_TASKS,
     virtual_tokens="num_virtual_tokens",
@@ -180,7 +180,7 @@ register(Method(
     fields=(
         Field("num_virtual_tokens", "int", 16, "Prefix length (tokens added to each sequence).", low=1, high=512),
     ),
-    apply=f"{_PEFT}:apply_p_tuning_v2",
+    apply=peft_methods.apply_p_tuning_v2,
     learning_rate=1e-2,
     tasks=PEFT_TASKS,
     virtual_tokens="num_virtual_tokens",
@@ -200,7 +200,7 @@ register(Method(
               "Which target modules are feed-forward (rescaled on the input side; empty: peft's default).",
               optional=True),
     ),
-    apply=f"{_PEFT}:apply_ia3",
+    apply=peft_methods.apply_ia3,
     learning_rate=1e-2,
 ))
 
@@ -221,8 +221,8 @@ register(Method(
         Field("target_modules", "str-list", None,
               "Module names to adapt (empty: peft's default for the architecture).", optional=True),
     ),
-    apply=f"{_PEFT}:apply_adalora",
-    callbacks=f"{_PEFT}:adalora_callbacks",
+    apply=peft_methods.apply_adalora,
+    callbacks=peft_methods.adalora_callbacks,
     learning_rate=3e-3,
 ))
 
@@ -240,8 +240,8 @@ register(Method(
         Field("student_layers", "int", None, "Layers of the student (empty: half the teacher's).",
               low=1, optional=True),
     ),
-    apply=f"{_DISTILL}:apply_distillation",
-    compute_loss=f"{_DISTILL}:distillation_loss",
+    apply=distillation.apply_distillation,
+    compute_loss=distillation.distillation_loss,
     learning_rate=1e-3,
     tasks=("causal-lm", "seq-cls"),
     is_peft=False,

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from nbtune.config import TuneConfig
-from nbtune.methods.registry import MethodContext
 
 REAL_SKELETON_LIMIT = 50_000_000  # parameters; above this a method that cannot run on meta is not counted
 
@@ -45,26 +44,18 @@ def trainable_parameters(config: TuneConfig, model_config: Any = None) -> tuple[
     meta device, so small models (up to `REAL_SKELETON_LIMIT` parameters) are counted on randomly initialised
     CPU weights instead, and larger ones raise ValueError.
     """
-    import torch
-
-    from nbtune.methods import registry
-    from nbtune.models import auto_class, load_model_config
+    from nbtune.models import build, load_model_config
 
     model_config = copy.deepcopy(model_config if model_config is not None else load_model_config(config))
-    task = config.model.task
-    method = registry.get(config.method.name)
-    ctx = MethodContext(task=task, model_config=model_config, num_labels=getattr(model_config, "num_labels", None),
-                        dtype=config.model.dtype, extras={"total_steps": config.training.max_steps})
-    apply = method.hook("apply")
-    with torch.device("meta"):
-        model = auto_class(task).from_config(model_config)
-        base_total = count_parameters(model)[1]
-        try:
-            return count_parameters(apply(model, config.method_params, ctx))
-        except (NotImplementedError, RuntimeError) as error:
-            meta_error = error
-    if base_total > REAL_SKELETON_LIMIT:
-        raise ValueError(f"method {method.name} cannot be counted without real weights on a model of {base_total:,} "
-                         f"parameters (on the meta device: {meta_error})")
-    model = auto_class(task).from_config(model_config)
-    return count_parameters(apply(model, config.method_params, ctx))
+    base_total: list[int] = []
+    options = {"model_config": model_config, "with_load_kwargs": False, "dtype": "fp32",  # counts are dtype-free
+               "extras": {"total_steps": config.training.max_steps},
+               "prepare": lambda base, _: base_total.append(count_parameters(base)[1])}
+    try:
+        return count_parameters(build(config, device="meta", **options).model)
+    except (NotImplementedError, RuntimeError) as error:
+        meta_error = error
+    if base_total[0] > REAL_SKELETON_LIMIT:
+        raise ValueError(f"method {config.method.name} cannot be counted without real weights on a model of "
+                         f"{base_total[0]:,} parameters (on the meta device: {meta_error})")
+    return count_parameters(build(config, device="cpu", **options).model)

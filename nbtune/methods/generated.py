@@ -30,13 +30,14 @@ DEFAULT_OVERRIDES = {"num_virtual_tokens": 16}
 
 
 def register_peft_methods() -> None:
-    """Register one entry per peft method that has no hand-written entry."""
+    """Register one entry per peft method that has no entry yet (built in, or registered by the user).
+
+    Calling it again registers nothing new.
+    """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    built_in = set(registry.names(include_generated=False))
     for peft_type, config_class in PEFT_TYPE_TO_CONFIG_MAPPING.items():
-        name = _method_name(peft_type)
-        if name not in built_in:
+        if not registry.is_registered(_method_name(peft_type)):
             registry.register(method_from_peft_config(peft_type, config_class))
 
 
@@ -58,7 +59,7 @@ def method_from_peft_config(peft_type: Any, config_class: type) -> Method:
         description=f"peft's {title}, with the fields and defaults of peft.{config_class.__name__}.",
         paper=_paper(peft_type, config_class) or f"See the peft documentation of {config_class.__name__}.",
         fields=fields,
-        apply=f"nbtune.methods.generated:apply_{getattr(peft_type, 'value', peft_type)}",
+        apply=functools.partial(apply_peft, getattr(peft_type, "value", peft_type)),
         learning_rate=2e-2 if is_prompt else 3e-3,
         virtual_tokens="num_virtual_tokens" if is_prompt and any(f.name == "num_virtual_tokens" for f in fields)
         else None,
@@ -170,9 +171,3 @@ def apply_peft(peft_type: str, model: Any, params: dict[str, Any], ctx: MethodCo
     config_class = classes[peft_type]
     return get_peft_model(model, config_class(task_type=PEFT_TASK[ctx.task], **params))
 
-
-def __getattr__(name: str) -> Any:
-    """`apply_<PEFT_TYPE>`: the apply hook a generated entry names."""
-    if name.startswith("apply_"):
-        return functools.partial(apply_peft, name.removeprefix("apply_"))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,9 +2,9 @@
 
 Each `Method` describes itself — name, family, one-line description, paper, its fields (type, default, range,
 help), its recommended learning rate, and how to apply it to a model — and the widget forms, the memory
-estimator, the docs and the config validation all read this same description. Entries stay pure data: the
-code that applies a method is named by a dotted path and imported only when a model is built, so reading the
-registry never imports torch.
+estimator, the docs and the config validation all read this same description. The hooks that apply a method
+are plain functions of modules that import torch, transformers and peft only when called, so reading the
+registry never imports them.
 """
 
 from __future__ import annotations
@@ -89,17 +89,22 @@ class Method:
     description: str
     paper: str
     fields: tuple[Field, ...]
-    apply: str  # "module:function" — fn(model, params, ctx) -> model to train
+    apply: Callable[[Any, dict[str, Any], MethodContext], Any]  # (model, params, ctx) -> the model to train
     learning_rate: float
     tasks: tuple[str, ...] = ALL_TASKS
     is_peft: bool = True  # the artifact is a PEFT adapter loadable by peft.PeftModel.from_pretrained
-    load_kwargs: str | None = None  # "module:function" — fn(params, ctx) -> extra from_pretrained kwargs
-    compute_loss: str | None = None  # "module:function" — fn(model, inputs, ctx) -> loss (training only)
-    callbacks: str | None = None  # "module:function" — fn(model, params, ctx) -> list of TrainerCallback
-    save: str | None = None  # "module:function" — fn(model, directory, ctx); default: model.save_pretrained
-    load_trained: str | None = None  # "module:function" — fn(base_model, directory) -> trained model
+    # (params, ctx) -> extra from_pretrained kwargs (QLoRA: the 4-bit quantization config)
+    load_kwargs: Callable[[dict[str, Any], MethodContext], dict[str, Any]] | None = None
+    compute_loss: Callable[..., Any] | None = None  # (model, inputs, ctx) -> (loss, outputs), training only
+    callbacks: Callable[..., list[Any]] | None = None  # (model, params, ctx) -> TrainerCallbacks
+    save: Callable[..., None] | None = None  # (model, directory, ctx); None: model.save_pretrained
+    load_trained: Callable[..., Any] | None = None  # (base_model, directory) -> the trained model
     virtual_tokens: str | None = None  # field whose value is the number of tokens added to every sequence
     generated: bool = False  # generated from an installed peft config class
+    # methods to suggest when a step does not fit in memory, the mildest change first (the suggestions keep the
+    # first that fits); the last saves the most
+    lighter_methods: tuple[str, ...] = ("lora", "qlora")
+    trains_only_biases: bool = False  # trains next to nothing on architectures without biases (Llama-like)
 
     def field(self, name: str) -> Field:
         for f in self.fields:
@@ -130,14 +135,6 @@ class Method:
             out.append(("model.task", f"model.task {task!r} is not supported by {self.name}; it supports {', '.join(self.tasks)}"))
         return out
 
-    def hook(self, attribute: str) -> Callable[..., Any] | None:
-        """Import and return one of the dotted-path hooks ('apply', 'load_kwargs', ...), or None."""
-        path = getattr(self, attribute)
-        if path is None:
-            return None
-        module, _, name = path.partition(":")
-        return getattr(importlib.import_module(module), name)
-
 
 _METHODS: dict[str, Method] = {}
 # The builder loads the generated entries on a background thread while the form is already usable: a lookup
@@ -148,14 +145,23 @@ _generated_loaded = False
 
 
 def register(method: Method) -> Method:
-    """Add a method to the registry (a later entry of the same name replaces the earlier one)."""
+    """Add a method to the registry; a name already registered (built in or not) is refused.
+
+    The built-in entries are loaded first, so registering before the first read never hides them.
+    """
+    _ensure_builtin()
+    existing = _METHODS.get(method.name)
+    if existing is not None:
+        raise ValueError(f"method {method.name!r} is already registered ({existing.title}); "
+                         f"register it under another name")
     _METHODS[method.name] = method
     return method
 
 
 def _ensure_builtin() -> None:
-    if not _METHODS:
-        importlib.import_module("nbtune.methods.builtin")
+    # Importing registers the built-in entries once; later calls find the module loaded (another thread
+    # waits for an import in progress; this thread's own nested calls, from `register`, pass through).
+    importlib.import_module("nbtune.methods.builtin")
 
 
 def _ensure_generated() -> None:
@@ -170,6 +176,12 @@ def _ensure_generated() -> None:
         import_heavy()
         importlib.import_module("nbtune.methods.generated").register_peft_methods()
         _generated_loaded = True
+
+
+def is_registered(name: str) -> bool:
+    """Whether a method of this name is registered now (never loads the generated peft entries)."""
+    _ensure_builtin()
+    return name in _METHODS
 
 
 def generated_loaded() -> bool:

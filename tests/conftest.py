@@ -1,0 +1,19 @@
+"""Fixtures the test files share: a run store per test module and a model hub that is never asked."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbtune.store import RunStore
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> RunStore:
+    """An empty run store of this test module (its runs are shared by the module's tests)."""
+    return RunStore(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No request to the model hub: what needs one fails instead of waiting on the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,254 @@
+"""What a training dashboard shows, folded from a run's events: the chart traces (one table), bounded series,
+a redraw throttle, progress with its ETA, and the run's state and summary in plain words.
+
+Plain Python (no ipywidgets, no plotly, no torch), so it is cheap to import and to test.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nbtune.records import RunSummary
+from nbtune.units import format_bytes
+
+
+class Throttle:
+    """Lets an action through at most once per `interval` seconds of `clock` (injectable for tests)."""
+
+    def __init__(self, interval: float = 0.5, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._last: float | None = None
+
+    def ready(self) -> bool:
+        """True (and the window restarts) if an action may run now."""
+        now = self.clock()
+        if self._last is None or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
+
+
+class Series:
+    """One chart trace: every point (for the final record) and a bounded view for live display.
+
+    The view keeps every `stride`-th point; when it exceeds `max_points` it drops every other point and the
+    stride doubles, so appending costs O(1) amortised and the view never exceeds `max_points` + 1.
+    """
+
+    def __init__(self, max_points: int = 2000):
+        self.max_points = max_points
+        self.x: list[float] = []
+        self.y: list[float | None] = []
+        self._view_x: list[float] = []
+        self._view_y: list[float | None] = []
+        self._stride = 1
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def append(self, x: float, y: float | None) -> None:
+        self.x.append(x)
+        self.y.append(y)
+        if (len(self.x) - 1) % self._stride == 0:
+            self._view_x.append(x)
+            self._view_y.append(y)
+            if len(self._view_x) > self.max_points:
+                self._view_x, self._view_y = self._view_x[::2], self._view_y[::2]
+                self._stride *= 2
+
+    def view(self) -> tuple[list[float], list[float | None]]:
+        """At most max_points points spread over the whole history, always ending with the latest."""
+        xs, ys = list(self._view_x), list(self._view_y)
+        if self.x and (not xs or xs[-1] != self.x[-1]):
+            if len(xs) >= self.max_points:
+                xs, ys = xs[:-1], ys[:-1]
+            xs.append(self.x[-1])
+            ys.append(self.y[-1])
+        return xs, ys
+
+    def full(self, max_points: int | None = None) -> tuple[list[float], list[float | None]]:
+        """Every point, or an evenly spaced subset (with the last) when there are more than `max_points`."""
+        n = len(self.x)
+        if max_points is None or n <= max_points:
+            return list(self.x), list(self.y)
+        step = math.ceil(n / max_points)
+        idx = list(range(0, n, step))
+        if idx[-1] != n - 1:
+            idx[-1] = n - 1
+        return [self.x[i] for i in idx], [self.y[i] for i in idx]
+
+
+# ----- the traces of the training chart ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trace:
+    """One line of the training chart: which panel it is drawn in, which event carries it, how y is read."""
+
+    name: str
+    panel: str  # one of PANELS
+    event: str  # the event kind: "step" or "eval"
+    read: Callable[[dict[str, Any]], Any]
+    color: str
+
+
+def _memory_gib(data: dict[str, Any]) -> float | None:
+    memory = data.get("memory") or {}
+    value = memory.get("allocated", memory.get("rss"))
+    return None if value is None else value / 2**30
+
+
+def _key(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda data: data.get(name)
+
+
+PANELS = ("Loss", "Learning rate", "Grad norm", "Tokens / s", "Memory (GiB)", "Eval")
+EVAL_TRACES = ("eval accuracy", "eval perplexity")  # the "Eval" panel shows whichever the run has
+TRACES = (
+    Trace("train loss", "Loss", "step", _key("loss"), "#1f77b4"),
+    Trace("eval loss", "Loss", "eval", _key("loss"), "#ff7f0e"),
+    Trace("learning rate", "Learning rate", "step", _key("learning_rate"), "#2ca02c"),
+    Trace("grad norm", "Grad norm", "step", _key("grad_norm"), "#d62728"),
+    Trace("tokens/s", "Tokens / s", "step", _key("tokens_per_s"), "#9467bd"),
+    Trace("memory (GiB)", "Memory (GiB)", "step", _memory_gib, "#8c564b"),
+    Trace("eval accuracy", "Eval", "eval", _key("accuracy"), "#e377c2"),
+    Trace("eval perplexity", "Eval", "eval", _key("perplexity"), "#17becf"),
+)
+
+
+# ----- a run's progress ---------------------------------------------------------------------------------------
+
+ENDED = ("finished", "stopped", "failed", "interrupted")
+
+
+class RunProgress:
+    """Everything a dashboard shows about a run, folded from its events one at a time in O(1) each."""
+
+    def __init__(self, max_points: int = 2000):
+        self.series = {trace.name: Series(max_points) for trace in TRACES}
+        self.state = "queued"
+        self.step = 0
+        self.total_steps: int | None = None
+        self.epoch: float | None = None
+        self.elapsed_s: float | None = None
+        self.started_at: float | None = None
+        self.last_time: float | None = None
+        self.error: str | None = None
+        self.trainable_params: int | None = None
+        self.events = 0
+
+    def apply(self, kind: str, data: dict[str, Any], when: float | None = None) -> None:
+        self.events += 1
+        self.last_time = when
+        if kind == "queued":
+            self.state = "queued"
+        elif kind == "started":
+            self.state = "running"
+            self.total_steps = data.get("total_steps")
+            self.trainable_params = data.get("trainable_params")
+            self.started_at = when
+        elif kind in ("step", "eval"):
+            self._measured(kind, data)
+        elif kind in ("finished", "stopped", "failed"):
+            self.state = kind
+            self.error = data.get("error")
+            if data.get("step") is not None:
+                self.step = max(self.step, data["step"])
+
+    def _measured(self, kind: str, data: dict[str, Any]) -> None:
+        self.state = "running"
+        step = data.get("step") or 0
+        self.step = max(self.step, step)
+        if data.get("total_steps"):
+            self.total_steps = data["total_steps"]
+        if data.get("epoch") is not None:
+            self.epoch = data["epoch"]
+        if data.get("elapsed_s") is not None:
+            self.elapsed_s = data["elapsed_s"]
+        for trace in TRACES:
+            if trace.event == kind:
+                value = trace.read(data)
+                if value is not None:
+                    self.series[trace.name].append(step, value)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def eta_s(self) -> float | None:
+        return eta_seconds(self.step, self.total_steps, self.elapsed_s)
+
+
+def eta_seconds(step: int, total: int | None, elapsed: float | None) -> float | None:
+    """Seconds left at the average pace so far, or None when it cannot be known yet."""
+    if not total or elapsed is None:
+        return None
+    if step >= total:
+        return 0.0
+    if step <= 0:
+        return None
+    return elapsed / step * (total - step)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# ----- in plain words -------------------------------------------------------------------------------------------
+
+STATE_WORDS = {
+    "queued": "Waiting for the previous run to finish",
+    "running": "Training",
+    "finished": "Finished",
+    "stopped": "Stopped on request; what was learned is kept in a checkpoint",
+    "failed": "Failed",
+    "interrupted": "Interrupted: the process that trained it ended before the run did",
+}
+
+
+def state_words(state: str, error: str | None = None) -> str:
+    """The run's state as a sentence, with the error in plain words when it failed."""
+    words = STATE_WORDS.get(state, state)
+    if error:
+        words += f": {error}"
+    return words
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+# (label, summary field, how it is written) of the rows after the state, in the order a reader wants them
+SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("method", "method", str), ("steps", "step", str),
+    ("final eval loss", "final_eval_loss", _number), ("best eval loss", "best_eval_loss", _number),
+    ("base eval loss", "base_eval_loss", _number), ("final train loss", "final_train_loss", _number),
+    ("final eval accuracy", "final_eval_accuracy", _number), ("final perplexity", "final_perplexity", _number),
+    ("trainable params", "trainable_params", lambda v: f"{v:,}"),
+    ("trainable %", "trainable_percent", lambda v: f"{v:.3g}%"),
+    ("wall time", "wall_time_s", format_duration), ("tokens / s", "tokens_per_s", lambda v: f"{v:,.0f}"),
+    ("device", "device", str), ("precision", "precision", str), ("error", "error", str),
+)
+
+
+def summary_rows(summary: RunSummary | None) -> list[tuple[str, str]]:
+    """The run summary as (label, formatted value) rows, in the order a reader wants them."""
+    if summary is None:
+        return []
+    rows = [("state", str(summary.state))]
+    rows += [(label, write(getattr(summary, key))) for label, key, write in SUMMARY_ROWS
+             if getattr(summary, key) is not None]
+    peak_bytes = summary.peak_memory.get("peak_allocated") or summary.peak_memory.get("peak_rss")
+    if peak_bytes:
+        rows.append(("peak memory", format_bytes(peak_bytes)))
+    return rows
