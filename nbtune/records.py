@@ -3,7 +3,9 @@
 Documented dataclasses that save and load themselves as JSON, in the manner of transformers' `TrainerState`.
 Every summary field is optional: a run stopped before its first step or a failed run knows only some of them,
 and a summary written by an older nbtune may lack newer ones. Keys this version does not know are kept in
-`extra` (and written back), so reading and rewriting a newer summary loses nothing.
+`extra` (and written back), so reading and rewriting a newer summary loses nothing. Reading checks every
+known field's type (and `check_meta` checks a meta.json): a damaged or forged file is a ValueError naming the
+file, the field and the bad value, never a crash later in a listing.
 """
 
 from __future__ import annotations
@@ -33,7 +35,46 @@ class CacheKey:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheKey:
         """The cache key in `data` (a meta.json or a summary's "cache"); other keys are ignored."""
-        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+        if not isinstance(data, dict):
+            raise ValueError(f"the cache key must be a JSON object (got {type(data).__name__})")
+        for f in dataclasses.fields(cls):
+            if not isinstance(data.get(f.name), str) or not data[f.name]:
+                raise ValueError(f"cache key field {f.name!r} must be a non-empty string (got {data.get(f.name)!r})")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+STATES = ("queued", "running", "finished", "stopped", "failed")
+# meta.json's fields besides the cache key, with the JSON types each may hold (null is always allowed).
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "created": (int, float), "state": (str,), "pid": (int,), "pid_start": (str,), "host": (str,),
+    "method": (str,), "started": (int, float), "ended": (int, float), "resumed_from": (str,), "imported": (dict,),
+}
+
+
+def check_meta(meta: Any) -> dict[str, Any]:
+    """`meta` (a parsed meta.json) if it is one: an object with a cache key and fields of the right types."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta.json must hold a JSON object (got {type(meta).__name__})")
+    try:
+        CacheKey.from_dict(meta)
+    except ValueError as err:
+        raise ValueError(f"meta.json: {err}") from None
+    for name, types in META_TYPES.items():
+        _check_type("meta.json", name, meta.get(name), types)
+    if meta.get("state") is not None and meta["state"] not in STATES:
+        raise ValueError(f"meta.json: 'state' must be one of {', '.join(STATES)} (got {meta['state']!r})")
+    return meta
+
+
+def _check_type(file: str, name: str, value: Any, types: tuple[type, ...]) -> None:
+    """A ValueError naming the file and field unless `value` is null or one of `types` (a bool is no number)."""
+    if value is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)):
+        return
+    wanted = " or ".join(_JSON_NAMES.get(t, t.__name__) for t in types)
+    raise ValueError(f"{file}: {name!r} must be {wanted} (got {value!r:.80})")
+
+
+_JSON_NAMES = {str: "text", int: "an integer", float: "a number", dict: "an object", list: "a list", bool: "true/false"}
 
 
 @dataclass
@@ -92,10 +133,19 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """The summary in `data`; a known field of the wrong type is a ValueError naming it."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
-        if isinstance(values.get("cache"), dict):
-            values["cache"] = CacheKey.from_dict(values["cache"])
+        for name, value in values.items():
+            if name != "cache":
+                _check_type("summary.json", name, value, _SUMMARY_TYPES[name])
+        if values.get("cache") is not None:
+            try:
+                values["cache"] = CacheKey.from_dict(values["cache"])
+            except ValueError as err:
+                raise ValueError(f"summary.json: {err}") from None
+        if values.get("state") not in (None, *STATES):
+            raise ValueError(f"summary.json: 'state' must be finished, stopped or failed (got {values['state']!r})")
         for name in ("peak_memory", "data", "versions", "suggestions"):
             if values.get(name) is None:
                 values.pop(name, None)  # absent or null in an older summary: the empty default
@@ -115,6 +165,15 @@ class RunSummary:
     def labels(self) -> list[str]:
         """The class labels a classification run trained with (empty for other tasks)."""
         return list(self.data.get("labels") or [])
+
+
+def _json_types(annotation: str) -> tuple[type, ...]:
+    """The JSON types a summary field may hold, from its annotation ("int | None" -> int)."""
+    head = annotation.split("[")[0].split("|")[0].strip()
+    return {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,), "list": (list,)}.get(head, (object,))
+
+
+_SUMMARY_TYPES = {f.name: _json_types(str(f.type)) for f in dataclasses.fields(RunSummary)}
 
 
 def _plain(value: Any) -> Any:

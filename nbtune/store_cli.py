@@ -39,6 +39,8 @@ def add_store_parsers(subparsers: Any) -> None:
     where.add_argument("-o", "--output", help="archive to write, e.g. results.tar.gz")
     where.add_argument("--merged", metavar="DIR", help="write the trained model (adapters merged into the weights) "
                        "and its tokenizer to DIR, for AutoModelFor*.from_pretrained(DIR)")
+    p.add_argument("--include-private", action="store_true", help="keep host name, pid, tracebacks, absolute "
+                   "paths and secret-looking environment values (left out by default)")
     p = command("import", "add the runs of an archive to the store (never executes code)", _import)
     p.add_argument("archive", help="a .tar.gz written by `nbtune export`")
 
@@ -48,15 +50,26 @@ def _store(args: argparse.Namespace) -> RunStore:
 
 
 def _find(store: RunStore, prefix: str) -> RunRecord:
+    """The readable run that `prefix` names (see `RunStore.resolve`); a UserError saying why otherwise."""
+    return _get(store, _resolve(store, prefix))
+
+
+def _resolve(store: RunStore, prefix: str) -> str:
     from nbtune.cli import UserError
 
-    matches = [r for r in store.list() if r.id.startswith(prefix)]
-    exact = [r for r in matches if r.id == prefix]
-    if exact or len(matches) == 1:
-        return (exact or matches)[0]
-    if not matches:
-        raise UserError(f"no run {prefix!r} in {store.root}")
-    raise UserError(f"{prefix!r} names {len(matches)} runs; give more of the id")
+    try:
+        return store.resolve(prefix)
+    except KeyError as err:
+        raise UserError(err.args[0]) from None
+
+
+def _get(store: RunStore, run_id: str) -> RunRecord:
+    from nbtune.cli import UserError
+
+    try:
+        return store.get(run_id)
+    except KeyError as err:
+        raise UserError(err.args[0]) from None
 
 
 def run_row(record: RunRecord) -> dict[str, Any]:
@@ -64,7 +77,14 @@ def run_row(record: RunRecord) -> dict[str, Any]:
     summary = record.summary
     return {"id": record.id, "state": record.state, "method": record.meta.get("method"),
             "step": getattr(summary, "step", None), "eval_loss": getattr(summary, "final_eval_loss", None),
-            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(record.meta.get("created", 0)))}
+            "created": _when(record.meta.get("created"))}
+
+
+def _when(seconds: float | None) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds or 0))
+    except (OverflowError, OSError, ValueError):  # a forged meta.json's year 10**300
+        return "-"
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -108,22 +128,24 @@ def _show(args: argparse.Namespace) -> int:
     if summary.versions:
         print("versions          " + ", ".join(f"{k} {v}" for k, v in summary.versions.items()))
     for suggestion in summary.suggestions:
-        print(f"suggestion: {suggestion['description']}")
+        print(f"suggestion: {suggestion.get('description') if isinstance(suggestion, dict) else suggestion}")
+    if record.meta.get("imported"):
+        print(f"imported          from {record.meta['imported'].get('archive')} (trust_remote_code is never honoured)")
     print("config:")
-    print("  " + (record.path / "config.yaml").read_text().rstrip().replace("\n", "\n  "))
+    text = (record.path / "config.yaml").read_text(encoding="utf-8", errors="replace")
+    print("  " + text.rstrip().replace("\n", "\n  "))
     return 0
 
 
 def _delete(args: argparse.Namespace) -> int:
     store = _store(args)
-    for prefix in args.runs:
-        record = _find(store, prefix)
+    for run_id in [_resolve(store, prefix) for prefix in args.runs]:  # every name checked before any delete
         try:
-            store.delete(record.id)
-        except ValueError as err:
-            print(f"nbtune: {err}", file=sys.stderr)
+            store.delete(run_id)  # a damaged run too: it cannot be read, but it can be removed
+        except (KeyError, ValueError) as err:
+            print(f"nbtune: {err.args[0]}", file=sys.stderr)
             return 1
-        print(f"deleted {record.id}")
+        print(f"deleted {run_id}")
     return 0
 
 
@@ -133,7 +155,7 @@ def _export(args: argparse.Namespace) -> int:
         return _export_merged(store, args.runs, args.merged)
     ids = [_find(store, prefix).id for prefix in args.runs]
     try:
-        archive = store.export(ids, args.output)
+        archive = store.export(ids, args.output, include_private=args.include_private)
     except ValueError as err:
         print(f"nbtune: {err}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ import pytest
 from nbtune import TuneConfig, embedded
 from nbtune.events import EventStream
 from nbtune.records import CacheKey, RunSummary
-from nbtune.store import RunRecord, RunStore, cache_key, default_root, write_atomic
+from nbtune.store import RunRecord, RunStore, cache_key, default_root, record_artifact_checksum, write_atomic
 from nbtune.store_cli import add_store_parsers
 
 ROWS = [{"q": f"Q: what is {i} plus {j}?\nA:", "a": f" {i + j}"} for i in range(20) for j in range(10)]
@@ -43,6 +43,7 @@ def ended_run(store: RunStore, config: TuneConfig, state: str = "finished", eval
     (record.artifact_path).mkdir()
     (record.artifact_path / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     (record.artifact_path / "adapter_config.json").write_text("{}")
+    record_artifact_checksum(record.path)
     summary = {"state": state, "step": 6, "final_eval_loss": eval_loss, "method": "lora",
                "versions": {"torch": "2.13"}}
     write_atomic(record.path / "summary.json", json.dumps(summary))
