@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nbtune import __version__
-from nbtune.config import ConfigError, TuneConfig
+from nbtune.config import ConfigError, TuneConfig, read_yaml
 
 USER_ERROR = 2  # the exit code of a mistake in the command line or in a file it names
 
@@ -38,11 +38,10 @@ def load_config(path_text: str) -> TuneConfig:
         line = path.read_bytes().count(b"\n", 0, err.start) + 1
         raise UserError(f"{path}:{line}: not UTF-8 text (byte offset {err.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)  # YAML 1.2 numbers (1e-4), bounded size and alias expansion
+        return TuneConfig.from_dict({} if data is None else data)
     except yaml.YAMLError as err:
         raise UserError(_yaml_error_text(path, err)) from None
-    try:
-        return TuneConfig.from_dict({} if data is None else data)
     except ConfigError as err:
         raise config_file_error(path, err) from None
 

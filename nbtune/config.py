@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,12 @@ PRECISIONS = DTYPES  # training.precision names the same formats, auto included
 OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
 SCHEDULERS = ("linear", "cosine", "constant", "constant-with-warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+# A config is a few hundred bytes; these bound what reading an untrusted one costs (a 645-byte alias bomb
+# expands to 10^9 values): the text's size, its values counted with every alias (*name) expanded, its nesting.
+MAX_YAML_BYTES = 4 * 2**20
+MAX_YAML_VALUES = 1_000_000
+MAX_YAML_DEPTH = 64
 
 
 class ConfigError(ValueError):
@@ -62,18 +70,25 @@ class Range:
     def allows(self, value: Any, integer: bool = False) -> bool:
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below  # written as comparisons that hold, so NaN is refused
 
     def words(self, integer: bool = False) -> str:
         if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
-            bounds = f"between {self.low:g} and {self.high:g}"
+            bounds = f"between {_number(self.low)} and {_number(self.high)}"
         else:
-            parts = [f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "",
-                     f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""]
+            parts = [f"{'>' if self.low_open else '>='} {_number(self.low)}" if self.low is not None else "",
+                     f"{'<' if self.high_open else '<='} {_number(self.high)}" if self.high is not None else ""]
             bounds = " and ".join(p for p in parts if p)
         return ("an integer " if integer else "") + bounds + self.note
+
+
+def _number(value: float) -> str:
+    """A bound as a message writes it: 4294967295, not 4.29497e+09."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
 
 
 def _about(help: str, **facts: Any) -> dict[str, Any]:  # noqa: A002 (PEFT's word for it)
@@ -176,7 +191,8 @@ class TrainingConfig:
         "Recompute activations in the backward: much less memory, ~30% slower."))
     max_grad_norm: float = field(default=1.0, metadata=_about(
         "Clip the gradient norm to this (0 turns clipping off).", range=Range(0, note=" (0 turns clipping off)")))
-    seed: int = field(default=0, metadata=_about("Random seed of data order and initialisation.", range=Range(0)))
+    seed: int = field(default=0, metadata=_about("Random seed of data order and initialisation.",
+                                                 range=Range(0, SEED_MAX)))
     eval_every: int | None = field(default=50, metadata=_about(
         "Evaluate every this many steps (empty: only at the end).", range=COUNT, unit="steps"))
     log_every: int = field(default=5, metadata=_about(
@@ -231,12 +247,13 @@ class TuneConfig:
         out.extend(_data_problems(self.data, self.model.task))
         out.extend(_field_problems("data", self.data))
         out.extend(_field_problems("training", self.training))
-        return out
+        seen: set[str] = set()  # one message per field: the first, most specific one
+        return [p for p in out if not (p[0] in seen or seen.add(p[0]))]
 
     def _method_problems(self) -> list[tuple[str, str]]:
         from nbtune.methods import registry
 
-        method = registry.find(self.method.name)
+        method = registry.find(self.method.name) if isinstance(self.method.name, str) else None
         if method is None:
             return [_bad("method.name", self.method.name, f"one of: {', '.join(registry.names())}")]
         return list(method.check(self.method.params, task=self.model.task))
@@ -291,7 +308,7 @@ class TuneConfig:
         unknown = set(data) - set(SECTIONS) - {"schema_version"}
         if unknown:
             allowed = ", ".join([*SECTIONS, "schema_version"])
-            raise ConfigError([(k, f"unknown section {k!r}; allowed: {allowed}") for k in sorted(unknown)])
+            raise ConfigError([(str(k), f"unknown section {k!r}; allowed: {allowed}") for k in sorted(unknown, key=str)])
         return cls(
             model=data.get("model") or {},
             method=data.get("method") or {},
@@ -303,15 +320,15 @@ class TuneConfig:
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=110)
+        return yaml.dump(self.to_dict(), Dumper=_yaml_classes()[1], sort_keys=False, default_flow_style=False,
+                         width=110)
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> TuneConfig:
-        """Read a config from YAML text or from a .yaml/.yml file."""
-        import yaml
-
+        """Read a config from YAML text or from a .yaml/.yml file (see `read_yaml` for what YAML is read)."""
         text = _read_if_path(text_or_path, (".yaml", ".yml"))
-        return cls.from_dict(yaml.safe_load(text) or {})
+        where = str(text_or_path) if text is not text_or_path else ""
+        return cls.from_dict(read_yaml(text, where) or {})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -367,7 +384,7 @@ def _coerce_section(name: str, value: Any, problems: list[tuple[str, str]]) -> A
         section = value
     elif isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = sorted(set(value) - known, key=str)
         for key in unknown:
             problems.append((f"{name}.{key}", f"{name}.{key} is not a field; allowed: {', '.join(sorted(known))}"))
         section = cls(**{k: v for k, v in value.items() if k in known})
@@ -386,10 +403,12 @@ def _coerce_method(value: Any, problems: list[tuple[str, str]]) -> MethodConfig:
         return MethodConfig(name=value)
     if isinstance(value, dict):
         value = dict(value)
-        params = dict(value.pop("params", {}) or {})
+        params = value.pop("params", {}) or {}
+        if not isinstance(params, dict):
+            problems.append(("method.params", _bad("method.params", params, "a mapping of parameters")[1]))
+            params = {}
         name = value.pop("name", MethodConfig.name)
-        params.update(value)
-        return MethodConfig(name=name, params=params)
+        return MethodConfig(name=name, params={**params, **value})
     problems.append(("method", f"method must be a name or a mapping (got {type(value).__name__})"))
     return MethodConfig()
 
@@ -408,20 +427,54 @@ def _bad(name: str, value: Any, allowed: str) -> tuple[str, str]:
 
 
 def _field_problems(section: str, values: Any) -> list[tuple[str, str]]:
-    """The checks a section's field metadata states: choices, ranges, true/false."""
+    """The checks a section's field metadata and type state: choices, ranges, finite numbers, text, true/false."""
     out = []
     for f, kind, optional in _described(SECTIONS[section]):
         name, value = f"{section}.{f.name}", getattr(values, f.name)
-        choices, allowed = f.metadata.get("choices"), f.metadata.get("range")
         if value is None and optional:
             continue
-        if choices and value not in choices:
-            out.append((name, f"{name} must be one of {', '.join(choices)} (got {value!r})"))
-        elif kind == "bool" and not isinstance(value, bool):
-            out.append(_bad(name, value, "true or false"))
-        elif allowed is not None and not allowed.allows(value, integer=kind == "int"):
-            out.append(_bad(name, value, allowed.words(integer=kind == "int")))
+        problem = _value_problem(name, value, kind, f.metadata)
+        if problem and not (section == "data" and f.name == "source"):  # any type: _data_problems checks it
+            out.append((name, problem))
     return out
+
+
+def _value_problem(name: str, value: Any, kind: str, about: Any) -> str | None:
+    """What is wrong with one section field's value, or None."""
+    choices, allowed = about.get("choices"), about.get("range")
+    if choices:
+        return None if _hashable(value) and value in choices else f"{name} must be one of {', '.join(choices)} (got {value!r})"
+    if kind == "bool":
+        return None if isinstance(value, bool) else _bad(name, value, "true or false")[1]
+    if kind == "str-or-float":  # eval_split: a split name or a fraction
+        if isinstance(value, str) and value.strip() or Range(0, 1, True, True).allows(value):
+            return None
+        return _bad(name, value, "a split name or a fraction between 0 and 1 (exclusive)")[1]
+    if kind in ("str", "text"):
+        return None if isinstance(value, str) else _bad(name, value, "text")[1]
+    if allowed is None or allowed.allows(value, integer=kind == "int"):
+        return None
+    words = allowed.words(integer=kind == "int")
+    if isinstance(value, str) and _is_number(value):
+        return f"{name} must be a number {words}, not text (got {value!r}); write it without quotes"
+    finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) and kind != "int" else ""
+    return _bad(name, value, finite + words)[1]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
@@ -433,9 +486,7 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
         out.append(_bad("data.source", type(d.source).__name__, "a string, a list of dicts or a pandas DataFrame"))
     elif isinstance(d.source, list) and not all(isinstance(r, dict) for r in d.source):
         out.append(_bad("data.source", "list", "a list of dicts (one per row)"))
-    if isinstance(d.eval_split, float) and not 0 < d.eval_split < 1:
-        out.append(_bad("data.eval_split", d.eval_split, "a split name or a fraction between 0 and 1"))
-    if d.prompt_template is not None and "{" not in d.prompt_template:
+    if isinstance(d.prompt_template, str) and "{" not in d.prompt_template:
         out.append(_bad("data.prompt_template", d.prompt_template,
                         "a template naming at least one column, like '{text}'"))
     if task == "seq-cls" and isinstance(d.source, list) and d.label_column is None:
@@ -492,6 +543,72 @@ def config_from_values(values: dict[str, Any]) -> tuple[TuneConfig | None, list[
         return TuneConfig.from_dict(data), []
     except ConfigError as err:
         return None, list(err.problems)
+
+
+def read_yaml(text: str, where: str = "") -> Any:
+    """The value of a YAML config text, as YAML 1.2 reads numbers (`1e-4` is a number, not text), bounded:
+    at most MAX_YAML_BYTES of text and MAX_YAML_VALUES values with every alias expanded, nested at most
+    MAX_YAML_DEPTH deep. Raises ConfigError (field "config", naming `where`) past a bound, yaml.YAMLError for
+    a syntax error."""
+    prefix = f"{where}: " if where else ""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_YAML_BYTES:
+        raise ConfigError([("config", f"{prefix}the YAML is {size:,} bytes; a config may have at most "
+                                      f"{MAX_YAML_BYTES:,} (nbtune.config.MAX_YAML_BYTES)")])
+    loader = _yaml_classes()[0](text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_values(node, {}, 0)
+        if values > MAX_YAML_VALUES:
+            raise ConfigError([("config", f"{prefix}the YAML's aliases (*name) expand it to more than "
+                                          f"{MAX_YAML_VALUES:,} values (nbtune.config.MAX_YAML_VALUES), or "
+                                          f"nest deeper than {MAX_YAML_DEPTH}; write the values out instead")])
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError([("config", f"{prefix}the YAML nests too deeply")]) from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_values(node: Any, counted: dict[int, int], depth: int) -> int:
+    """How many values `node` holds with every alias expanded; past the bounds (or a cycle), the bound + 1."""
+    if id(node) in counted:
+        return counted[id(node)]
+    too_many = MAX_YAML_VALUES + 1
+    if depth > MAX_YAML_DEPTH:
+        return too_many
+    counted[id(node)] = too_many  # seen again before it is counted: an alias of itself (a cycle)
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        for part in child if isinstance(child, tuple) else (child,):  # a mapping's (key, value) pairs
+            total += _expanded_values(part, counted, depth + 1)
+            if total > MAX_YAML_VALUES:
+                return too_many
+    counted[id(node)] = total
+    return total
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as text because it has no dot; YAML 1.2, JSON and Python read it as a number.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+@functools.cache
+def _yaml_classes() -> tuple[type, type]:
+    """(loader, dumper): PyYAML's safe ones, reading and writing `1e-4` as a number (and "1e-4" quoted)."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        pass
+
+    class ConfigDumper(yaml.SafeDumper):
+        pass
+
+    for cls in (ConfigLoader, ConfigDumper):
+        cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+    return ConfigLoader, ConfigDumper
 
 
 def _read_if_path(text_or_path: str | Path, suffixes: tuple[str, ...]) -> str:

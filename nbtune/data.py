@@ -7,6 +7,7 @@ appended; only the target's tokens are trained on. Classification rows carry a l
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import json
@@ -18,6 +19,7 @@ from typing import Any
 from nbtune.config import EMBEDDED_PREFIX, ConfigError, TuneConfig
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MIN_TRAIN_ROWS = 2  # what a held-out fraction must leave for training, and no fewer than it holds out
 
 
 class DataFileError(ValueError):
@@ -114,7 +116,13 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
         return _read_file(path)
     from datasets import load_dataset
 
-    dataset = load_dataset(source, split=split, revision=d.revision)
+    try:
+        dataset = load_dataset(source, split=split, revision=d.revision)
+    except ValueError as err:  # datasets: 'Unknown split "validation". Should be one of ['train'].'
+        if "split" not in str(err).lower():
+            raise
+        field = "data.split" if split == d.split else "data.eval_split"
+        raise ConfigError([(field, f"{field} {split!r} is not a split of {source}: {err}")]) from None
     return dataset.to_list()
 
 
@@ -141,9 +149,30 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                 raise DataFileError(path, f"not valid JSON: {err.msg} (column {err.colno})", err.lineno) from None
         if path.suffix != ".csv":
             return [_json_row(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        _check_csv(path, text)
     from datasets import load_dataset
 
-    return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+    try:  # datasets infers the column types (numbers stay numbers); its errors name neither file nor line
+        return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise DataFileError(path, f"not a readable {FILE_FORMATS[path.suffix]} file: "
+                                  f"{type(cause).__name__}: {str(cause).strip()[:300]}") from None
+
+
+def _check_csv(path: Path, text: str) -> None:
+    """Refuse a CSV whose rows do not have the header's number of fields, naming the line."""
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataFileError(path, "no header row (the first line must name the columns)", 1)
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataFileError(path, f"{len(row)} fields where the header names {len(header)} columns "
+                                          f"({', '.join(header)}); quote fields that contain a comma", reader.line_num)
+    except csv.Error as err:
+        raise DataFileError(path, f"not valid CSV: {err}", reader.line_num) from None
 
 
 def _utf8_text(path: Path) -> str:
@@ -175,6 +204,7 @@ def load_rows(config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
         random.Random(config.training.seed).shuffle(rows)
         n_eval = max(1, int(len(rows) * d.eval_split))
         eval_rows, train = rows[:n_eval], rows[n_eval:]
+        _check_held_out(d, len(eval_rows), len(train))
     else:
         eval_rows = load_split(config, d.eval_split)
     if d.max_samples is not None:
@@ -184,6 +214,16 @@ def load_rows(config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
     if not train:
         raise ConfigError([("data.source", f"data.source {_describe(d.source)} has no training rows")])
     return train, eval_rows
+
+
+def _check_held_out(d: Any, held_out: int, left: int) -> None:
+    """A held-out fraction must leave MIN_TRAIN_ROWS training rows, and no fewer than it holds out."""
+    if left >= max(MIN_TRAIN_ROWS, held_out):
+        return
+    raise ConfigError([("data.eval_split", f"data.eval_split {d.eval_split!r} holds out {held_out} of "
+                                           f"{held_out + left} rows and leaves {left} for training; it must leave "
+                                           f"at least {MIN_TRAIN_ROWS} and no fewer than it holds out: use a "
+                                           "smaller fraction (e.g. 0.1) or more rows")])
 
 
 def fingerprint(rows: list[dict[str, Any]], *more: list[dict[str, Any]]) -> str:
@@ -226,6 +266,7 @@ def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
         return [encode(tokenizer, columns, row, max_length, labels, counter) for row in rows]
 
     train, evaluation = run(train_rows), run(eval_rows)
+    _check_targets_kept(config, counter, len(train) + len(evaluation))
     lengths = [len(x["input_ids"]) for x in train]
     return PreparedData(
         train=train, eval=evaluation, columns=columns, labels=labels,
@@ -233,6 +274,19 @@ def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
         stats={"train_rows": len(train), "eval_rows": len(evaluation),
                "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)},
     )
+
+
+def _check_targets_kept(config: TuneConfig, counter: dict[str, int], rows: int) -> None:
+    """Refuse rows whose target was truncated away entirely: nothing to learn there, and a batch of only such
+    rows has a loss of 0/0 (it ended as "the training loss became nan")."""
+    lost = counter.get("no_target", 0)
+    if not lost:
+        return
+    longest = counter["longest_prompt"]
+    raise ConfigError([("data.max_length", (
+        f"data.max_length {config.data.max_length} leaves no target tokens in {lost} of {rows} rows: their prompt "
+        f"alone is up to {longest} tokens; raise data.max_length above {longest} or shorten "
+        "data.prompt_template (or the prompts)"))])
 
 
 def _truncate(ids: list[int], max_length: int, counter: dict[str, int]) -> list[int]:
@@ -254,6 +308,9 @@ def _encode_causal(tok: Any, columns: Columns, row: dict[str, Any], max_length: 
         target_ids = target_ids + [tok.eos_token_id]
     ids = _truncate(prompt_ids + target_ids, max_length, counter)
     label_ids = ([-100] * len(prompt_ids) + target_ids)[: len(ids)]
+    if len(prompt_ids) >= len(ids):  # the whole target was cut off
+        counter["no_target"] = counter.get("no_target", 0) + 1
+        counter["longest_prompt"] = max(counter.get("longest_prompt", 0), len(prompt_ids))
     return {"input_ids": ids, "labels": label_ids}
 
 

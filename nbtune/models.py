@@ -33,6 +33,42 @@ def resolve_path(name_or_path: str) -> str:
     return os.path.expanduser(name_or_path)
 
 
+_OFFLINE_WORDS = ("1", "on", "yes", "true")
+
+
+def check_hub_reachable(config: TuneConfig, timeout_s: float = 2.0) -> None:
+    """Fail at once, naming model.name_or_path, when a hub model can be neither found in the local cache nor
+    downloaded: offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or no connection to the hub (transformers
+    would retry for ~26-40 s). A folder that does not exist is named as such. Behind a proxy, nothing is probed.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    name, revision = config.model.name_or_path, config.model.revision
+    if name.startswith(EMBEDDED_PREFIX) or Path(resolve_path(name)).exists():
+        return
+    from nbtune.config import ConfigError
+
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ConfigError([("model.name_or_path", f"model.name_or_path {name!r}: no such model folder")])
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return  # downloaded before: transformers can load it without the network
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in _OFFLINE_WORDS]
+    why = f"the hub is offline here ({offline[0]}=1)" if offline or constants.HF_HUB_OFFLINE else None
+    if why is None and not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+        except OSError as err:
+            why = f"{host} cannot be reached ({err.strerror or err})"
+    if why is not None:
+        raise ConfigError([("model.name_or_path", (
+            f"model.name_or_path {name!r} is a hub id that is not in the local cache, and {why}; give a local "
+            f"folder with the model's files instead, or download it first (`hf download {name}`)"))])
+
+
 def model_identity(config: TuneConfig) -> str:
     """What identifies the base weights: a hash of local files, or hub id + revision."""
     path = Path(resolve_path(config.model.name_or_path))

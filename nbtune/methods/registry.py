@@ -46,6 +46,8 @@ class Field:
             ok_type = isinstance(value, int) if self.kind == "int" else isinstance(value, (int, float))
             if not ok_type or isinstance(value, bool):
                 return f"{name} must be {'an integer' if self.kind == 'int' else 'a number'} (got {value!r})"
+            if value != value or value in (float("inf"), float("-inf")):  # NaN fails every bound check below
+                return f"{name} must be a finite number (got {value!r})"
             if self.low is not None and value < self.low:
                 return f"{name} must be >= {self.low} (got {value!r})"
             if self.high is not None and value > self.high:

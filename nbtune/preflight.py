@@ -1,0 +1,118 @@
+"""Checks of a config against the model it names, before any weights load: what `TuneConfig` validation cannot
+know without the model's config (its position limit, its layers' sizes), and whether a hub model can be had.
+
+`check(config)` runs once where training starts (nbtune/training.py) and raises ConfigError naming the field, the
+value and what this model allows. It reads the model's config.json and builds the architecture on the meta
+device (nothing is allocated), so it costs well under a second for the embedded model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune.config import ConfigError, TuneConfig
+
+# Where architectures state how many positions they embed (learned position embeddings fail past it).
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+
+
+def check(config: TuneConfig, model_config: Any = None) -> None:
+    """Raise ConfigError listing every problem of `config` against its model (the hub is asked for nothing when
+    it cannot be reached: that is the first problem, said at once)."""
+    from nbtune import models
+
+    models.check_hub_reachable(config)
+    model_config = model_config if model_config is not None else models.load_model_config(config)
+    problems = [*_length_problems(config, model_config), *_rank_problems(config, model_config)]
+    if problems:
+        raise ConfigError(problems)
+
+
+def position_limit(model_config: Any) -> int | None:
+    """How many positions the model embeds, or None when its config does not say."""
+    for name in POSITION_LIMITS:
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _length_problems(config: TuneConfig, model_config: Any) -> list[tuple[str, str]]:
+    """data.max_length (plus a prompt method's virtual tokens, for learned positions) within the model's limit."""
+    from nbtune.methods import registry
+
+    limit = position_limit(model_config)
+    if limit is None:
+        return []
+    max_length = config.data.max_length
+    if max_length > limit:
+        return [("data.max_length", f"data.max_length must be <= {limit}, the positions "
+                                    f"{config.model.name_or_path} was trained for (got {max_length})")]
+    method = registry.get(config.method.name)
+    rotary = any(getattr(model_config, n, None) for n in ("rope_parameters", "rope_theta", "rope_scaling"))
+    virtual = int(config.method_params.get(method.virtual_tokens) or 0) if method.virtual_tokens else 0
+    if virtual and not rotary and max_length + virtual > limit:  # learned positions end at the limit
+        return [("data.max_length", f"data.max_length {max_length} plus {method.name}'s {virtual} virtual tokens "
+                                    f"must be <= {limit}, the positions {config.model.name_or_path} embeds: "
+                                    f"use data.max_length <= {limit - virtual}")]
+    return []
+
+
+def _rank_problems(config: TuneConfig, model_config: Any) -> list[tuple[str, str]]:
+    """LoRA's rank `r` no larger than the smallest layer it adapts (a rank above it learns nothing more).
+
+    Only nbtune's own entries (LoRA, QLoRA): peft's generated methods give `r` other meanings (OFT: a number of
+    blocks, VeRA: a shared random projection that may exceed the layer).
+    """
+    from nbtune.methods import registry
+
+    method, params = registry.get(config.method.name), config.method_params
+    rank = params.get("r")
+    if not method.is_peft or method.generated or not isinstance(rank, int):
+        return []
+    smallest = _smallest_adapted_layer(config, model_config, params.get("target_modules"))
+    if smallest is None or rank <= smallest[1]:
+        return []
+    name, size = smallest
+    return [("method.r", f"method.r must be <= {size}, the smallest dimension of the layers {method.name} adapts "
+                         f"on {config.model.name_or_path} ({name}) (got {rank})")]
+
+
+def _smallest_adapted_layer(config: TuneConfig, model_config: Any, targets: Any) -> tuple[str, int] | None:
+    """(module name, its smaller weight dimension) of the smallest layer the targets match, built on meta."""
+    import torch
+
+    from nbtune import models
+
+    targets = targets or _default_targets(model_config)
+    if not targets:
+        return None
+    with torch.device("meta"):
+        model = models.auto_class(config.model.task).from_config(model_config)
+    found = None
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or type(module).__name__ == "Embedding" or not _targeted(name, targets):
+            continue
+        size = min(weight.shape)
+        if found is None or size < found[1]:
+            found = (name, size)
+    return found
+
+
+def _default_targets(model_config: Any) -> list[str] | None:
+    """peft's default LoRA target modules for this architecture, or None when peft has none."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    return defaults.get(getattr(model_config, "model_type", None))
+
+
+def _targeted(name: str, targets: Any) -> bool:
+    """Whether peft adapts the module `name` for `targets` (a list of name suffixes, or "all-linear")."""
+    if targets == "all-linear":
+        return not name.endswith(("lm_head", "score", "classifier"))
+    if isinstance(targets, str):
+        import re
+
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
