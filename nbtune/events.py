@@ -3,6 +3,8 @@
 Kinds: queued, started, step, eval, checkpoint, finished, stopped, failed. The training thread only appends
 (to the history, to the JSON-lines file, flushed per record, and to each subscriber's bounded queue); each
 subscriber is called on its own thread, so a slow or failing subscriber never slows or breaks training.
+A write to the file that fails (a full disk) raises once, from that `emit`, after the event has still reached
+the history and the subscribers; later events stay in memory, and closing the stream never raises.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from nbtune.disk import NoSpaceLeft, is_disk_full
 
 log = logging.getLogger("nbtune")
 
@@ -115,7 +119,9 @@ class EventStream:
 
     def __init__(self, path: Path | None = None, history: list[Event] | None = None):
         self.history: list[Event] = list(history or [])
+        self.path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        self.write_error: OSError | None = None  # why the file stopped receiving events (a full disk)
         self._subscribers: list[_Subscriber] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -137,14 +143,39 @@ class EventStream:
         event = Event(kind=kind, time=time.time(), data=_clean(data))
         with self._lock:
             self.history.append(event)
-            if self._file is not None:
-                self._file.write(event.to_json() + "\n")
-                self._file.flush()
+            failed = self._write(event)
             subscribers = list(self._subscribers)
             self._changed.notify_all()
         for s in subscribers:
             s.put(event)
+        if failed is not None:
+            raise failed
         return event
+
+    def _write(self, event: Event) -> OSError | None:
+        """Append one line to the file; on failure stop writing there and return the error (once)."""
+        if self._file is None:
+            return None
+        try:
+            self._file.write(event.to_json() + "\n")
+            self._file.flush()
+            return None
+        except OSError as err:
+            self.write_error = err
+            if is_disk_full(err, self.path):
+                self.write_error = NoSpaceLeft(self.path)
+                self.write_error.__cause__ = err
+            self._close_file()
+            return self.write_error
+
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            file.close()  # flushes: fails again on a full disk, and the stream must still end
+        except OSError as err:
+            log.warning("nbtune: could not close %s (%s)", self.path, err)
 
     def subscribe(self, callback: Callable[[Event], Any], replay: bool = True) -> Callable[[], None]:
         """Call `callback(event)` for every event (first the past ones if `replay`); returns an unsubscribe.
@@ -189,9 +220,7 @@ class EventStream:
         """End the stream: close the file, let subscribers finish what they have, wake iterators."""
         with self._lock:
             self.closed = True
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._close_file()
             subscribers, self._subscribers = self._subscribers, []
             self._changed.notify_all()
         for s in subscribers:

@@ -2,9 +2,12 @@
 
 One run trains at a time per process (one device): a second launch while one trains is queued, visible as
 state "queued", and starts when the first ends. A finished run with the same cache key is served from the
-store at once, without importing torch, unless `force=True`. The kernel's interrupt button does not reach
-the training thread; `Run.stop()` does (and `train()` turns an interrupt into a stop). Outside a kernel (a
-plain script) the interpreter waits at exit for the runs to end, and Ctrl-C stops them.
+store at once, without importing torch, unless `force=True`; a launch of a config that is queued or training,
+in this kernel or in another process on the same store, attaches to that run (nbtune/claims.py). The
+kernel's interrupt button does not reach the training thread; `Run.stop()` does (and `train()` turns an
+interrupt into a stop). Outside a kernel (a plain script) the interpreter waits at exit for the runs to end,
+and Ctrl-C stops them. A run always ends, whatever fails while it records its end (a full disk): `wait()`
+returns and the handle says why.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import atexit
 import gc
 import logging
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from nbtune import claims, disk
 from nbtune.config import TuneConfig
 from nbtune.events import TERMINAL, Event, EventStream
 from nbtune.records import RunSummary
@@ -41,6 +46,8 @@ class Run:
         self._resume_from: Path | None = None
         self._model: Any = None
         self._live = False  # True while this process trains (or has queued) it
+        self._claim: claims.Claim | None = None  # the lock on its cache key, held while queued or training
+        self._summary: RunSummary | None = None  # how it ended, also when summary.json could not be written
         self.extra_callbacks: list[Any] = []  # extra TrainerCallbacks (fault injection in tests, custom hooks)
         if record.summary is not None:
             self._done.set()
@@ -59,11 +66,14 @@ class Run:
     @property
     def status(self) -> str:
         """queued, running, finished, stopped, failed or interrupted."""
+        if self._summary is not None and self.record.summary is None:
+            return self._summary.state
         return self.record.state
 
     @property
     def summary(self) -> RunSummary | None:
-        return self.record.summary
+        summary = self.record.summary
+        return summary if summary is not None else self._summary
 
     @property
     def error(self) -> str | None:
@@ -93,13 +103,18 @@ class Run:
 
     @property
     def model(self) -> Any:
-        """The trained model, loaded from the artifact on first use."""
+        """The trained model, loaded from the artifact on first use (see `load_model`)."""
+        return self.load_model()
+
+    def load_model(self, trust_remote_code: bool = False) -> Any:
+        """The trained model, loaded once. An imported run whose config sets model.trust_remote_code is refused
+        (`RemoteCodeRefused`, naming the model) unless `trust_remote_code=True`: its archive chose that code."""
         if self._model is None:
             if not self.artifact_path.exists():
                 raise RuntimeError(f"run {self.id} has no artifact (state {self.status})")
             from nbtune.training import load_trained_model
 
-            self._model = load_trained_model(self)
+            self._model = load_trained_model(self, trust_remote_code=trust_remote_code)
         return self._model
 
     def merge(self, directory: str | Path) -> Path:
@@ -112,7 +127,9 @@ class Run:
         `trust_remote_code=True`. Prompt-learning methods are refused: their artifact is the portable form.
         """
         from nbtune.methods.artifacts import export_merged
+        from nbtune.store import check_remote_code
 
+        check_remote_code(self.record, self.config)  # merging loads the model: an imported run's code is refused
         return export_merged(self, directory)
 
     def stop(self) -> None:
@@ -134,6 +151,7 @@ class Run:
         while self.record.state in ("running", "queued") and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.5)
         if self.record.state not in ("running", "queued"):
+            self.events = EventStream(history=EventStream.read(self.record.events_path))  # all of them now
             self._done.set()
         return self
 
@@ -195,23 +213,65 @@ def active_runs() -> list[Run]:
 
 def _train(run: Run) -> None:
     """Train one run on this thread and record how it ended; never raises, always ends the run."""
-    record = run.record
     try:
         summary = _execute(run)
         gc.collect()  # the model, optimizer and data are unreachable now; free them before the next run
         _empty_cuda_cache()
-        summary.cache = summary.cache or record.cache_key
-        write_atomic(record.path / "summary.json", summary.to_json())
-        record.update_meta(state=summary.state, ended=time.time())
-        kind = summary.state if summary.state in TERMINAL else "failed"
-        run.events.emit(kind, **{k: getattr(summary, k) for k in
-                                 ("step", "error", "reason", "checkpoint", "final_eval_loss", "wall_time_s")})
-    except BaseException:  # recording the end failed (disk full?): still end the run, never hang a waiter
+        summary.cache = summary.cache or run.record.cache_key
+        _record_end(run, summary)
+    except BaseException:  # never expected: still end the run, never hang a waiter
         log.exception("nbtune: could not record the end of run %s", run.id)
     finally:
+        _end(run)
+
+
+def _record_end(run: Run, summary: RunSummary) -> None:
+    """Write the summary and the final state, then announce the end. A summary that cannot be written (a full
+    disk) fails the run, kept in memory: a run folder never reads as finished without its summary."""
+    record = run.record
+    try:
+        with disk.writing(record.path / "summary.json"):
+            write_atomic(record.path / "summary.json", summary.to_json())
+    except OSError as err:
+        _not_saved(summary, err)
+        log.warning("nbtune: run %s failed: %s", run.id, summary.error)
+    run._summary = summary
+    try:
+        with disk.writing(record.path / "meta.json"):
+            record.update_meta(state=summary.state, ended=time.time())
+    except OSError as err:
+        log.warning("nbtune: could not record the end of run %s (%s)", run.id, err)
+    kind = summary.state if summary.state in TERMINAL else "failed"
+    try:
+        run.events.emit(kind, **{k: getattr(summary, k) for k in
+                                 ("step", "error", "reason", "checkpoint", "final_eval_loss", "wall_time_s")})
+    except OSError as err:  # in the history and with the subscribers all the same; only the file missed it
+        log.warning("nbtune: run %s: %s", run.id, err)
+
+
+def _not_saved(summary: RunSummary, err: OSError) -> None:
+    """The summary could not be written: the run has failed, for its first reason if it had one."""
+    if summary.state == "failed":
+        summary.error = f"{summary.error}; its summary could not be saved either ({err})"
+    else:
+        summary.state, summary.error_type = "failed", type(err).__name__
+        summary.error = f"{err}; its summary could not be saved"
+    summary.reason = summary.error
+
+
+def _end(run: Run) -> None:
+    """Close the events, release the cache key's claim, wake every waiter; each step even if one fails."""
+    try:
         run.events.close()
+    finally:
         _ACTIVE.pop(run.id, None)
-        run._done.set()
+        try:
+            if run._claim is not None:
+                run._claim.release()
+        except OSError as err:
+            log.warning("nbtune: could not release the claim of run %s (%s)", run.id, err)
+        finally:
+            run._done.set()
 
 
 def _execute(run: Run) -> RunSummary:
@@ -220,7 +280,10 @@ def _execute(run: Run) -> RunSummary:
     try:
         from nbtune import training
 
-        record.update_meta(state="running", started=time.time())
+        if run.events.write_error is not None:  # its "queued" event met a full disk already
+            raise run.events.write_error
+        with disk.writing(record.path / "meta.json"):
+            record.update_meta(state="running", started=time.time())
         try:
             if run._stop.is_set():
                 raise training.StopRequested
@@ -237,13 +300,26 @@ def _execute(run: Run) -> RunSummary:
         except BaseException as inner:  # even describing the failure failed: keep the original error
             summary = RunSummary(state="failed", step=0, error=f"{type(err).__name__}: {err}",
                                  note=f"failure_summary raised {inner!r}")
+        _remove_partial_files(record.path)
         checkpoint = record.latest_checkpoint()
         summary.checkpoint = str(checkpoint) if checkpoint else None
-        if checkpoint is not None and summary.error_type == "LossNotFinite":
+        if checkpoint is not None and (summary.error_type == "LossNotFinite" or disk.is_disk_full(err)):
             summary.error += f"; the last good checkpoint ({checkpoint.name}) is kept"
         summary.reason = summary.error
         log.warning("nbtune: run %s failed: %s", run.id, summary.error)
         return summary
+
+
+def _remove_partial_files(run_dir: Path) -> None:
+    """What a failed run leaves half-written: the artifact being saved, checkpoints without their
+    trainer_state.json (written last), temporary files of atomic writes. Frees the space a full disk needs."""
+    partial = [run_dir / "artifact.partial", *run_dir.glob(".*.tmp")]
+    partial += [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if not (p / "trainer_state.json").exists()]
+    for path in partial:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _empty_cuda_cache() -> None:
@@ -266,7 +342,10 @@ def open_run(record: RunRecord) -> Run:
 def _start(run: Run, **queued: Any) -> Run:
     run._live = True
     _ACTIVE[run.id] = run
-    run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0), **queued)
+    try:
+        run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0), **queued)
+    except OSError as err:  # the worker fails the run for it; launching still returns its handle
+        log.warning("nbtune: run %s: %s", run.id, err)
     _DEVICE.submit(run)
     if not _in_kernel():
         _wait_at_exit()
@@ -322,20 +401,70 @@ def launch(config: TuneConfig | dict[str, Any] | str | None = None, store: RunSt
     """Start training `config` on a background thread and return its Run at once.
 
     A finished run of the same config, data and base model is returned from the store instead (no training,
-    no model loading) unless `force=True`. A launch while another run trains is queued. `callbacks` are extra
-    transformers TrainerCallbacks for this run (custom hooks, fault injection in tests).
+    no model loading) unless `force=True`; so is the run of that config being queued or trained right now, by
+    this kernel or another process on the same store (its `callbacks` are not added). A launch while another
+    run trains is queued. `callbacks` are extra transformers TrainerCallbacks for this run (custom hooks, fault
+    injection in tests).
     """
     config = _as_config(config)
     store = store if isinstance(store, RunStore) else RunStore(store)
     key = cache_key(config)
-    if not force:
-        cached = store.find_finished(key.key)
-        if cached is not None:
-            return open_run(cached)
-    record = store.create(config, key)
-    run = Run(record, config, EventStream(record.events_path))
-    run.extra_callbacks = list(callbacks or [])
-    return _start(run)
+    with _LAUNCHING:  # two threads launching one config: the second finds the first's claim
+        claim = None
+        if not force:
+            cached = store.find_finished(key.key)
+            if cached is not None:
+                return open_run(cached)
+            in_flight = _in_flight(store, key.key)
+            if in_flight is not None:
+                return in_flight
+            claim = claims.claim(store.root, key.key)
+            if claim is None:
+                attached = _attach(store, key.key)
+                if attached is not None:
+                    return attached
+        try:
+            with disk.writing(store.runs_dir):
+                record = store.create(config, key)
+            if claim is not None:
+                claim.name(record.id)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+        run = Run(record, config, EventStream(record.events_path))
+        run._claim = claim
+        run.extra_callbacks = list(callbacks or [])
+        return _start(run)
+
+
+_LAUNCHING = threading.RLock()
+
+
+def _in_flight(store: RunStore, key: str) -> Run | None:
+    """This kernel's run of `key` in `store` that is queued or training and not being stopped."""
+    for run in list(_ACTIVE.values()):
+        if (run.record.meta.get("key") == key and not run._stop.is_set()
+                and run.path.parent.resolve() == store.runs_dir.resolve()):
+            return run
+    return None
+
+
+def _attach(store: RunStore, key: str) -> Run | None:
+    """The run that holds the claim on `key` (another launch queued or is training it), or None when it
+    cannot be followed: gone, ended other than finished, or being stopped in this kernel."""
+    run_id = claims.claimant(store.root, key)
+    try:
+        record = store.get(run_id) if run_id else None
+    except KeyError:
+        record = None
+    if record is None or record.state not in ("queued", "running", "finished"):
+        return None
+    run = open_run(record)
+    if run._stop.is_set():
+        return None
+    run.cached = run.cached and record.state == "finished"  # attached to a live run: not served from the store
+    return run
 
 
 def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nbtune import disk
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import Suggestion
@@ -122,7 +123,8 @@ class EventCallback(TrainerCallback):
 
 class MethodTrainer(Trainer):
     """A Trainer whose training loss may come from the method (e.g. distillation), and which never
-    saves a checkpoint whose trainable weights are NaN or infinite (so the last one kept is good)."""
+    saves a checkpoint whose trainable weights are NaN or infinite (so the last one kept is good), nor leaves
+    a half-written one (a full disk): the previous checkpoint is only rotated away after a complete save."""
 
     def __init__(self, *args: Any, method_loss: Any = None, method_context: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -135,7 +137,15 @@ class MethodTrainer(Trainer):
         for name, p in self.model.named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p).all()):
                 raise LossNotFinite(f"the weights became non-finite ({name}) at step {self.state.global_step}")
-        return super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        existed = folder.exists()
+        try:
+            with disk.writing(folder):
+                return super()._save_checkpoint(model, trial)
+        except BaseException:
+            if not existed:  # a torn trainer_state.json would pass for a complete checkpoint
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         if self.method_loss is not None and model.training:
@@ -216,7 +226,8 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     _announce_start(events, config, prepared, resume_from)
     outcome = _train(trainer, prepared, stop, resume_from)
     _finish(trainer, config, prepared, outcome, events)
-    artifact = _save_artifact(trainer.model, config, prepared, run_dir)
+    with disk.writing(run_dir / "artifact"):
+        artifact = _save_artifact(trainer.model, config, prepared, run_dir)
     summary = _summary(config, prepared, trainer, outcome, events, artifact, time.perf_counter() - started)
     # Drop every reference to the model, optimizer and data before returning, so memory can be freed.
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
@@ -230,10 +241,11 @@ def _prepare(config: TuneConfig) -> _Prepared:
     """The run's stage, tokenizer and data, and the model with its method, in the precision chosen here."""
     import torch
 
-    from nbtune import models, stages
+    from nbtune import models, preflight, stages
     from nbtune import precision as precision_module
     from nbtune.methods.counting import count_parameters
 
+    preflight.check(config)  # the model's limits and a reachable hub, before any weights load
     stage = stages.for_config(config)
     tokenizer = models.load_tokenizer(config)
     data = stage.prepare_data(config, tokenizer)
@@ -371,6 +383,9 @@ def _save_artifact(model: Any, config: TuneConfig, prepared: _Prepared, run_dir:
     artifact, partial = run_dir / "artifact", run_dir / "artifact.partial"
     shutil.rmtree(partial, ignore_errors=True)
     prepared.stage.save_artifact(model, prepared.built.method, partial, prepared.built.ctx, config)
+    from nbtune.store import record_artifact_checksum
+
+    record_artifact_checksum(run_dir, partial)  # the same files under their final name: a cache hit checks it
     shutil.rmtree(artifact, ignore_errors=True)
     partial.rename(artifact)
     return artifact
@@ -459,6 +474,9 @@ def failure_summary(config: TuneConfig, err: BaseException, events: EventStream)
                 summary.error += f" (estimated peak {format_bytes(suggestions[0].total_bytes)})"
     elif isinstance(err, LossNotFinite):
         summary.error = f"{err}; lower training.learning_rate or set training.max_grad_norm"
+    elif disk.is_disk_full(err):
+        where = getattr(err, "filename", None) or (events.path.parent if events.path else "the disk")
+        summary.error = f"no space left on {where}; free some space, then nbtune.resume this run"
     else:
         summary.error = f"{type(err).__name__}: {err}"
     return summary
@@ -509,10 +527,15 @@ def _memory_suggestions(config: TuneConfig) -> list[Suggestion]:
     return out
 
 
-def load_trained_model(run: Any) -> Any:
-    """The trained model of a run (its config's base with the saved artifact applied)."""
-    from nbtune import models
+def load_trained_model(run: Any, trust_remote_code: bool = False) -> Any:
+    """The trained model of a run (its config's base with the saved artifact applied).
 
+    An imported run whose config sets model.trust_remote_code loads only with `trust_remote_code=True`.
+    """
+    from nbtune import models
+    from nbtune.store import check_remote_code
+
+    check_remote_code(getattr(run, "record", run), run.config, trust_remote_code)
     labels = run.summary.labels if run.summary is not None else []
     tokenizer = models.load_tokenizer(run.config)
     model = models.build(run.config, tokenizer=tokenizer, labels=labels, trained=Path(run.artifact_path)).model

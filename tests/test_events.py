@@ -9,7 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from nbtune import events as events_module
+from nbtune.disk import NoSpaceLeft
 from nbtune.events import Event, EventStream
 
 
@@ -145,3 +148,21 @@ def test_iterating_and_subscribing_to_a_stream_read_from_disk_end_without_a_term
     stored.subscribe(lambda e: (received.append(e), len(received) == 2 and done.set()))
     assert done.wait(5)
     assert stored._subscribers == []  # no thread left waiting for events that will never come
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux), a file that is always full")
+def test_a_full_disk_fails_one_emit_naming_the_file_and_the_stream_still_ends() -> None:
+    stream = EventStream(Path("/dev/full"))
+    received: list[Event] = []
+    stream.subscribe(received.append)
+    with pytest.raises(NoSpaceLeft, match="^no space left on /dev/full$"):
+        stream.emit("step", step=1)
+    stream.emit("failed", error="no space left")  # later events stay in memory; the file failed once
+    stream.close()  # closing never raises, so the run's end is always recorded
+    assert [e.kind for e in stream.history] == ["step", "failed"]
+    assert isinstance(stream.write_error, NoSpaceLeft)
+    deadline = time.time() + 5
+    while len(received) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert received == stream.history  # subscribers got the event whose write failed, and the end
+    assert list(stream) == stream.history
