@@ -8,6 +8,8 @@ Layout of a run directory (its name is the run id):
     artifact/      the trained adapter or weights (renamed into place when complete)
     checksum.json  the artifact's sha256, written with it: a cache hit needs it to match
     checkpoints/   resumable Trainer checkpoints (never exported)
+Beside the runs, `claims/<cache key>.lock` (nbtune/claims.py) is held with flock by the process training that
+key, so a launch of the same config in another process attaches to its run instead of training it again.
 Run directories are created with an atomic mkdir and files are replaced atomically, so several kernels can
 share one store; a damaged entry is skipped with a warning naming it (and can still be deleted).
 
