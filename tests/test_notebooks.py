@@ -112,6 +112,12 @@ def test_compare_notebook_tables_every_method_and_writes_the_report(tmp_path, ca
     assert "lora-r4: finished, trained" in grown and grown.count("trained in") == 1
 
 
+def gpu_gib(card: str) -> float:
+    from nbtune.estimator import gpu_bytes
+
+    return gpu_bytes(card)[1] / 2**30
+
+
 def test_memory_planning_notebook_shows_the_table_offline(tmp_path):
     nb = execute("03_memory_planning.ipynb", tmp_path)
     assert "memory table: 8 rows (2 models x 4 methods)" in all_text(nb)
@@ -119,7 +125,13 @@ def test_memory_planning_notebook_shows_the_table_offline(tmp_path):
                  if "text/html" in o.get("data", {}))
     for expected in ("Qwen2.5-7B", "Llama-3.1-70B", "qlora", "prompt-tuning", "t4", "h100-80gb", "fits"):
         assert expected in table
-    assert charts(nb)
+    figure = next(o.data["application/vnd.plotly.v1+json"] for o in cell_with(nb, "go.Figure()").outputs
+                  if "application/vnd.plotly.v1+json" in o.get("data", {}))
+    # GPU capacities are drawn in GiB on the log axis (an hline's label landed at 10**GiB, the axis ran to 1e80)
+    lines = {t["name"]: set(t["y"]) for t in figure["data"] if t["type"] == "scatter"}
+    assert lines["NVIDIA T4 16 GB"] == {gpu_gib("t4")} and len(lines) == 4
+    assert not figure["layout"].get("shapes") and not figure["layout"].get("annotations")
+    assert "<td>0.0</td>" not in table  # trainable % keeps its significant digits (prompt tuning: ~0.001 %)
     advice = text(cell_with(nb, "suggestions"))
     assert "does not fit on NVIDIA T4" in advice and "lora" in advice.split("cheaper options that fit:")[1]
 
