@@ -45,6 +45,14 @@ def add_store_parsers(subparsers: Any) -> None:
     p.add_argument("archive", help="a .tar.gz written by `nbtune export`")
 
 
+def run(*argv: str) -> int:
+    """One store command (`runs`, `show`, `delete`, `export`, `import`) in this process; errors propagate."""
+    parser = argparse.ArgumentParser(prog="nbtune")
+    add_store_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
 def _store(args: argparse.Namespace) -> RunStore:
     return RunStore(args.store)
 

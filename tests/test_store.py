@@ -3,7 +3,6 @@ on, listings that survive damage and concurrent kernels, and archives that carry
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -21,7 +20,7 @@ from nbtune import TuneConfig, embedded
 from nbtune.events import EventStream
 from nbtune.records import CacheKey, RunSummary
 from nbtune.store import RunRecord, RunStore, cache_key, default_root, record_artifact_checksum, write_atomic
-from nbtune.store_cli import add_store_parsers
+from nbtune.store_cli import run as _cli
 
 ROWS = [{"q": f"Q: what is {i} plus {j}?\nA:", "a": f" {i + j}"} for i in range(20) for j in range(10)]
 
@@ -303,13 +302,6 @@ def test_two_processes_writing_the_same_store_at_once_lose_nothing(tmp_path):
     for record in runs:
         assert record.state == "finished" and record.summary.extra["writer"] == record.meta["writer"]
         assert [e.kind for e in EventStream.read(record.events_path)] == ["step"] * 5 + ["finished"]
-
-
-def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="nbtune")
-    add_store_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def test_the_store_commands_list_show_export_import_and_delete(tmp_path, capsys):

@@ -5,7 +5,6 @@ machine's private details out."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ from nbtune.store import (
     record_artifact_checksum,
     write_atomic,
 )
-from nbtune.store_cli import add_store_parsers
+from nbtune.store_cli import run as cli
 
 ROWS = [{"q": f"Q: what is {i} plus {j}?\nA:", "a": f" {i + j}"} for i in range(10) for j in range(10)]
 
@@ -63,13 +62,6 @@ def sibling_of(store: RunStore, record: RunRecord) -> RunRecord:
     meta = json.loads((path / "meta.json").read_text())
     write_atomic(path / "meta.json", json.dumps({**meta, "id": path.name}))
     return store.get(path.name)
-
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="nbtune")
-    add_store_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 # ----- 1. run ids -------------------------------------------------------------------------------------------
