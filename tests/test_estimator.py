@@ -115,11 +115,11 @@ def test_suggestions_are_dotted_changes_that_fit_when_applied():
                         data={"max_length": 2048}, training={"micro_batch_size": 4})
     est = estimate_memory(config, gpu="a100-80gb")
     assert not est.fits()
-    assert est.suggestions and all(s.fits for s in est.suggestions)
+    assert est.suggestions and est.suggestions[0].fits
     for s in est.suggestions:
         assert all("." in key for key in s.changes)
         again = estimate_memory(apply_changes(config, s.changes), gpu="a100-80gb")
-        assert again.total_bytes == s.total_bytes and again.fits()
+        assert again.total_bytes == s.total_bytes and again.fits() == s.fits
     assert estimate_memory(config.replace(method="lora"), gpu="h200").suggestions == []
 
 
@@ -129,7 +129,7 @@ def test_lora_is_told_to_try_qlora_because_its_registry_entry_says_so(offline, m
     config = TuneConfig(model={"name_or_path": "meta-llama/Llama-2-7b-hf", "dtype": "bf16"}, method="lora",
                         data={"max_length": 512}, training={"micro_batch_size": 1})
     est = estimate_memory(config, gpu="t4")
-    assert [s.changes["method.name"] for s in est.suggestions if "method.name" in s.changes] == ["qlora"]
+    assert {s.changes["method.name"] for s in est.suggestions if "method.name" in s.changes} == {"qlora"}
     assert [d["description"] for d in est.to_dict()["suggestions"]] == [s.description for s in est.suggestions]
     monkeypatch.setitem(registry._METHODS, "lora", dataclasses.replace(registry.get("lora"), lighter_methods=()))
     assert not any("method.name" in s.changes for s in estimate_memory(config, gpu="t4").suggestions)
@@ -246,3 +246,123 @@ def test_simulation_models_the_gpu_step_autocast_and_one_byte_dropout_masks():
     sim = simulate_memory(config, mc)
     est = estimate_memory(config, mc)
     assert close(est.allocated_bytes, sim.allocated_bytes, 0.10), (est.allocated_bytes, sim.allocated_bytes)
+
+
+def llama_7b(method: str, max_length: int = 512, **training) -> TuneConfig:
+    return TuneConfig(model={"name_or_path": "meta-llama/Llama-2-7b-hf", "dtype": "bf16"}, method=method,
+                      data={"max_length": max_length}, training={"micro_batch_size": 1, **training})
+
+
+def test_optimizer_step_buffer_is_its_own_part_and_does_not_grow_with_batch_or_sequence(offline):
+    """A 7B full fine-tune peaks at the optimizer step: AdamW's buffer, whatever the batch or length."""
+    from nbtune.estimator import estimate_memory
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.skeleton import facts
+
+    base = llama_7b("full", precision="bf16")
+    variants = {"base": base, "longer": base.replace(**{"data.max_length": 1024}),
+                "batch": base.replace(**{"training.micro_batch_size": 2}),
+                "checkpointing": base.replace(**{"training.gradient_checkpointing": True})}
+    estimates = {name: estimate_memory(c, gpu="a100-80gb") for name, c in variants.items()}
+    for est in estimates.values():
+        assert est.peak_phase == "optimizer step"
+        assert est.breakdown["optimizer_step"] == 2 * 6_738_415_616  # foreach AdamW: a bf16 intermediate each
+        assert est.breakdown["activations"] == 0  # the forward's activations are freed before the step
+        assert sum(est.breakdown.values()) == est.total_bytes
+        assert "optimizer-step buffer" in est.table() and "activations" not in est.table()
+    forward = {name: terms(c, facts(c, estimates[name].model_config)).phases["forward end"].activations
+               for name, c in variants.items()}
+    assert forward["checkpointing"] < forward["base"] < forward["longer"]
+    assert forward["base"] < forward["batch"]
+    big = estimate_memory(base.replace(**{"data.max_length": 4096, "training.micro_batch_size": 8}))
+    assert big.peak_phase != "optimizer step"  # 32k tokens: the activations outgrow the optimizer step
+    assert big.breakdown["optimizer_step"] == 0 and big.breakdown["activations"] > 10 * forward["base"]
+    assert sum(big.breakdown.values()) == big.total_bytes
+
+
+def test_simulated_step_counts_the_optimizer_step_buffer_apart_from_activations():
+    from nbtune.estimator import estimate_memory, simulate_memory
+
+    mc = tiny_llama(hidden_size=256, intermediate_size=688, num_attention_heads=8, vocab_size=1024)
+    config = tiny_config("full", dtype="bf16").replace(**{"data.max_length": 16})
+    sim, est = simulate_memory(config, mc), estimate_memory(config, mc)
+    assert sim.peak_phase == est.peak_phase == "optimizer step"
+    assert close(sim.breakdown["optimizer_step"], est.breakdown["optimizer_step"], 0.01)
+    assert sim.breakdown["activations"] < 0.01 * sim.breakdown["optimizer_step"]
+    assert close(sim.breakdown["optimizer_state"], est.breakdown["optimizer_state"], 0.01)
+
+
+def test_suggestions_for_a_t4_fit_cheapest_first_and_combine_changes(offline):
+    """LoRA on Llama-2-7B, long sequences and micro-batch 4 on a T4: combinations fit, cheapest first."""
+    from nbtune.estimator import estimate_memory
+    from nbtune.estimator.estimate import COSTS, apply_changes
+    from nbtune.estimator.gpus import gpu_bytes
+
+    config = llama_7b("lora", 2048, micro_batch_size=4, gradient_accumulation_steps=2)
+    est = estimate_memory(config, gpu="t4")
+    suggestions = est.suggestions
+    fitting = [s for s in suggestions if s.fits]
+    assert not est.fits() and suggestions[0].fits
+    assert suggestions[:len(fitting)] == fitting  # those that fit come first, cheapest first
+    assert [s.rank for s in fitting] == sorted(s.rank for s in fitting)
+    too_big = suggestions[len(fitting):]
+    assert [s.total_bytes for s in too_big] == sorted(s.total_bytes for s in too_big)
+    assert all(s.total_bytes < est.total_bytes for s in suggestions)
+    for i, s in enumerate(fitting):
+        assert s.cost and "GiB" not in s.description
+        assert estimate_memory(apply_changes(config, s.changes), gpu="t4").total_bytes == s.total_bytes
+        assert s.total_bytes <= gpu_bytes("t4")[1]
+        # nothing that changes what a cheaper fitting one changes, and more
+        assert not any(o.changes.keys() <= s.changes.keys() for o in fitting[:i])
+    batch = next(s for s in suggestions if "training.micro_batch_size" in s.changes and len(s.changes) > 2)
+    t = config.training
+    micro, accumulation = (batch.changes[f"training.{k}"] for k in ("micro_batch_size",
+                                                                    "gradient_accumulation_steps"))
+    assert micro * accumulation == t.micro_batch_size * t.gradient_accumulation_steps
+    assert batch.changes.get("training.gradient_checkpointing") and batch.fits
+    assert batch.rank == 2 * COSTS["micro_batch"][1] + COSTS["checkpointing"][1]  # 4 -> 1: two halvings
+    started = time.perf_counter()
+    again = estimate_memory(config, gpu="t4").suggestions  # the skeletons of the methods tried are cached
+    assert again == suggestions and time.perf_counter() - started < 0.2
+
+
+def test_fit_to_gpu_returns_the_cheapest_change_that_leaves_the_margin_free(offline):
+    from nbtune.estimator import estimate_memory, fit_to_gpu
+    from nbtune.estimator.estimate import apply_changes
+    from nbtune.estimator.gpus import gpu_bytes
+
+    config = llama_7b("lora", 2048, micro_batch_size=4, gradient_accumulation_steps=2)
+    best = fit_to_gpu(config, "t4")
+    assert best is not None and best == estimate_memory(config, gpu="t4").fit(0.1)
+    again = estimate_memory(apply_changes(config, best.changes), gpu="t4")
+    assert again.total_bytes == best.total_bytes <= 0.9 * gpu_bytes("t4")[1]
+    assert fit_to_gpu(config, "t4", margin=0) == estimate_memory(config, gpu="t4").suggestions[0]
+    assert fit_to_gpu(llama_7b("lora"), "a100-40gb") is None  # it fits already, with room to spare
+    with pytest.raises(ValueError, match="margin"):
+        fit_to_gpu(config, "t4", margin=1)
+
+
+def test_a_70b_full_fine_tune_cannot_fit_a_t4_and_says_the_best_it_reaches(offline):
+    from nbtune.estimator import estimate_memory, fit_to_gpu
+
+    config = TuneConfig(model={"name_or_path": "meta-llama/Llama-2-70b-hf", "dtype": "bf16"}, method="full",
+                        data={"max_length": 512}, training={"micro_batch_size": 1})
+    est = estimate_memory(config, gpu="t4")
+    assert fit_to_gpu(config, "t4") is None and est.fit() is None
+    suggestions = est.suggestions
+    assert suggestions and not any(s.fits for s in suggestions)
+    assert [s.total_bytes for s in suggestions] == sorted(s.total_bytes for s in suggestions)
+    assert suggestions[0].total_bytes < est.total_bytes / 10 and len(suggestions[0].changes) > 1
+
+
+def test_a_suggestion_round_trips_through_a_run_summary_and_older_ones_still_load():
+    from nbtune.estimator import Suggestion
+    from nbtune.records import RunSummary
+
+    s = Suggestion("gradient checkpointing", {"training.gradient_checkpointing": True}, 2**33, True,
+                   cost="about 30 % slower steps", rank=3.0)
+    stored = RunSummary.from_json(RunSummary(state="failed", suggestions=[s.to_dict()]).to_json())
+    assert Suggestion(**stored.suggestions[0]) == s
+    older = {"description": "switch the method to qlora", "changes": {"method.name": "qlora"},
+             "total_bytes": 2**33, "fits": True}
+    assert (Suggestion(**older).cost, Suggestion(**older).rank) == ("", 0.0)

@@ -95,7 +95,8 @@ def run_estimate(args: argparse.Namespace) -> int:
         print("\nto make it fit:" if not estimate.fits() else "")
         for s in estimate.suggestions:
             mark = "fits" if s.fits else "still too big"
-            print(f"  {s.description}: {format_bytes(s.total_bytes)} ({mark})  {json.dumps(s.changes)}")
+            print(f"  {s.description}: {format_bytes(s.total_bytes)} ({mark}; {s.cost})  "
+                  f"{json.dumps(s.changes)}")
     return 0
 
 

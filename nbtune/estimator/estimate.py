@@ -10,6 +10,8 @@ held at each phase of the step; `estimate_memory` adds the fixed overheads and p
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +29,13 @@ CUDA_CONTEXT = 600 * 2**20  # CUDA context + kernels of torch 2.x with lazy modu
 WORKSPACE = 64 * 2**20  # cuBLAS/cuDNN workspaces, allocated through torch's caching allocator
 FRAGMENTATION = 0.10  # reserved above allocated, as a share of memory that is allocated and freed every step
 
-CATEGORIES = ("weights", "trainable_weights", "gradients", "optimizer_state", "activations", "logits_loss",
-              "quantization_constants", "fixed_overhead")
+# "activations" scale with batch × sequence (and checkpointing); "optimizer_step" is what the optimizer step
+# allocates for a moment (foreach AdamW's intermediates, Adafactor's update), the same whatever the batch
+CATEGORIES = ("weights", "trainable_weights", "gradients", "optimizer_state", "optimizer_step", "activations",
+              "logits_loss", "quantization_constants", "fixed_overhead")
 LABELS = {"weights": "frozen weights", "trainable_weights": "trainable weights", "gradients": "gradients",
-          "optimizer_state": "optimizer state", "activations": "activations & temporaries",
+          "optimizer_state": "optimizer state", "optimizer_step": "optimizer-step buffer",
+          "activations": "activations & temporaries",
           "logits_loss": "logits & loss", "quantization_constants": "quantization constants",
           "fixed_overhead": "CUDA context, workspace, allocator"}
 PHASES = ("forward end", "backward", "optimizer step")
@@ -38,12 +43,15 @@ PHASES = ("forward end", "backward", "optimizer step")
 
 @dataclass(frozen=True)
 class Suggestion:
-    """A config change that lowers the peak memory, with the peak it would have."""
+    """A config change (one, or a few together) that lowers the peak memory, with the peak it would have and
+    what it costs."""
 
-    description: str  # what to change, in words: "gradient checkpointing (about 30 % slower steps)"
+    description: str  # what to change, in words: "gradient checkpointing + switch the method to qlora"
     changes: dict[str, Any]  # dotted fields, as `TuneConfig.replace` takes them
     total_bytes: int | None = None  # the re-estimated peak; None when it could not be estimated
     fits: bool | None = None  # whether that peak fits the GPU; None when no GPU was named
+    cost: str = ""  # what it costs in speed or quality: "about 30 % slower steps" ("" in older run summaries)
+    rank: float = 0.0  # lower is cheaper; a combination's is the sum of its parts' (see COSTS)
 
     def to_dict(self) -> dict[str, Any]:
         """As a run summary and `--json` write it."""
@@ -68,6 +76,7 @@ class MemoryEstimate:
     config: TuneConfig | None = field(default=None, repr=False)
     model_config: Any = field(default=None, repr=False)
     _suggestions: list[Suggestion] | None = field(default=None, repr=False)
+    _tried: list[Suggestion] | None = field(default=None, repr=False)  # every change tried, re-estimated once
 
     @property
     def total_gib(self) -> float:
@@ -102,13 +111,37 @@ class MemoryEstimate:
 
     @property
     def suggestions(self) -> list[Suggestion]:
-        """The cheapest config changes that make the step fit the GPU, each with its own re-estimated total.
+        """Config changes, single or combined, that lower the peak: those that fit the GPU first, cheapest
+        first (by `rank`), then those that do not, smallest peak first; each with its re-estimated total.
 
-        Computed on first access (changes of method build a new skeleton); empty without a config and a GPU.
+        Computed on first access (changes of method build a new skeleton); empty when the step fits already,
+        and without a config and a GPU.
         """
         if self._suggestions is None:
-            self._suggestions = _suggest(self) if self.config is not None and self.gpu is not None else []
+            wanted = self.config is not None and self.gpu is not None and not self.fits()
+            self._suggestions = _ordered(self._candidates(), gpu_bytes(self.gpu)[1]) if wanted else []
         return self._suggestions
+
+    def fit(self, margin: float = 0.1) -> Suggestion | None:
+        """The cheapest suggestion whose peak uses at most (1 - margin) of the GPU's memory.
+
+        None when this config already leaves that margin free, or when no change tried gets there.
+        """
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin must be at least 0 and below 1 (got {margin})")
+        if self.gpu is None or self.config is None:
+            raise ValueError("fit needs an estimate of a config on a gpu: estimate_memory(config, gpu='t4')")
+        limit = int((1 - margin) * gpu_bytes(self.gpu)[1])
+        if self.total_bytes <= limit:
+            return None
+        best = _ordered(self._candidates(), limit)
+        return best[0] if best and (best[0].total_bytes or 0) <= limit else None
+
+    def _candidates(self) -> list[Suggestion]:
+        """Every change the suggestions are chosen from, re-estimated (once per estimate)."""
+        if self._tried is None:
+            self._tried = _tried(self)
+        return self._tried
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -230,6 +263,7 @@ class Phase:
     gradients: int
     activations: int
     logits_loss: int
+    optimizer_step: int = 0  # the optimizer step's transients (only at the optimizer step)
 
 
 @dataclass(frozen=True)
@@ -402,7 +436,7 @@ def phase_terms(config: TuneConfig, weights: WeightTerms, optimizer: OptimizerTe
                              acts.forward_end, logits.logits),
         "backward": Phase(persistent + backward, backward, grads,
                           max(acts.stored_in_backward - grads, 0) + acts.recompute, 0),
-        "optimizer step": Phase(persistent + step, step, grads, optimizer.step_temp, 0),
+        "optimizer step": Phase(persistent + step, step, grads, 0, 0, optimizer_step=optimizer.step_temp),
     }
 
 
@@ -415,7 +449,8 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
     at_peak = tm.phases[peak]
     breakdown = {
         "weights": tm.weights.frozen, "trainable_weights": tm.weights.trainable, "gradients": at_peak.gradients,
-        "optimizer_state": tm.optimizer.state, "activations": at_peak.activations,
+        "optimizer_state": tm.optimizer.state, "optimizer_step": at_peak.optimizer_step,
+        "activations": at_peak.activations,
         "logits_loss": at_peak.logits_loss, "quantization_constants": tm.weights.constants,
         "fixed_overhead": WORKSPACE + overhead[peak],
     }
@@ -437,6 +472,33 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
 
 # ----- suggestions ---------------------------------------------------------------------------------------------
 
+# What each kind of change costs in speed or quality, said once. `rank` orders them, lower is cheaper; a
+# combination's rank is the sum of its parts'. Micro-batch and sequence-length ranks count per halving.
+COSTS: dict[str, tuple[str, float]] = {
+    "micro_batch": ("same quality, more steps per update", 1.0),
+    "dtype": ("16-bit weights: slightly less precise", 1.0),
+    "optimizer": ("8-bit optimizer states: about the same quality", 2.0),
+    "checkpointing": ("about 30 % slower steps", 3.0),
+    "method lora": ("trains an adapter, not every weight: may reach lower quality", 4.0),
+    "method qlora": ("4-bit base: slightly lower quality", 5.0),
+    "method": ("a lighter method: may reach lower quality", 5.0),
+    "max_length": ("examples longer than {max_length} tokens are cut", 6.0),
+}
+COMBINED = ("micro_batch", "dtype", "optimizer", "checkpointing", "method")  # shorter sequences only alone
+LISTED = 5  # how many suggestions are listed: those that fit first, then the closest of those that do not
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One change to try: its kind (a combination takes at most one of each), its words, fields and cost."""
+
+    kind: str
+    description: str
+    changes: dict[str, Any]
+    cost: str
+    rank: float
+
+
 def apply_changes(config: TuneConfig, changes: dict[str, Any]) -> TuneConfig:
     """The config with dotted-field changes; "method.name" switches the method and drops its old parameters."""
     changes = dict(changes)
@@ -445,55 +507,106 @@ def apply_changes(config: TuneConfig, changes: dict[str, Any]) -> TuneConfig:
     return config.replace(**changes) if changes else config
 
 
-def _suggest(est: MemoryEstimate) -> list[Suggestion]:
-    config, gpu = est.config, est.gpu
-    assert config is not None and gpu is not None
-    if est.fits(gpu):
-        return []
-    out = []
-    for description, changes in _options(config):
-        try:
-            total = estimate_memory(apply_changes(config, changes), est.model_config).total_bytes
-        except Exception:  # noqa: BLE001 - a change this model cannot take is simply not suggested
-            continue
-        out.append(Suggestion(description, changes, total, total <= gpu_bytes(gpu)[1]))
-    fitting, kinds = [], set()
-    for s in out:  # per kind of change, only the mildest one that fits (largest batch, longest sequences)
-        kind = tuple(sorted(s.changes))
-        if s.fits and kind not in kinds:
-            kinds.add(kind)
-            fitting.append(s)
-    # Cheapest first: the order of the options runs from "same result, a little slower" to "different training".
-    return fitting[:5] if fitting else sorted(out, key=lambda s: s.total_bytes)[:3]
+def fit_to_gpu(config: TuneConfig, gpu: str | int | float, margin: float = 0.1) -> Suggestion | None:
+    """The cheapest change that leaves `margin` of the GPU's memory free, or None: `MemoryEstimate.fit`."""
+    return estimate_memory(config, gpu=gpu).fit(margin)
 
 
-def _options(config: TuneConfig) -> list[tuple[str, dict[str, Any]]]:
-    """Changes that lower the peak, cheapest first, each as (description, dotted changes)."""
+def _ordered(tried: list[Suggestion], limit: int) -> list[Suggestion]:
+    """Those whose peak is at most `limit`, cheapest first, then the others, smallest peak first.
+
+    Under the limit, one that changes the fields a cheaper one changes (a smaller micro-batch, another
+    method), perhaps with more (a combination containing it), costs more for nothing and is left out; over it,
+    only the smallest peak per set of fields changed is kept.
+    """
+    under = sorted((s for s in tried if (s.total_bytes or 0) <= limit), key=lambda s: (s.rank, s.total_bytes))
+    over = sorted((s for s in tried if (s.total_bytes or 0) > limit), key=lambda s: s.total_bytes or 0)
+    kept: list[Suggestion] = []
+    for s in under:
+        if not any(k.changes.keys() <= s.changes.keys() for k in kept):
+            kept.append(s)
+    closest: list[Suggestion] = []
+    for s in over:
+        if not any(k.changes.keys() == s.changes.keys() for k in closest):
+            closest.append(s)
+    return (kept + closest)[:LISTED]
+
+
+def _tried(est: MemoryEstimate) -> list[Suggestion]:
+    """The single changes and the few combinations of them that lower the peak, re-estimated (instant
+    tier)."""
+    config, capacity = est.config, gpu_bytes(est.gpu)[1]  # type: ignore[arg-type]
+    assert config is not None
+    singles = [(o, _reestimate(config, o.changes, est.model_config)) for o in _options(config)]
+    measured = [(o, total) for o, total in singles if total is not None]
+    combined = [_combine(parts) for parts in _combinations(measured)]
+    measured += [(o, _reestimate(config, o.changes, est.model_config)) for o in combined]
+    return [Suggestion(o.description, o.changes, total, total <= capacity, cost=o.cost, rank=o.rank)
+            for o, total in measured if total is not None and total < est.total_bytes]
+
+
+def _reestimate(config: TuneConfig, changes: dict[str, Any], model_config: Any) -> int | None:
+    try:
+        return estimate_memory(apply_changes(config, changes), model_config).total_bytes
+    except Exception:  # noqa: BLE001 - a change this model cannot take is simply not suggested
+        return None
+
+
+def _combinations(singles: list[tuple[_Option, int]]) -> list[tuple[_Option, ...]]:
+    """A small search: pairs (each method, and the strongest change of every other kind), the three kinds that
+    save the most alone, together, and the strongest of every kind together (the most the changes reach)."""
+    strongest: dict[str, tuple[_Option, int]] = {}
+    for o, total in singles:
+        if o.kind in COMBINED and (o.kind not in strongest or total < strongest[o.kind][1]):
+            strongest[o.kind] = (o, total)
+    picks = [o for o, _ in singles if o.kind == "method"]
+    picks += [o for kind, (o, _) in strongest.items() if kind != "method"]
+    pairs = [(a, b) for a, b in itertools.combinations(picks, 2) if a.kind != b.kind]
+    best = tuple(o for o, _ in sorted(strongest.values(), key=lambda pair: pair[1]))
+    return pairs + [best[:3]] * (len(best) >= 3) + [best] * (len(best) > 3)
+
+
+def _combine(parts: tuple[_Option, ...]) -> _Option:
+    parts = tuple(sorted(parts, key=lambda o: o.rank))
+    changes: dict[str, Any] = {}
+    for o in parts:
+        changes.update(o.changes)
+    return _Option("+".join(o.kind for o in parts), " + ".join(o.description for o in parts), changes,
+                   "; ".join(o.cost for o in parts), sum(o.rank for o in parts))
+
+
+def _option(kind: str, description: str, changes: dict[str, Any], halvings: float = 1,
+            **words: Any) -> _Option:
+    """An option with its cost from COSTS (by kind, or "method <name>")."""
+    cost, rank = COSTS.get(kind) or COSTS[kind.split()[0]]
+    return _Option(kind.split()[0], description, changes, cost.format(**words), rank * halvings)
+
+
+def _options(config: TuneConfig) -> list[_Option]:
+    """Single changes that lower the peak, each with its cost."""
     t = config.training
-    options: list[tuple[str, dict[str, Any]]] = []
     mb, ga = t.micro_batch_size, t.gradient_accumulation_steps
-    smaller = mb // 2
-    while smaller >= 1:
-        options.append((f"micro-batch {smaller} with {ga * mb // smaller} accumulation steps (same effective batch)",
-                        {"training.micro_batch_size": smaller, "training.gradient_accumulation_steps": ga * mb // smaller}))
-        smaller //= 2
+    # only micro-batches that divide the current one keep micro-batch × accumulation exactly
+    smaller = [m for m in sorted({mb >> k for k in range(1, mb.bit_length())} | {1}, reverse=True)
+               if m < mb and mb % m == 0]
+    options = [_option("micro_batch", f"micro-batch {m} with {ga * mb // m} accumulation steps (same "
+                       "effective batch)", {"training.micro_batch_size": m,
+                                            "training.gradient_accumulation_steps": ga * mb // m},
+                       math.log2(mb / m)) for m in smaller]
     if not t.gradient_checkpointing:
-        options.append(("gradient checkpointing (about 30 % slower steps)", {"training.gradient_checkpointing": True}))
-    optimizer = OPTIMIZERS[t.optimizer]
-    if optimizer.state == "adam" and not optimizer.eight_bit:
-        for eight_bit in (o for o in OPTIMIZERS.values() if o.state == "adam" and o.eight_bit):
-            options.append((eight_bit.description, {"training.optimizer": eight_bit.name}))
+        options.append(_option("checkpointing", "gradient checkpointing",
+                               {"training.gradient_checkpointing": True}))
+    if OPTIMIZERS[t.optimizer].state == "adam" and not OPTIMIZERS[t.optimizer].eight_bit:
+        options += [_option("optimizer", f"optimizer {o.description}", {"training.optimizer": o.name})
+                    for o in OPTIMIZERS.values() if o.state == "adam" and o.eight_bit]
     if config.model.dtype == "fp32" and t.precision in ("bf16", "fp16"):
-        options.append((f"load the weights in {t.precision}", {"model.dtype": t.precision}))
-    for name in registry.get(config.method.name).lighter_methods:
-        if registry.find(name) is not None:
-            options.append((f"switch the method to {name}", {"method.name": name}))
-    length = config.data.max_length // 2
+        options.append(_option("dtype", f"load the weights in {t.precision}", {"model.dtype": t.precision}))
+    lighter = registry.get(config.method.name).lighter_methods
+    options += [_option(f"method {name}", f"switch the method to {name}", {"method.name": name})
+                for name in lighter if registry.find(name) is not None]
+    length, halvings = config.data.max_length // 2, 1
     while length >= 128:
-        options.append((f"shorter sequences: max_length {length}", {"data.max_length": length}))
-        length //= 2
-    if not t.gradient_checkpointing and mb > 1:
-        options.append(("gradient checkpointing and micro-batch 1",
-                        {"training.gradient_checkpointing": True, "training.micro_batch_size": 1,
-                         "training.gradient_accumulation_steps": ga * mb}))
+        options.append(_option("max_length", f"shorter sequences: max_length {length}",
+                               {"data.max_length": length}, halvings, max_length=length))
+        length, halvings = length // 2, halvings + 1
     return options

@@ -144,7 +144,7 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     if quant_keys and f.quant_bits:
         peak += _count_quantized_at_real_size(breakdown, f, sum(tracker.peak_keys.get(k, 0) for k in quant_keys))
         notes.append("4-bit weights simulated by 16-bit stand-ins, counted at 4-bit size")
-    dynamic = breakdown["gradients"] + breakdown["activations"] + breakdown["logits_loss"]
+    dynamic = sum(breakdown[c] for c in ("gradients", "optimizer_step", "activations", "logits_loss"))
     breakdown["fixed_overhead"] = WORKSPACE + CUDA_CONTEXT + int(FRAGMENTATION * dynamic)
     allocated = int(peak + WORKSPACE)
     notes.append(f"simulated {steps} steps in {time.perf_counter() - started:.1f} s")
@@ -214,6 +214,9 @@ def _run_steps(config: TuneConfig, model: Any, teacher: Any, optimizer: Any, tra
         del loss
         seen.gradients = {tracker.key(p.grad) for p in trainable if p.grad is not None}
         tracker.phase = "optimizer step"
+        # what clipping and the step allocate is the optimizer-step buffer; the state it creates on the first
+        # step and keeps is told apart afterwards (_breakdown reads `seen.optimizer_state`)
+        tracker.category = "optimizer_step"
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm, foreach=True)
         if optimizer is not None:
