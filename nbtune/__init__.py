@@ -34,6 +34,7 @@ _LAZY = {
     "MemoryEstimate": "nbtune.estimator",
     "compare": "nbtune.comparison",
     "Comparison": "nbtune.comparison",
+    "show_figure": "nbtune.static_image",
 }
 
 __all__ = ["ConfigError", "TuneConfig", "__version__", "load_ipython_extension", *_LAZY]

@@ -328,13 +328,15 @@ class Comparison:
         return {"text/plain": _frame(table.rows).to_string(), "text/html": report.notebook_html(self.fairness(), table)}
 
     def show(self, **chart_options: Any) -> None:
-        """Display the table and every chart in a notebook (charts through plotly's renderer, which saves them
-        as plotly JSON in Jupyter)."""
+        """Display the table and every chart in a notebook (each chart as plotly JSON and a PNG, so the saved
+        notebook shows it offline too)."""
         from IPython.display import display
+
+        from nbtune.static_image import show_figure
 
         display(self)
         for fig in self.figures(**chart_options).values():
-            display(fig)
+            show_figure(fig)
 
     def to_html(self, path: str | Path | None = None, title: str = "nbtune: which method?") -> str:
         """A self-contained HTML report (plotly.js inlined, works offline): fairness, table and charts.

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +17,43 @@ from nbtune.demo import run_notebook
 from nbtune.methods import registry
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "example_notebooks"
+NAMES = ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_memory_planning.ipynb",
+         "04_your_own_model_and_data.ipynb", "05_colab.ipynb"]
 CHART_TYPES = ("application/vnd.plotly.v1+json", "image/png")
 pytestmark = pytest.mark.slow
 
 
-def execute(name: str, tmp_path: Path, echo: bool = False) -> Any:
+@dataclass
+class Executed:
+    """An example notebook after a headless run: the notebook with its outputs, the folder it ran in (its
+    store, report and files), and what it printed as it ran (what `python -m nbtune.demo` echoes)."""
+
+    nb: Any
+    folder: Path
+    echoed: str
+
+
+def execute(name: str, folder: Path) -> Executed:
     """Run one notebook in a temporary folder with its own store, offline, with the smoke budget."""
-    env = {"NBTUNE_SMOKE": "1", "NBTUNE_HOME": str(tmp_path / "store"), "NBTUNE_REPORT": str(tmp_path / "report.html"),
+    env = {"NBTUNE_SMOKE": "1", "NBTUNE_HOME": str(folder / "store"), "NBTUNE_REPORT": str(folder / "report.html"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # as `python -m nbtune.demo` runs it
-    return run_notebook(NOTEBOOKS / name, env, workdir=tmp_path, echo=echo, timeout=600)
+    echoed = io.StringIO()
+    with contextlib.redirect_stdout(echoed):
+        nb = run_notebook(NOTEBOOKS / name, env, workdir=folder, echo=True, timeout=600)
+    return Executed(nb, folder, echoed.getvalue())
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Executed]:
+    """Each example notebook executed once for this module: the tests that read it share that run."""
+    done: dict[str, Executed] = {}
+
+    def get(name: str) -> Executed:
+        if name not in done:
+            done[name] = execute(name, tmp_path_factory.mktemp(name.removesuffix(".ipynb")))
+        return done[name]
+
+    return get
 
 
 def text(cell: Any) -> str:
@@ -38,15 +71,16 @@ def all_text(nb: Any) -> str:
     return "\n".join(text(c) for c in nb.cells if c.cell_type == "code")
 
 
+def chart_outputs(cell: Any) -> list[Any]:
+    """A cell's static chart outputs: plotly JSON, PNG, or HTML that embeds a plotly figure."""
+    def is_chart(data: dict[str, Any]) -> bool:
+        return any(t in data for t in CHART_TYPES) or "Plotly.newPlot" in str(data.get("text/html", ""))
+
+    return [out for out in cell.get("outputs", []) if is_chart(out.get("data", {}))]
+
+
 def charts(nb: Any) -> list[Any]:
-    """Static chart outputs: plotly JSON, PNG, or HTML that embeds a plotly figure."""
-    found = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            data = out.get("data", {})
-            if any(t in data for t in CHART_TYPES) or "Plotly.newPlot" in str(data.get("text/html", "")):
-                found.append(out)
-    return found
+    return [out for cell in nb.cells for out in chart_outputs(cell)]
 
 
 def cell_with(nb: Any, source: str) -> Any:
@@ -57,15 +91,14 @@ def test_notebooks_are_stored_without_outputs():
     import nbformat
 
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-    assert names == ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_memory_planning.ipynb",
-                     "04_your_own_model_and_data.ipynb", "05_colab.ipynb"]
+    assert names == NAMES
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
 
 
-def test_quickstart_builds_estimates_trains_and_uses_the_model(tmp_path):
-    nb = execute("01_quickstart.ipynb", tmp_path)
+def test_quickstart_builds_estimates_trains_and_uses_the_model(executed):
+    nb = executed("01_quickstart.ipynb").nb
     builder_outputs = cell_with(nb, "Builder(config)").outputs
     assert builder_outputs, "the builder showed nothing"
     estimate = text(cell_with(nb, "estimate_memory"))
@@ -79,9 +112,9 @@ def test_quickstart_builds_estimates_trains_and_uses_the_model(tmp_path):
     assert len(answers) == 5 and all("(expected " in line for line in answers)
 
 
-def test_compare_notebook_tables_every_method_and_writes_the_report(tmp_path, capsys):
-    nb = execute("02_compare_methods.ipynb", tmp_path, echo=True)  # echo: what `python -m nbtune.demo` shows
-    echoed = capsys.readouterr().out
+def test_compare_notebook_tables_every_method_and_writes_the_report(executed):
+    run = executed("02_compare_methods.ipynb")
+    nb, folder, echoed = run.nb, run.folder, run.echoed  # echoed: what `python -m nbtune.demo` shows
     assert "[1/13] full: finished, trained in" in echoed and "[13/13] distillation: finished" in echoed
     methods = [m.name for m in registry.all_methods(include_generated=False) if "seq-cls" in m.tasks]
     assert len(methods) == 13
@@ -103,8 +136,8 @@ def test_compare_notebook_tables_every_method_and_writes_the_report(tmp_path, ca
     loss = next(o.data["application/vnd.plotly.v1+json"] for o in chart_cells[0].outputs if "data" in o)
     assert {t["name"] for t in loss["data"]} >= set(methods)
 
-    report = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert f"HTML report: {tmp_path / 'report.html'}" in all_text(nb)
+    report = (folder / "report.html").read_text(encoding="utf-8")
+    assert f"HTML report: {folder / 'report.html'}" in all_text(nb)
     assert report.count("Plotly.newPlot") == 3 and "Fairness" in report
     assert all(f"<td>{m}" in report for m in methods)
     assert f"re-opened {len(methods)} runs from the store" in all_text(nb)
@@ -118,8 +151,8 @@ def gpu_gib(card: str) -> float:
     return gpu_bytes(card)[1] / 2**30
 
 
-def test_memory_planning_notebook_shows_the_table_offline(tmp_path):
-    nb = execute("03_memory_planning.ipynb", tmp_path)
+def test_memory_planning_notebook_shows_the_table_offline(executed):
+    nb = executed("03_memory_planning.ipynb").nb
     assert "memory table: 8 rows (2 models x 4 methods)" in all_text(nb)
     table = next(o.data["text/html"] for o in cell_with(nb, "plan = pd.DataFrame").outputs
                  if "text/html" in o.get("data", {}))
@@ -136,20 +169,22 @@ def test_memory_planning_notebook_shows_the_table_offline(tmp_path):
     assert "does not fit on NVIDIA T4" in advice and "lora" in advice.split("cheaper options that fit:")[1]
 
 
-def test_own_data_notebook_takes_the_offline_branch_and_trains_on_local_files(tmp_path):
-    nb = execute("04_your_own_model_and_data.ipynb", tmp_path)
+def test_own_data_notebook_takes_the_offline_branch_and_trains_on_local_files(executed):
+    run = executed("04_your_own_model_and_data.ipynb")
+    nb, folder = run.nb, run.folder
     out = all_text(nb)
     assert "online: False -> model nbtune:tiny (offline branch" in out
-    assert (tmp_path / "my_qa.jsonl").exists() and (tmp_path / "my_reviews.csv").exists()
+    assert (folder / "my_qa.jsonl").exists() and (folder / "my_reviews.csv").exists()
     assert re.search(r"JSONL run: finished, eval loss [\d.]+ -> [\d.]+, 48 train rows from my_qa.jsonl", out)
     assert "CSV run: finished, labels ['negative', 'positive']" in out
 
 
-def test_colab_notebook_runs_locally_with_a_local_store(tmp_path):
-    nb = execute("05_colab.ipynb", tmp_path)
+def test_colab_notebook_runs_locally_with_a_local_store(executed):
+    run = executed("05_colab.ipynb")
+    nb, folder = run.nb, run.folder
     assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
     out = all_text(nb)
-    assert "in Colab: False" in out and f"store: {tmp_path / 'store'}" in out
+    assert "in Colab: False" in out and f"store: {folder / 'store'}" in out
     assert re.search(r"run \S+: finished", out) and "runs in the store: 1" in out
 
 
@@ -173,3 +208,75 @@ def test_demo_prints_the_report_path_and_fails_loudly(tmp_path, monkeypatch, cap
     monkeypatch.setattr(demo, "run_notebook", lambda *a, **k: None)  # a notebook that writes no report
     assert demo.main(["--store", str(tmp_path / "s"), "--out", str(tmp_path / "none.html")]) == 1
     assert "wrote no report" in capsys.readouterr().err
+
+
+# ----- a saved notebook read without a kernel: nbconvert HTML in chromium, offline --------------------------
+RAW_WIDGET = re.compile(r"\b\w*Box\(children=")  # a widget shown as its Python repr instead of a fallback
+BUILDER_CONFIG = ("nbtune:tiny", "method:")  # what a builder's static fallback shows: the model, the YAML's method
+SHOWN = """() => [...document.querySelectorAll('.jp-Cell')].map(cell => ({
+    images: [...cell.querySelectorAll('.jp-OutputArea-output img')].filter(i => i.complete && i.naturalWidth > 0).length,
+    plots: cell.querySelectorAll('.jp-OutputArea-output .js-plotly-plot .main-svg').length,
+    text: cell.querySelector('.jp-Cell-outputWrapper, .jp-OutputArea')?.innerText ?? '',
+}))"""
+
+
+def open_offline(html_path: Path, screenshot: Path) -> tuple[list[dict[str, Any]], list[str], str]:
+    """Open a saved page in chromium with no network: what each cell shows (images that loaded, rendered
+    plotly charts, visible output text), the console and page errors, and the page's visible text."""
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            context = browser.new_context(offline=True, viewport={"width": 1300, "height": 1000})
+            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                          else route.abort())
+            page = context.new_page()
+            page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page: {e}"))
+            page.goto(html_path.as_uri(), wait_until="load")
+            page.wait_for_timeout(1000)  # scripts that run after load (plotly, widget managers) have failed by now
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+            return page.evaluate(SHOWN), errors, page.inner_text("body")
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_notebook_shows_its_charts_and_config_offline(executed, name, tmp_path):
+    """The notebook as nbconvert's HTML (what nbviewer and a shared .html show), opened in chromium with no
+    network: every chart shows (a PNG, or plotly drawn from inlined plotly.js), no widget is left as raw
+    `VBox(children=...)` text, and a builder shows its config."""
+    from nbconvert import HTMLExporter
+    from test_browser import SHOTS, _requirements
+
+    missing = _requirements()
+    if missing:
+        if os.environ.get("CI"):  # as the browser tests: CI installs chromium, so missing there is a failure
+            pytest.fail(f"browser test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    nb = executed(name).nb
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    page = tmp_path / name.replace(".ipynb", ".html")
+    page.write_text(body, encoding="utf-8")
+    shown, errors, text = open_offline(page, SHOTS / f"html-{name.removesuffix('.ipynb')}.png")
+
+    assert len(shown) == len(nb.cells)
+    problems = []
+    for cell, seen in zip(nb.cells, shown, strict=True):
+        cell_end = cell.source.splitlines()[-1] if cell.source else ""
+        wanted = len(chart_outputs(cell))
+        if seen["images"] + seen["plots"] < wanted:
+            problems.append(f"`{cell_end}`: {wanted} chart(s) in the notebook, {seen['images']} image(s) and "
+                            f"{seen['plots']} plotly chart(s) shown")
+        if "Builder(" in cell.source:
+            problems += [f"`{cell_end}`: the builder's config shows no {part!r}" for part in BUILDER_CONFIG
+                         if part not in seen["text"]]
+    assert not problems, "\n".join(problems)
+    assert not [e for e in errors if "Plotly is not defined" in e], errors
+    assert not RAW_WIDGET.search(text), RAW_WIDGET.search(text).group(0)
