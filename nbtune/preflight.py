@@ -4,10 +4,14 @@ know without the model's config (its position limit, its layers' sizes), and whe
 `check(config)` runs once where training starts (nbtune/training.py) and raises ConfigError naming the field, the
 value and what this model allows. It reads the model's config.json and builds the architecture on the meta
 device (nothing is allocated), so it costs well under a second for the embedded model.
+
+`readiness(config, gpu, estimate)` says, without loading anything heavy, why a valid config would not run: what
+the builder shows before it offers Launch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from nbtune.config import ConfigError, TuneConfig
@@ -26,6 +30,85 @@ def check(config: TuneConfig, model_config: Any = None) -> None:
     problems = [*_length_problems(config, model_config), *_rank_problems(config, model_config)]
     if problems:
         raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why a config would not run, in the user's words; `field` is the dotted field to change, or "" for none."""
+
+    field: str
+    message: str
+
+
+def readiness(config: TuneConfig, gpu: str | int | float | None = None, estimate: Any = None) -> list[Blocker]:
+    """Why `config` would not run: fp16 loss scaling over fp16 trainable weights, a model that cannot be had (a
+    missing folder, a hub id neither cached nor downloadable), a step that does not fit the chosen GPU (from
+    `estimate`, when both are given). Empty when nothing stands in the way. Reads no weights and never raises.
+
+    The method/task pairing is not checked here: a TuneConfig that pairs them wrongly is invalid already.
+    """
+    return [*precision_blockers(config, gpu, estimate), *model_blockers(config), *memory_blockers(estimate, gpu)]
+
+
+def memory_blockers(estimate: Any, gpu: str | int | float | None) -> list[Blocker]:
+    """The step's estimated peak against the GPU: "needs 131 GiB, the T4 has 15.6 GiB: 115 GiB over"."""
+    if estimate is None or gpu is None:
+        return []
+    from nbtune.estimator.gpus import gpu_bytes, gpu_spec
+
+    title, capacity = gpu_bytes(gpu)
+    need = int(estimate.total_bytes)
+    if need <= capacity:
+        return []
+    name = f"the {_short_gpu_name(title)}" if gpu_spec(gpu) is not None else f"a {title} GPU"
+    return [Blocker("", f"needs {_gib(need)}, {name} has {_gib(capacity)}: {_gib(need - capacity)} over")]
+
+
+def model_blockers(config: TuneConfig) -> list[Blocker]:
+    """The model cannot be had: a folder that does not exist, or a hub id that is not in the local cache while
+    the hub is offline or unreachable (`models.check_hub_reachable`; a bad hub id is a Blocker, not an error)."""
+    from nbtune import models
+
+    try:
+        models.check_hub_reachable(config, timeout_s=1.0)
+    except ConfigError as err:
+        return [Blocker(field, message) for field, message in err.problems]
+    except Exception as err:  # a malformed hub id, an unreadable cache: the run would fail the same way
+        return [Blocker("model.name_or_path", f"model.name_or_path {config.model.name_or_path!r} cannot be "
+                                              f"found: {type(err).__name__}: {err}")]
+    return []
+
+
+def precision_blockers(config: TuneConfig, gpu: str | int | float | None = None,
+                       estimate: Any = None) -> list[Blocker]:
+    """fp16 loss scaling over trainable fp16 weights stops at the first step ("Attempting to unscale FP16
+    gradients"): methods that train the model's own weights (not PEFT adapters, which peft keeps in fp32).
+
+    Judged for the chosen GPU (else this machine), with "auto" as the estimate resolved it when one is given.
+    """
+    from nbtune import precision
+    from nbtune.methods import registry
+
+    if registry.get(config.method.name).is_peft:
+        return []
+    planned = estimate.config if estimate is not None and getattr(estimate, "config", None) is not None else config
+    device = precision.gpu_device(gpu) if gpu is not None else precision.this_device()
+    scaled = precision.choose_precision(planned.training.precision, device).value == "fp16"
+    if not (scaled and planned.model.dtype == "fp16" and device.kind == "cuda"):
+        return []
+    return [Blocker("model.dtype", f"{config.method.name} trains the model's own weights, and fp16 loss scaling "
+                                   f"cannot train fp16 weights on {device.called} (the first step fails): set "
+                                   f"model.dtype to fp32, or choose a PEFT method such as lora")]
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _short_gpu_name(title: str) -> str:
+    """"NVIDIA T4 16 GB" -> "T4": the catalogue's title without the vendor and the size the sentence states."""
+    words = title.removeprefix("NVIDIA ").split()
+    return " ".join(words[:-2] if len(words) > 2 and words[-1] == "GB" else words)
 
 
 def position_limit(model_config: Any) -> int | None:

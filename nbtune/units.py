@@ -13,3 +13,10 @@ def format_bytes(n: float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}" if size >= GIB else f"{n / size:.0f} {unit}"
     return f"{n:.0f} B"
+
+
+def format_percent(part: float, whole: float) -> str:
+    """A share with 3 significant digits, so a small one does not read as 0: "94.1%", "0.0131%", "0%"."""
+    if not whole or not part:
+        return "0%"
+    return f"{100 * part / whole:.3g}%"

@@ -62,7 +62,9 @@ def test_headless_notebook_keeps_the_full_chart_and_the_summary(tmp_path: Path):
     outputs = nb.cells[1].outputs
     # Exactly the record: under ipywidgets 7 a live view updated with a widget object used to stay below it.
     assert record_parts(outputs) == ["status", "chart", "summary"]
-    assert record_parts(nb.cells[3].outputs) == ["widget", "status", "chart", "summary"]  # the builder, its run
+    # the builder, its static copy (nbtune-static-builder, hidden where the widget renders), its run
+    assert record_parts(nb.cells[3].outputs) == ["widget", "other", "status", "chart", "summary"]
+    assert "nbtune-static-builder" in nb.cells[3].outputs[1]["data"]["text/html"]
     launched = nb.cells[4].outputs  # and in the cell that launched: its result only, no stray live view
     assert [o["output_type"] for o in launched] == ["execute_result"]
     assert launched[0]["data"]["text/plain"] == "'finished'"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,13 +15,15 @@ from nbtune import TuneConfig
 from nbtune.config import section_fields
 from nbtune.events import Event, EventStream
 from nbtune.methods import registry
+from nbtune.units import format_bytes
 
 pytest.importorskip("ipywidgets")
 
 from nbtune.widgets import charts  # noqa: E402
 from nbtune.widgets.builder import Builder  # noqa: E402
 from nbtune.widgets.dashboard import Dashboard  # noqa: E402
-from nbtune.widgets.forms import parse_value  # noqa: E402
+from nbtune.widgets.forms import STYLE, parse_value  # noqa: E402
+from nbtune.widgets.memory_panel import MAX_SUGGESTIONS  # noqa: E402
 
 NEVER = 3600.0  # a debounce that never fires during a test: no estimate runs unless the test asks for one
 
@@ -122,14 +126,19 @@ def test_shared_method_fields_keep_their_value_across_a_switch():
     assert b.config.method_params["r"] == 4
 
 
+def tooltip(widget) -> str:  # noqa: ANN001
+    """A control's hover help under ipywidgets 8 (`tooltip`) and 7 (`description_tooltip`)."""
+    return widget.tooltip if widget.has_trait("tooltip") else widget.description_tooltip
+
+
 def test_a_bad_value_marks_its_field_with_the_message_and_disables_launch():
-    b = Builder(debounce_s=NEVER)
+    b = Builder(tiny(), debounce_s=0)
     assert not b.launch_button.disabled
     batch = b.controls["training.micro_batch_size"]
     batch.input.value = 0
     assert b.launch_button.disabled
-    assert batch.problem == "training.micro_batch_size must be an integer >= 1 (got 0)"
-    assert "must be an integer &gt;= 1 (got 0)" in batch.message.value
+    assert batch.problem == "training.micro_batch_size must be an integer >= 1 (got 0)"  # the config's own words
+    assert "micro batch size must be an integer &gt;= 1, got 0" in batch.message.value  # the form's words
     assert batch.message.layout.display != "none" and "nbtune-invalid" in batch.input._dom_classes
     assert "1 problem" in b.status.value
 
@@ -206,13 +215,14 @@ def test_the_memory_panel_draws_estimate_memory_of_the_forms_config():
 def test_a_suggestion_applies_itself_to_the_form():
     b = Builder(tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096}), debounce_s=0)
     assert "does not fit" in b.memory.verdict.value
-    suggestions = b.memory.estimate.suggestions
-    assert suggestions and len(b.memory.suggestions.children) == len(suggestions) + 1
+    suggestions = b.memory.estimate.suggestions[:MAX_SUGGESTIONS]
+    assert suggestions and len(b.memory.suggestions.children) == len(suggestions) + 1  # the legend, then rows
     first = suggestions[0]
-    b.memory.suggestions.children[1].click()
+    b.memory.suggestion_rows[0].apply_button.click()
     for dotted, value in first.changes.items():
         assert b.controls[dotted].value == value
     assert b.memory.estimate.total_bytes == first.total_bytes
+    assert b.problems == [] and b._config is not None  # applying keeps the form valid
 
 
 def test_the_memory_panel_says_it_is_estimating_until_the_first_estimate_lands():
@@ -226,9 +236,173 @@ def test_the_memory_panel_says_it_is_estimating_until_the_first_estimate_lands()
 
 
 def test_an_invalid_form_clears_the_estimate_instead_of_showing_a_stale_one():
+    b = Builder(tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096}), debounce_s=0)
+    panel = b.memory
+    assert panel.bar.value and panel.legend.value and panel.suggestions.children  # drawn, with suggestions
+    b.controls["training.learning_rate"].input.value = "5"
+    assert "Fix the marked fields" in panel.verdict.value
+    assert panel.bar.value == "" and panel.legend.value == "" and panel.suggestions.children == ()
+    assert panel.segments == [] and panel.estimate is None and panel.fit_button.layout.display == "none"
+
+
+def test_typing_in_a_text_field_re_estimates_within_a_second_without_waiting_for_focus_to_leave():
+    b = Builder(tiny(), debounce_s=0.3)  # the builder's own debounce
+    b.load_in_background()
+    assert b.memory.wait(timeout=300)
+    name = b.controls["model.name_or_path"].input
+    assert name.continuous_update and b.controls["training.micro_batch_size"].input.continuous_update
+    name.value = "meta-llama/Llama-2-7b-hf"  # the first estimate of a model reads its shape: may take seconds
+    assert b.memory.wait(timeout=60)
+    name.value = "nbtune:tiny"
+    assert b.memory.wait(timeout=60) and b.memory.estimate.total_params < 1e7
+    name.value = "meta-llama/Llama-2-7b-hf"  # what a keystroke sends when the input updates continuously
+    assert b.memory.wait(timeout=1.0)
+    assert b.memory.estimate.total_params > 6e9  # the 7B model's estimate, not the embedded one's
+
+
+def test_suggestions_are_rows_with_apply_the_whole_resulting_size_a_fits_mark_and_the_cost():
+    b = Builder(tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096}), debounce_s=0)
+    panel = b.memory
+    assert "✔ fits the GPU with the change · ✘ still too big" in panel.suggestions.children[0].value
+    for suggestion, row in zip(panel.estimate.suggestions, panel.suggestion_rows, strict=False):
+        assert row.apply_button.description == "Apply" and row.apply_button.button_style == ""  # one style
+        assert suggestion.description in row.text.value.replace("&#x27;", "'")  # never cut
+        assert format_bytes(suggestion.total_bytes) in row.size.value and "nowrap" in row.size.value
+        assert ("✔" if suggestion.fits else "✘") in row.size.value
+        assert html.escape(getattr(suggestion, "cost", "")) in row.text.value
+
+
+def test_fit_to_gpu_applies_a_change_that_fits_and_hides_once_it_does():
+    b = Builder(tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096}), debounce_s=0)
+    panel = b.memory
+    assert panel.fit is not None and panel.fit_button.layout.display != "none" and not panel.fit_button.disabled
+    panel.fit_button.click()
+    assert b.problems == [] and panel.estimate.fits(panel.gpu.value)
+    assert panel.fit_button.layout.display == "none"  # the config fits: nothing to fit
+
+
+def test_fit_to_gpu_is_disabled_with_a_reason_when_nothing_makes_it_fit(monkeypatch):
+    from nbtune.widgets import memory_panel
+
+    monkeypatch.setattr(memory_panel, "fit_for", lambda estimate, config, gpu: None)
+    b = Builder(tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096}), debounce_s=0)
+    assert b.memory.fit_button.layout.display != "none" and b.memory.fit_button.disabled
+    assert "No change nbtune knows of" in tooltip(b.memory.fit_button)
+
+
+# ----- Ready means runnable ------------------------------------------------------------------------------------
+
+def test_ready_only_when_nothing_stands_in_the_way_and_it_follows_the_gpu_dropdown():
     b = Builder(tiny(), debounce_s=0)
-    b.controls["data.max_length"].input.value = 2
-    assert "Fix the marked fields" in b.memory.verdict.value
+    assert "✔ Ready" in b.status.value and "nbtune-ready" in b.status._dom_classes
+    assert not b.launch_button.disabled
+
+    b.apply({"training.micro_batch_size": 512, "data.max_length": 4096})  # far beyond the T4's 15.6 GiB
+    assert "✘ Not ready: needs" in b.status.value and "the T4 has 15.6 GiB" in b.status.value
+    assert "nbtune-not-ready" in b.status._dom_classes and "nbtune-ready" not in b.status._dom_classes
+    assert b.launch_button.disabled and "GiB over" in tooltip(b.launch_button)
+
+    b.memory.gpu.value = "h200"
+    assert b.memory.wait(timeout=60) and "✔ Ready" in b.status.value and not b.launch_button.disabled
+
+
+def test_a_hub_model_that_is_not_cached_while_offline_is_not_ready(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    b = Builder(tiny(**{"model.name_or_path": "nbtune-test/no-such-model-anywhere"}), debounce_s=0)
+    assert "✘ Not ready" in b.status.value and "not in the local cache" in b.status.value
+    assert "offline" in tooltip(b.launch_button) and b.launch_button.disabled
+    assert "name or path" in b.status.value and "model.name_or_path (Model tab)" in b.status.value
+
+
+def test_readiness_says_why_in_plain_words_and_never_raises_for_a_bad_hub_id(monkeypatch):
+    from nbtune import preflight
+    from nbtune.estimator import estimate_memory
+
+    big = tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096})
+    over = preflight.readiness(big, "t4", estimate_memory(big, gpu="t4"))
+    assert [b.field for b in over] == [""]
+    assert re.fullmatch(r"needs [\d.]+ GiB, the T4 has 15.6 GiB: [\d.]+ GiB over", over[0].message)
+    assert preflight.readiness(tiny(), "t4", estimate_memory(tiny(), gpu="t4")) == []
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bad = preflight.readiness(tiny(**{"model.name_or_path": "not a/hub id"}))
+    assert [b.field for b in bad] == ["model.name_or_path"]  # a Blocker, not an exception
+    missing = preflight.readiness(tiny(**{"model.name_or_path": "./no/such/folder"}))
+    assert "no such model folder" in missing[0].message
+
+
+def test_fp16_loss_scaling_over_fp16_weights_of_full_fine_tuning_is_not_ready():
+    from nbtune import preflight
+
+    full = tiny(method="full", **{"model.dtype": "fp16", "training.precision": "fp16"})
+    assert [b.field for b in preflight.readiness(full, "t4")] == ["model.dtype"]
+    assert preflight.readiness(full.replace(**{"model.dtype": "fp32"}), "t4") == []
+    lora = tiny(**{"model.dtype": "fp16", "training.precision": "fp16"})  # peft keeps its adapters in fp32
+    assert preflight.readiness(lora, "t4") == []
+
+
+def test_a_problem_reads_in_the_forms_words_and_says_where_it_is():
+    b = Builder(tiny(), debounce_s=NEVER)
+    lr = b.controls["training.learning_rate"]
+    lr.input.value = "5"
+    assert "learning rate must be &gt; 0 and &lt;= 1, got 5" in lr.message.value
+    assert "<span class='nbtune-path'>training.learning_rate</span>" in lr.message.value  # the path, in grey
+    assert "1 problem to fix: learning rate (Training tab)" in b.status.value
+    titles = [b.sections.get_title(i) for i in range(5)]
+    assert titles == ["Model", "Task", "Data", "Method", "Training ⚠"]
+    b.controls["method.r"].input.value = 0
+    assert "2 problems to fix: r (Method tab), learning rate (Training tab)" in b.status.value
+    assert b.sections.get_title(3) == "Method ⚠"
+    lr.input.value = "2e-4"
+    b.controls["method.r"].input.value = 8
+    assert [b.sections.get_title(i) for i in range(5)] == ["Model", "Task", "Data", "Method", "Training"]
+
+
+# ----- layout ----------------------------------------------------------------------------------------------------
+
+def widget_tree(widget) -> list:  # noqa: ANN001
+    children = getattr(widget, "children", ())
+    return [widget, *(w for child in children for w in widget_tree(child))]
+
+
+def test_the_layout_has_no_fixed_width_that_clips_between_1000_and_1400_pixels():
+    b = Builder(tiny(), debounce_s=NEVER)
+    b.wait_loaded(timeout=300)
+    widths = [w.layout.width for w in widget_tree(b.box) if getattr(w, "layout", None) is not None]
+    fixed = [int(width[:-2]) for width in widths if width and width.endswith("px")]
+    assert max(fixed) <= 200  # buttons and progress bars only; every column and input follows its container
+    assert not any(width and "calc" in width for width in widths)
+    columns = b.box.children[1]
+    assert columns.children == (b.sections, b.memory.box) and columns.layout.flex_flow == "row wrap"
+    assert b.exports.layout.width == "100%" and b.method.layout.width == "100%"
+    assert b.method.style.description_width == b.controls["training.learning_rate"].input.style.description_width
+
+
+def test_launch_is_the_last_row_so_the_run_appears_right_under_the_button():
+    b = Builder(tiny(), debounce_s=NEVER)
+    assert b.launch_button in b.box.children[-1].children  # the dashboard's outputs follow the builder directly
+
+
+# ----- the static copy a saved notebook keeps ----------------------------------------------------------------------
+
+def test_a_displayed_builder_leaves_a_static_copy_of_its_config_and_estimate_kept_up_to_date(published):
+    from IPython.display import display
+
+    b = Builder(tiny(), debounce_s=0)
+    display(b)
+    assert b.wait_loaded(timeout=300)
+    live, record = outputs_left(published)[:2]
+    assert WIDGET_VIEW in live and "VBox" not in live["text/plain"]  # where no widget renders: words, no repr
+    assert WIDGET_VIEW not in record and "nbtune-static-builder" in record["text/html"]
+    assert record["text/plain"] == b.config.to_yaml()  # the YAML, readable without a kernel
+    assert "nbtune-memory-bar" in record["text/html"] and "total at the peak" in record["text/html"]
+    assert "nbtune-static-builder { display: none; }" in STYLE  # hidden where the live builder renders
+
+    b.controls["training.micro_batch_size"].input.value = 2
+    record = outputs_left(published)[1]
+    assert "micro_batch_size: 2" in record["text/plain"]
+    assert "micro_batch_size: 2" in record["text/html"]
+    assert len(outputs_left(published)) == 5  # updated in place, never a new output
 
 
 # ----- launching, the dashboard, stopping --------------------------------------------------------------------
@@ -402,12 +576,13 @@ def test_a_launch_from_the_builder_leaves_the_builder_and_one_record_no_stale_li
     first_dashboard._on_event(Event("finished", 2.0, {"step": 1}))  # the older run ends later: it writes nothing
     dash._on_event(Event("finished", 4.0, {"step": 3}))
 
-    assert sum(not update for _, update, _ in published) == 4  # the builder and three outputs, never one more
+    # the builder, its static copy and three outputs, never one more
+    assert sum(not update for _, update, _ in published) == 5
     outputs = outputs_left(published)
-    assert WIDGET_VIEW in outputs[0]  # the builder
-    assert [WIDGET_VIEW in o for o in outputs[1:]] == [False, False, False]  # no live view left below the record
-    assert "finished" in outputs[1]["text/html"] and "second" in outputs[1]["text/html"]
-    assert charts.PLOTLY_MIME in outputs[2] and "text/html" in outputs[2]
+    assert WIDGET_VIEW in outputs[0] and "nbtune-static-builder" in outputs[1]["text/html"]  # the builder
+    assert [WIDGET_VIEW in o for o in outputs[2:]] == [False, False, False]  # no live view left below the record
+    assert "finished" in outputs[2]["text/html"] and "second" in outputs[2]["text/html"]
+    assert charts.PLOTLY_MIME in outputs[3] and "text/html" not in outputs[3]  # no CDN HTML: blank offline
 
 
 def test_a_released_dashboard_no_longer_writes_into_the_builders_outputs(published):

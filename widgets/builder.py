@@ -1,5 +1,5 @@
 """The config builder: a form over a TuneConfig with inline validation, data preview, memory panel, code/YAML
-export and import, and Launch, which opens the run's dashboard under the builder.
+export and import, and Launch, which opens the run's dashboard right under it.
 
 The form appears at once: its first display needs only the built-in methods (pure data). The methods generated
 from the installed peft (importing peft, torch, transformers: seconds) join the method dropdown from a
@@ -8,27 +8,38 @@ lands; `builder.wait_loaded()` blocks until both have arrived.
 
 `Builder(config)` starts from a config; `builder.config` reads the form back as a TuneConfig. The method's own
 fields are generated from the method registry, never written per method; every rule is the config's own
-validation (`TuneConfig.problems`), shown next to the field it names.
+validation (`TuneConfig.problems`), shown next to the field it names in the form's words. "Ready" means the config
+can run: valid, and nothing in `nbtune.preflight.readiness` in the way (the GPU's memory, the model's files, the
+precision); what reads files or the hub is judged when the estimate lands, on the estimate's thread.
+
+Displayed, the builder leaves one more output: a static copy of its config and estimate that a saved notebook
+shows without a kernel, hidden by the builder's STYLE where the live form renders.
 """
 
 from __future__ import annotations
 
 import html
 import threading
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 from IPython.display import display
-from nbtune.widgets import environment
-from nbtune.widgets.forms import STYLE, FieldControl
-from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel
+from nbtune.widgets import environment, status
+from nbtune.widgets.data_preview import data_preview, preview_html
+from nbtune.widgets.forms import INPUT_MAX_WIDTH, LABEL_WIDTH, STYLE, FieldControl
+from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel, estimate_html
 
+from nbtune import preflight
 from nbtune.config import ConfigError, TuneConfig, config_from_values, section_fields
 from nbtune.methods import registry
 from nbtune.precision import precision_here
 
-SECTION_TITLES = ("Model", "Task", "Data", "Method", "Training")
+if TYPE_CHECKING:
+    from nbtune.estimator.estimate import MemoryEstimate
+
+SECTION_TITLES = status.TABS
+LAUNCH_HELP = "Start training this config; its dashboard opens right below."
+PLAIN = "nbtune builder (the live form needs a running kernel; a static copy of its config follows)"
 
 
 class Builder:
@@ -40,8 +51,12 @@ class Builder:
         self.store = store
         self.run: Any = None
         self.dashboard: Any = None
-        self.problems: list[tuple[str, str]] = []
+        self.problems: list[tuple[str, str]] = []  # (dotted field, the config's message) of an invalid form
+        self.blockers: list[preflight.Blocker] = []  # why a valid config would not run (empty: Ready)
+        self.ready = False
         self._config: TuneConfig | None = config
+        self._status_lock = threading.RLock()  # the status changes on each keystroke and when an estimate lands
+        self._record: Any = None  # the display handle of the static copy
         self._rows: list[dict[str, Any]] | None = None  # in-memory data rows (not editable as text)
         self._quiet = False
         self._slots: list[Any] | None = None
@@ -52,20 +67,25 @@ class Builder:
         self.methods = _methods_for(config.method.name)
 
         self.sections = self._make_sections(config)
-        self.memory = MemoryPanel(gpu=gpu, debounce_s=debounce_s, on_apply=self.apply)
-        self.status = w.HTML("")
+        self.memory = MemoryPanel(gpu=gpu, debounce_s=debounce_s, on_apply=self.apply,
+                                  on_estimate=self._estimated)
+        self.status = w.HTML("", layout=w.Layout(flex="1 1 auto", min_width="0"))
         self.launch_button = w.Button(description="Launch", icon="play", button_style="success",
-                                      layout=w.Layout(width="130px"))
-        environment.set_tooltip(self.launch_button, "Start training this config; its dashboard opens below.")
+                                      layout=w.Layout(width="130px", flex="0 0 auto"))
+        environment.set_tooltip(self.launch_button, LAUNCH_HELP)
         self.launch_button.on_click(lambda _: self.launch())
         self.exports = self._make_exports()
 
         header = w.HTML(f"{STYLE}<div style='font-size:15px;margin-bottom:4px'><b>nbtune</b> · fine-tuning "
                         "builder</div>")
-        actions = w.HBox([self.launch_button, self.status], layout=w.Layout(align_items="center", gap="12px",
-                                                                            margin="8px 0"))
-        self.box = w.VBox([header, w.HBox([self.sections, self.memory.box]), actions, self.exports],
-                          layout=w.Layout(padding="4px"))
+        # Form and memory panel side by side where there is room, the panel below where there is not.
+        columns = w.Box([self.sections, self.memory.box], layout=w.Layout(
+            display="flex", flex_flow="row wrap", align_items="flex-start", width="100%"))
+        columns.add_class("nbtune-columns")
+        # Launch last: the run's dashboard appears in the outputs right under it, where the user just clicked.
+        actions = w.HBox([self.launch_button, self.status], layout=w.Layout(align_items="center", margin="8px 0"))
+        actions.add_class("nbtune-actions")
+        self.box = w.VBox([header, columns, self.exports, actions], layout=w.Layout(padding="4px", width="100%"))
         self.box.add_class("nbtune-builder")
         self.set_config(config)
 
@@ -87,7 +107,7 @@ class Builder:
         children = [w.VBox(model), w.VBox([*task, self.task_note]),
                     w.VBox([*data, w.HBox([self.preview_button]), self.preview_out]),
                     self._make_method_tab(config), w.VBox(training)]
-        sections = w.Tab(children=children, layout=w.Layout(width="600px"))
+        sections = w.Tab(children=children, layout=w.Layout(flex="1 1 540px", min_width="0", max_width="820px"))
         for i, title in enumerate(SECTION_TITLES):
             sections.set_title(i, title)
         sections.selected_index = SECTION_TITLES.index("Method")
@@ -95,12 +115,12 @@ class Builder:
 
     def _make_method_tab(self, config: TuneConfig) -> Any:
         """The method dropdown, the note while peft's methods load, and the chosen method's own fields."""
-        self.method = w.Dropdown(
+        self.method = w.Dropdown(  # its options are long ("name — description"): as wide as the column allows
             options=_method_options(self.methods), value=config.method.name, description="method",
-            style={"description_width": "170px"}, layout=w.Layout(width="530px"))
+            style={"description_width": LABEL_WIDTH}, layout=w.Layout(width="100%", max_width=INPUT_MAX_WIDTH))
         environment.set_tooltip(self.method, "The tuning method; its own settings appear below.")
         self.methods_note = w.HTML("" if registry.generated_loaded() else
-                                   "<div class='nbtune-section-note' style='margin-left:176px'>Loading the other "
+                                   "<div class='nbtune-section-note nbtune-indented'>Loading the other "
                                    "methods of your installed peft…</div>")
         if registry.generated_loaded():
             self.methods_loaded.set()
@@ -129,17 +149,29 @@ class Builder:
         ])
         for i, title in enumerate(("Copy as code", "YAML", "Load YAML")):
             tabs.set_title(i, title)
-        exports = w.Accordion(children=[tabs], selected_index=None, layout=w.Layout(width="1014px"))
+        exports = w.Accordion(children=[tabs], selected_index=None, layout=w.Layout(width="100%"))
         exports.set_title(0, "Code & YAML")
         return exports
 
     # ----- display --------------------------------------------------------------------------------------------
     def _ipython_display_(self) -> None:
         environment.prepare_frontend()
-        display(self.box)
+        # Raw, so that where no widget renders (nbconvert, GitHub) the text says what it is, not `VBox(children=...`.
+        display({**environment.view_bundle(self.box), "text/plain": PLAIN}, raw=True)
+        self._record = display(self._static_copy(), raw=True, display_id=True)
         # Three outputs under the builder that a launched run's dashboard fills (and leaves its record in).
         self._slots = [display({"text/plain": ""}, raw=True, display_id=True) for _ in range(3)]
         self.load_in_background()
+
+    def _static_copy(self, estimate: MemoryEstimate | None = None) -> dict[str, Any]:
+        """What the saved notebook shows of the builder without a kernel: the config, status and estimate."""
+        config = self._config
+        if config is None:
+            text = "nbtune builder: the form has problems to fix: " + ", ".join(n for n, _ in self.problems)
+            return {"text/html": f"<div class='nbtune-static-builder'>{html.escape(text)}</div>", "text/plain": text}
+        estimate = estimate or (self.memory.estimate if self.memory.wait(0) else None)
+        table = estimate_html(estimate, self.memory.gpu.value, config.model.name_or_path) if estimate else ""
+        return status.static_copy(config, self.status.value, table)
 
     # ----- what loads after the first display -----------------------------------------------------------------
     def load_in_background(self) -> None:
@@ -160,7 +192,7 @@ class Builder:
         try:
             methods = registry.all_methods()
         except Exception as err:  # a broken peft install: the built-in methods still work
-            self.methods_note.value = (f"<div class='nbtune-section-note' style='margin-left:176px;color:#c62828'>"
+            self.methods_note.value = (f"<div class='nbtune-section-note nbtune-indented' style='color:#c62828'>"
                                        f"The methods generated from peft could not be loaded: "
                                        f"{html.escape(f'{type(err).__name__}: {err}')}</div>")
             self.methods_loaded.set()
@@ -221,7 +253,7 @@ class Builder:
         self.method_fields.children = tuple(boxes)
         paper = f" · <a href='{html.escape(method.paper)}' target='_blank'>paper</a>" if method.paper.startswith(
             "http") else (f" · {html.escape(method.paper)}" if method.paper else "")
-        self.method_info.value = (f"<div class='nbtune-section-note' style='margin-left:176px'><b>"
+        self.method_info.value = (f"<div class='nbtune-section-note nbtune-indented'><b>"
                                   f"{html.escape(method.title)}</b> ({html.escape(method.family)}){paper}<br>"
                                   f"{html.escape(method.description)}<br>Recommended learning rate "
                                   f"{method.learning_rate:g} · tasks: {', '.join(method.tasks)}</div>")
@@ -300,33 +332,76 @@ class Builder:
         self._changed()
 
     def _changed(self) -> None:
-        """Validate the whole form, mark every problem at its field, gate Launch, refresh estimate and code."""
+        """Validate the whole form, mark every problem at its field and tab, say whether it can run, refresh the
+        code and the estimate. Runs on each keystroke: what reads files or the hub waits for the estimate."""
         if self._quiet:
             return
         config, problems = config_from_values(self.values())
-        self._config, self.problems = config, problems
+        with self._status_lock:
+            self._config, self.problems = config, problems
+            unplaced = self._mark_problems(problems)
+            if config is None:
+                self._show_status(status.problems_html(problems, self.labels(), unplaced), False,
+                                  "Fix the marked fields first.")
+            else:
+                self._show_readiness(preflight.precision_blockers(config, self.memory.gpu.value), final=False)
+        self.task_note.value = _task_note(self.methods, config)
+        if config is not None:
+            self.precision_note.value = ("<div class='nbtune-section-note nbtune-indented'>here: "
+                                         f"{html.escape(precision_here(config).reason)}</div>")
+            self.code.value = config.to_code()
+            self.yaml.value = config.to_yaml()
+        self.memory.update(config)
+
+    def labels(self) -> dict[str, str]:
+        """Each dotted field's label as the form shows it: {"training.learning_rate": "learning rate", ...}."""
+        return {"method.name": "method", **{dotted: c.label for dotted, c in self.controls.items()}}
+
+    def _mark_problems(self, problems: list[tuple[str, str]]) -> list[str]:
+        """Mark each problem at its field (in the form's words) and its tab; returns the fields no control shows."""
         by_field: dict[str, str] = {}
         for name, message in problems:
             by_field.setdefault(name, message)
+        labels = self.labels()
         for dotted, control in self.controls.items():
-            control.show_problem(by_field.pop(dotted, None))
-        self.launch_button.disabled = config is None
-        if config is None:
-            unplaced = "".join(f"<br>{html.escape(m)}" for m in by_field.values())
-            count = len(problems)
-            self.status.value = (f"<span style='color:#c62828'>⚠ {count} problem{'s' if count > 1 else ''} to fix "
-                                 f"before launching{unplaced}</span>")
+            message = by_field.get(dotted)
+            control.show_problem(message, status.in_words(message, labels) if message else None)
+        for i, title in enumerate(status.tab_titles(problems)):
+            if self.sections.get_title(i) != title:
+                self.sections.set_title(i, title)
+        return [name for name in by_field if name not in self.controls and name != "method.name"]
+
+    def _estimated(self, config: TuneConfig, estimate: MemoryEstimate | None) -> None:
+        """The estimate of `config` landed (on its thread): judge everything that stands in the way of a run,
+        and write the static copy the saved notebook keeps."""
+        blockers = preflight.readiness(config, self.memory.gpu.value, estimate)
+        with self._status_lock:
+            if config is not self._config:  # the form changed meanwhile; its own estimate follows
+                return
+            self._show_readiness(blockers, final=True)
+            if self._record is not None:
+                self._record.update(self._static_copy(estimate), raw=True)
+
+    def _show_readiness(self, blockers: list[preflight.Blocker], final: bool) -> None:
+        """Not ready (with the reasons) when something blocks; else Ready when every check ran, or checking."""
+        self.blockers = blockers
+        if blockers:
+            labels = self.labels()
+            self._show_status(status.not_ready_html(blockers, labels), False, status.reasons(blockers, labels))
+        elif final and self._config is not None:
+            self._show_status(status.ready_html(self._config), True, LAUNCH_HELP)
         else:
-            self.status.value = ("<span style='color:#2e7d32'>✔ Ready</span> <span class='nbtune-help'>"
-                                 f"{html.escape(config.method.name)} on {html.escape(config.model.name_or_path)}, "
-                                 f"lr {config.learning_rate:g}</span>")
-            self.code.value = config.to_code()
-            self.yaml.value = config.to_yaml()
-        self.task_note.value = _task_note(self.methods, config)
-        if config is not None:
-            self.precision_note.value = ("<div class='nbtune-section-note' style='margin-left:176px'>here: "
-                                         f"{html.escape(precision_here(config).reason)}</div>")
-        self.memory.update(config)
+            self._show_status(status.checking_html(), None, "Checking whether this config can run…")
+
+    def _show_status(self, value: str, ready: bool | None, launch_help: str) -> None:
+        """The status line (classed nbtune-ready / nbtune-not-ready, neither while checking), and Launch enabled
+        only when ready, its tooltip saying why not."""
+        self.status.value = value
+        self.ready = ready is True
+        for state, name in ((True, "nbtune-ready"), (False, "nbtune-not-ready")):
+            (self.status.add_class if ready is state else self.status.remove_class)(name)
+        self.launch_button.disabled = not self.ready
+        environment.set_tooltip(self.launch_button, launch_help)
 
     def load_yaml(self, text: str) -> None:
         """Fill the form from YAML text (the Load YAML tab)."""
@@ -358,18 +433,24 @@ class Builder:
 
     # ----- launching ------------------------------------------------------------------------------------------
     def launch(self) -> Any:
-        """Start a run of the form's config and open its dashboard under the builder; returns the Run."""
+        """Start a run of the form's config and open its dashboard right under the builder; returns the Run.
+        The Launch button, enabled only when Ready, is disabled while the run starts; the dashboard says how it
+        goes. Called directly, it starts any valid config (training's own preflight judges it)."""
         from nbtune.widgets.dashboard import Dashboard
 
         import nbtune
 
         config = self.config
-        self.run = nbtune.launch(config, store=self.store)
-        if self.dashboard is not None:  # one dashboard under the builder: the newest run's
-            self.dashboard.release()
-        self.dashboard = Dashboard(self.run, widgets=True)
-        if self._slots is not None:
-            self.dashboard.show(self._slots)
+        self.launch_button.disabled = True
+        try:
+            self.run = nbtune.launch(config, store=self.store)
+            if self.dashboard is not None:  # one dashboard under the builder: the newest run's
+                self.dashboard.release()
+            self.dashboard = Dashboard(self.run, widgets=True)
+            if self._slots is not None:
+                self.dashboard.show(self._slots)
+        finally:
+            self.launch_button.disabled = not self.ready
         return self.run
 
 
@@ -391,67 +472,3 @@ def _task_note(methods: list[registry.Method], config: TuneConfig | None) -> str
         return ""
     supported = ", ".join(m.name for m in methods if config.model.task in m.tasks)
     return f"<div class='nbtune-section-note'>Methods for this task: {html.escape(supported)}</div>"
-
-
-def data_preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
-    """What the data preview shows: the engine's preview of the first rows, with a token-length histogram."""
-    from nbtune import data, models
-
-    result = data.preview(config, tokenizer=models.load_tokenizer(config), rows=rows)
-    result["histogram"] = histogram(result.get("token_lengths") or [])
-    result["max_length"] = config.data.max_length
-    return result
-
-
-def histogram(values: Iterable[float], bins: int = 20) -> list[tuple[float, float, int]]:
-    """(low, high, count) per bin over the values' range."""
-    values = list(values)
-    if not values:
-        return []
-    lo, hi = min(values), max(values)
-    if lo == hi:
-        return [(lo, hi, len(values))]
-    width = (hi - lo) / bins
-    counts = [0] * bins
-    for v in values:
-        counts[min(int((v - lo) / width), bins - 1)] += 1
-    return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
-
-
-def preview_html(result: dict[str, Any]) -> str:
-    """The data preview: rows as the model sees them, counts, a token-length histogram with max_length marked."""
-    rows = result.get("rows") or []
-    has_label = any(r.get("label") is not None for r in rows)
-    head = "<tr><th>input (after the template)</th><th>" + ("label" if has_label else "target") + "</th></tr>"
-    body = "".join(
-        f"<tr><td style='white-space:pre-wrap;text-align:left;font-family:monospace'>{html.escape(str(r['input']))}"
-        f"</td><td style='text-align:left;font-family:monospace'>"
-        f"{html.escape(str(r['label'] if has_label else r.get('target') or ''))}</td></tr>" for r in rows)
-    counts = (f"<b>{result.get('train_rows', 0):,}</b> training rows · <b>{result.get('eval_rows', 0):,}</b> "
-              "evaluation rows")
-    truncated = result.get("truncated")
-    max_length = result.get("max_length")
-    trunc = ""
-    if truncated is not None:
-        color = "#c62828" if truncated else "#2e7d32"
-        trunc = (f" · <span style='color:{color}'>{truncated:,} row{'s' if truncated != 1 else ''} longer than "
-                 f"max_length {max_length} (truncated)</span>")
-    return (f"<div style='margin-top:6px'>{counts}{trunc}</div>"
-            f"<table style='font-size:12px;margin:6px 0'>{head}{body}</table>"
-            f"{histogram_html(result.get('histogram') or [], max_length)}")
-
-
-def histogram_html(bins: list[tuple[float, float, int]], max_length: int | None) -> str:
-    if not bins:
-        return ""
-    peak = max(c for _, _, c in bins) or 1
-    lo, hi = bins[0][0], bins[-1][1]
-    bars = "".join(
-        f"<div title='{a:.0f}–{b:.0f} tokens: {c} rows' style='flex:1;margin:0 1px;height:{100 * c / peak:.1f}%;"
-        f"background:{'#c62828' if max_length is not None and a >= max_length else '#1565c0'}'></div>"
-        for a, b, c in bins)
-    return (f"<div class='nbtune-help'>Token lengths (prompt + target), {lo:.0f}–{hi:.0f} tokens"
-            f"{f'; max_length {max_length}' if max_length else ''}</div>"
-            f"<div style='display:flex;align-items:flex-end;height:70px;width:420px;border-bottom:1px solid #9e9e9e'>"
-            f"{bars}</div>")
-

@@ -15,18 +15,31 @@ from nbtune.widgets.environment import set_tooltip
 
 from nbtune.methods.registry import Field
 
-LABEL_WIDTH = "170px"
-INPUT_WIDTH = "360px"
+LABEL_WIDTH = "190px"  # "gradient accumulation steps" fits; longer labels (peft's generated fields) wrap
+INPUT_MAX_WIDTH = "580px"  # a control takes its column's width up to this
 AUTO = "(auto)"
 
-# Injected once with the builder: how an invalid field looks (works in Lab, Notebook 7, VS Code and Colab).
+# Injected once with the builder (the live widget renders it): how an invalid field looks, labels that wrap instead
+# of being cut, and the static copy of the builder hidden where the live one shows (works in Lab, Notebook 7,
+# VS Code and Colab; ipywidgets 7 and 8 use the same class names).
 STYLE = """<style>
 .nbtune-invalid input, .nbtune-invalid textarea, .nbtune-invalid select { border-color: #c62828 !important;
   background: #fff5f5 !important; }
-.nbtune-message { color: #c62828; font-size: 12px; margin: -2px 0 4px 176px; line-height: 1.3; }
+.nbtune-message { color: #c62828; font-size: 12px; margin: -2px 0 4px 196px; line-height: 1.3; }
+.nbtune-path { color: #9e9e9e; font-size: 11px; font-family: monospace; margin-left: 6px; }
 .nbtune-help { color: #616161; font-size: 12px; }
+.nbtune-cost { color: #757575; font-size: 11px; }
+.nbtune-indented { margin-left: 196px; }
 .nbtune-section-note { color: #424242; font-size: 12px; margin: 2px 0 6px 0; line-height: 1.45; }
 .nbtune-builder .widget-html-content { line-height: 1.45; }
+.nbtune-builder .widget-inline-hbox { height: auto; min-height: var(--jp-widgets-inline-height, 28px); }
+.nbtune-builder .widget-inline-hbox > .widget-label { white-space: normal; overflow-wrap: anywhere;
+  line-height: 1.2; height: auto; align-self: center; }
+.nbtune-builder .widget-dropdown > select { text-overflow: ellipsis; }
+.nbtune-columns { gap: 12px; }
+.nbtune-actions { gap: 12px; }
+.nbtune-suggestion { gap: 8px; }
+.nbtune-static-builder { display: none; }
 </style>"""
 
 
@@ -39,7 +52,7 @@ class FieldControl:
         self.input = _make_input(field, display_value(field, value))
         self.input.description = field.name.replace("_", " ")
         self.input.style = {"description_width": LABEL_WIDTH}
-        self.input.layout = w.Layout(width=f"calc({LABEL_WIDTH} + {INPUT_WIDTH})")
+        self.input.layout = w.Layout(width="100%", max_width=INPUT_MAX_WIDTH)
         if field.kind == "text":
             self.input.layout.height = "64px"
         set_tooltip(self.input, field.help)
@@ -67,10 +80,18 @@ class FieldControl:
             shown = "" if shown is None else str(shown)
         self.input.value = shown
 
-    def show_problem(self, message: str | None) -> None:
+    @property
+    def label(self) -> str:
+        """The field's name as the form shows it ("learning rate")."""
+        return str(self.input.description)
+
+    def show_problem(self, message: str | None, words: str | None = None) -> None:
+        """Mark the field with the config's `message` (kept in `problem`), shown as `words` (the message in the
+        form's labels) with the config path in small grey type."""
         self.problem = message
         if message:
-            self.message.value = f"<div class='nbtune-message'>⚠ {html.escape(message)}</div>"
+            self.message.value = (f"<div class='nbtune-message'>⚠ {html.escape(words or message)}"
+                                  f"<span class='nbtune-path'>{html.escape(self.dotted)}</span></div>")
             self.message.layout.display = ""
             self.input.add_class("nbtune-invalid")
         else:
@@ -122,14 +143,15 @@ def _make_input(field: Field, value: Any) -> Any:
         if chosen not in [o[1] for o in options]:
             options.append((str(chosen), chosen))
         return w.Dropdown(options=options, value=chosen)
+    # Every input reports each keystroke (the memory panel debounces), not only when it loses focus.
     if kind == "int" and not field.optional and isinstance(value, int):
-        return w.IntText(value=value)
+        return w.IntText(value=value, continuous_update=True)
     if kind == "float" and not field.optional and isinstance(value, (int, float)):
-        return w.FloatText(value=value)
+        return w.FloatText(value=value, continuous_update=True)
     placeholder = "auto" if field.optional else ""
     if kind in ("str-list", "int-list"):
         placeholder = "comma-separated" + (" (empty: auto)" if field.optional else "")
     text = "" if value is None else str(value)
     if field.kind == "text":
-        return w.Textarea(value=text, placeholder=placeholder)
-    return w.Text(value=text, placeholder=placeholder, continuous_update=False)
+        return w.Textarea(value=text, placeholder=placeholder, continuous_update=True)
+    return w.Text(value=text, placeholder=placeholder, continuous_update=True)

@@ -1,0 +1,75 @@
+"""The builder's data preview: the first rows as the model sees them, row counts, and a token-length histogram
+with max_length marked (what truncation will cut)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable
+from typing import Any
+
+from nbtune.config import TuneConfig
+
+
+def data_preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
+    """What the data preview shows: the engine's preview of the first rows, with a token-length histogram."""
+    from nbtune import data, models
+
+    result = data.preview(config, tokenizer=models.load_tokenizer(config), rows=rows)
+    result["histogram"] = histogram(result.get("token_lengths") or [])
+    result["max_length"] = config.data.max_length
+    return result
+
+
+def histogram(values: Iterable[float], bins: int = 20) -> list[tuple[float, float, int]]:
+    """(low, high, count) per bin over the values' range."""
+    values = list(values)
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    if lo == hi:
+        return [(lo, hi, len(values))]
+    width = (hi - lo) / bins
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
+
+
+def preview_html(result: dict[str, Any]) -> str:
+    """The data preview: rows as the model sees them, counts, a token-length histogram with max_length marked."""
+    rows = result.get("rows") or []
+    has_label = any(r.get("label") is not None for r in rows)
+    head = "<tr><th>input (after the template)</th><th>" + ("label" if has_label else "target") + "</th></tr>"
+    body = "".join(
+        f"<tr><td style='white-space:pre-wrap;text-align:left;font-family:monospace'>{html.escape(str(r['input']))}"
+        f"</td><td style='text-align:left;font-family:monospace'>"
+        f"{html.escape(str(r['label'] if has_label else r.get('target') or ''))}</td></tr>" for r in rows)
+    counts = (f"<b>{result.get('train_rows', 0):,}</b> training rows · <b>{result.get('eval_rows', 0):,}</b> "
+              "evaluation rows")
+    truncated = result.get("truncated")
+    max_length = result.get("max_length")
+    trunc = ""
+    if truncated is not None:
+        color = "#c62828" if truncated else "#2e7d32"
+        trunc = (f" · <span style='color:{color}'>{truncated:,} row{'s' if truncated != 1 else ''} longer than "
+                 f"max_length {max_length} (truncated)</span>")
+    return (f"<div style='margin-top:6px'>{counts}{trunc}</div>"
+            f"<table style='font-size:12px;margin:6px 0'>{head}{body}</table>"
+            f"{histogram_html(result.get('histogram') or [], max_length)}")
+
+
+def histogram_html(bins: list[tuple[float, float, int]], max_length: int | None) -> str:
+    if not bins:
+        return ""
+    peak = max(c for _, _, c in bins) or 1
+    lo, hi = bins[0][0], bins[-1][1]
+    bars = "".join(
+        f"<div title='{a:.0f}–{b:.0f} tokens: {c} rows' style='flex:1;margin:0 1px;height:{100 * c / peak:.1f}%;"
+        f"background:{'#c62828' if max_length is not None and a >= max_length else '#1565c0'}'></div>"
+        for a, b, c in bins)
+    return (f"<div class='nbtune-help'>Token lengths (prompt + target), {lo:.0f}–{hi:.0f} tokens"
+            f"{f'; max_length {max_length}' if max_length else ''}</div>"
+            f"<div style='display:flex;align-items:flex-end;height:70px;width:100%;max-width:420px;"
+            f"border-bottom:1px solid #9e9e9e'>"
+            f"{bars}</div>")
+
