@@ -220,10 +220,20 @@ def resolve(config: Any, device: DeviceInfo, model_config: Any = None,
             model_config = load_model_config(config)
         stored = checkpoint_dtype(model_config)
     dtype = choose_dtype(config.model.dtype, device, stored, embedded=embedded)
+    if config.model.dtype == "auto" and (precision.value, dtype.value) == ("fp16", "fp16") and _trains_base(config):
+        dtype = Choice("fp32", f"fp32 master weights: fp16 loss scaling cannot update the fp16 weights "
+                               f"{config.method.name} trains")
     if (precision.value, dtype.value) == (config.training.precision, config.model.dtype):
         return config, precision, dtype
     concrete = config.replace(**{"training.precision": precision.value, "model.dtype": dtype.value})
     return concrete, precision, dtype
+
+
+def _trains_base(config: Any) -> bool:
+    """Whether the method trains the model's own weights (PEFT methods train adapters peft keeps in fp32)."""
+    from nbtune.methods import registry
+
+    return not registry.get(config.method.name).is_peft
 
 
 def embedded_params() -> int:

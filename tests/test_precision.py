@@ -226,3 +226,14 @@ def test_without_a_gpu_the_estimate_resolves_as_for_a_bf16_gpu_and_says_so(monke
     estimate = estimate_memory(TuneConfig())
     assert estimate.config.training.precision == "bf16"
     assert any("no GPU chosen" in note for note in estimate.notes)
+
+
+@pytest.mark.parametrize(("method", "dtype"), [("full", "fp32"), ("bitfit", "fp32"), ("lora", "fp16")])
+def test_on_a_t4_auto_keeps_fp32_master_weights_for_methods_that_train_the_base(method, dtype):
+    from transformers import LlamaConfig
+
+    config = TuneConfig().replace(**{"model.name_or_path": "some/fp16-model", "method": method})
+    concrete, precision, chosen = p.resolve(config, p.gpu_device("t4"), LlamaConfig(dtype="float16"))
+    assert (precision.value, chosen.value) == ("fp16", dtype)  # fp16 loss scaling cannot update fp16 weights
+    if dtype == "fp32":
+        assert "master weights" in chosen.reason and method in chosen.reason
