@@ -1,8 +1,10 @@
 """A run's event stream: what training does, as timestamped records that the charts, the disk and tests consume.
 
-Kinds: queued, started, step, eval, checkpoint, finished, stopped, failed. The training thread only appends
-(to the history, to the JSON-lines file, flushed per record, and to each subscriber's bounded queue); each
-subscriber is called on its own thread, so a slow or failing subscriber never slows or breaks training.
+Kinds: queued (with `position`: how many runs are ahead of it), phase (what a starting run does, one of
+PHASES), started, step, eval, checkpoint, message (a library's log record or warning, nbtune/noise.py),
+finished, stopped, failed. The training thread only appends (to the history, to the JSON-lines file, flushed
+per record, and to each subscriber's bounded queue); each subscriber is called on its own thread, so a slow or
+failing subscriber never slows or breaks training.
 A write to the file that fails (a full disk) raises once, from that `emit`, after the event has still reached
 the history and the subscribers; later events stay in memory, and closing the stream never raises.
 """
@@ -25,6 +27,8 @@ from nbtune.disk import NoSpaceLeft, is_disk_full
 log = logging.getLogger("nbtune")
 
 TERMINAL = ("finished", "stopped", "failed")
+# What a run does before its first step, in order: "phase" events, each with data {"phase": <one of these>}.
+PHASES = ("loading model", "preparing data", "loading weights")
 QUEUE_SIZE = 10_000
 
 

@@ -85,6 +85,15 @@ class Run:
         return self.record.artifact_path
 
     @property
+    def resumable(self) -> bool:
+        """Whether `nbtune.resume` continues it from where it was: stopped or interrupted, or failed after
+        leaving a checkpoint (a failed run without one would start again from step 0)."""
+        status = self.status
+        if status == "failed":
+            return self.record.latest_checkpoint() is not None
+        return status in ("stopped", "interrupted")
+
+    @property
     def metrics(self) -> Any:
         """Step and eval metrics as a pandas DataFrame (one row per event, `kind` says which)."""
         import pandas as pd
@@ -112,9 +121,11 @@ class Run:
         if self._model is None:
             if not self.artifact_path.exists():
                 raise RuntimeError(f"run {self.id} has no artifact (state {self.status})")
+            from nbtune import noise
             from nbtune.training import load_trained_model
 
-            self._model = load_trained_model(self, trust_remote_code=trust_remote_code)
+            with noise.captured(self.record.log_path):  # the libraries' load reports go to the run's log.txt
+                self._model = load_trained_model(self, trust_remote_code=trust_remote_code)
         return self._model
 
     def merge(self, directory: str | Path) -> Path:
@@ -175,9 +186,16 @@ class _Device:
         self.current: Run | None = None
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        self.unfinished = 0  # runs submitted and not yet ended
+
+    def ahead(self) -> int:
+        """How many runs a run submitted now waits for (0: it starts at once)."""
+        with self.lock:
+            return self.unfinished
 
     def submit(self, run: Run) -> None:
         with self.lock:
+            self.unfinished += 1
             self.queue.put(run)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._work, name="nbtune-training", daemon=True)
@@ -198,6 +216,9 @@ class _Device:
                 _train(run)
             finally:
                 self.current = None
+                with self.lock:
+                    self.unfinished -= 1
+                _end(run)  # after the counts: a launch woken by this run's end finds the worker free
 
 
 _DEVICE = _Device()
@@ -212,17 +233,21 @@ def active_runs() -> list[Run]:
 
 
 def _train(run: Run) -> None:
-    """Train one run on this thread and record how it ended; never raises, always ends the run."""
+    """Train one run on this thread and record how it ended; never raises (the worker then ends the run).
+
+    What the libraries log or warn on this thread meanwhile goes to the run's log.txt and events, not stderr.
+    """
+    from nbtune import noise
+
     try:
-        summary = _execute(run)
-        gc.collect()  # the model, optimizer and data are unreachable now; free them before the next run
-        _empty_cuda_cache()
-        summary.cache = summary.cache or run.record.cache_key
-        _record_end(run, summary)
+        with noise.captured(run.record.log_path, run.events):
+            summary = _execute(run)
+            gc.collect()  # the model, optimizer and data are unreachable now; free them before the next run
+            _empty_cuda_cache()
+            summary.cache = summary.cache or run.record.cache_key
+            _record_end(run, summary)
     except BaseException:  # never expected: still end the run, never hang a waiter
         log.exception("nbtune: could not record the end of run %s", run.id)
-    finally:
-        _end(run)
 
 
 def _record_end(run: Run, summary: RunSummary) -> None:
@@ -343,7 +368,7 @@ def _start(run: Run, **queued: Any) -> Run:
     run._live = True
     _ACTIVE[run.id] = run
     try:
-        run.events.emit("queued", position=_DEVICE.queue.qsize() + (1 if _DEVICE.current else 0), **queued)
+        run.events.emit("queued", position=_DEVICE.ahead(), **queued)
     except OSError as err:  # the worker fails the run for it; launching still returns its handle
         log.warning("nbtune: run %s: %s", run.id, err)
     _DEVICE.submit(run)

@@ -8,6 +8,7 @@ Layout of a run directory (its name is the run id):
     artifact/      the trained adapter or weights (renamed into place when complete)
     checksum.json  the artifact's sha256, written with it: a cache hit needs it to match
     checkpoints/   resumable Trainer checkpoints (never exported)
+    log.txt        what transformers, peft and accelerate logged or warned while it trained (nbtune/noise.py)
 Beside the runs, `claims/<cache key>.lock` (nbtune/claims.py) is held with flock by the process training that
 key, so a launch of the same config in another process attaches to its run instead of training it again.
 Run directories are created with an atomic mkdir and files are replaced atomically, so several kernels can
@@ -210,6 +211,10 @@ class RunRecord:
     @property
     def artifact_path(self) -> Path:
         return self.path / "artifact"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.txt"
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint (the Trainer writes trainer_state.json last), or None."""

@@ -220,7 +220,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
     set_seed(config.training.seed)
-    prepared = _prepare(config)
+    prepared = _prepare(config, events)
     args = _training_arguments(config, prepared, run_dir)
     trainer = _build_trainer(prepared, args, EventCallback(events, stop, prepared.total_steps), extra_callbacks or [])
     _announce_start(events, config, prepared, resume_from)
@@ -237,17 +237,20 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     return summary
 
 
-def _prepare(config: TuneConfig) -> _Prepared:
-    """The run's stage, tokenizer and data, and the model with its method, in the precision chosen here."""
+def _prepare(config: TuneConfig, events: EventStream) -> _Prepared:
+    """The run's stage, tokenizer and data, and the model with its method, in the precision chosen here; each
+    part announced as a "phase" event (events.PHASES), so a starting run never reads as waiting."""
     import torch
 
     from nbtune import models, preflight, stages
     from nbtune import precision as precision_module
     from nbtune.methods.counting import count_parameters
 
+    events.emit("phase", phase="loading model")  # its config (preflight) and tokenizer; the data needs both
     preflight.check(config)  # the model's limits and a reachable hub, before any weights load
     stage = stages.for_config(config)
     tokenizer = models.load_tokenizer(config)
+    events.emit("phase", phase="preparing data")
     data = stage.prepare_data(config, tokenizer)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -256,6 +259,7 @@ def _prepare(config: TuneConfig) -> _Prepared:
     # "auto" resolves against this machine; the config (the cache key) keeps "auto"
     device = precision_module.this_device()
     concrete, _, dtype = precision_module.resolve(config, device)
+    events.emit("phase", phase="loading weights")  # after the data: a classifier's head needs its labels
     built = models.build(concrete, tokenizer=tokenizer, labels=data.labels, dtype=dtype.value,
                          extras={"total_steps": total_steps})
     trainable, total = count_parameters(built.model)

@@ -1,8 +1,11 @@
-"""Training charts as plain plotly figure dicts, and the display bundles that carry them.
+"""Training charts as plain plotly figure dicts, what changed between two of them, and the display bundles that
+carry them.
 
-Figures are built as dicts (no plotly import, no validation) so a live update costs a few milliseconds. A live
-bundle carries the plotly JSON; the final bundle adds a PNG (through kaleido, when it can render) so a notebook
-opened without a kernel — GitHub, nbviewer, Colab — still shows the chart, and an HTML fallback otherwise.
+Figures are built as dicts (no plotly import, no validation) so a live update costs a few milliseconds; the
+live dashboard sends only what `figure_changes` finds changed to one plotly FigureWidget. The final bundle
+carries the plotly JSON and a PNG (nbtune.static_image) so a notebook opened without a kernel — GitHub,
+nbviewer, Colab — still shows the chart; never HTML, which nbconvert would prefer and which loads plotly.js
+from a CDN (blank offline).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from nbtune.widgets.progress import EVAL_TRACES, PANELS, TRACES, RunProgress
@@ -19,6 +22,7 @@ log = logging.getLogger("nbtune")
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 FINAL_MAX_POINTS = 5000  # per trace in the saved record; the store keeps every point
+BEST_EVAL = "best eval"  # the star on the loss panel at the lowest eval loss so far
 
 
 _AXIS = {"gridcolor": "#ebf0f8", "zerolinecolor": "#ebf0f8", "linecolor": "#c8d4e3", "automargin": True}
@@ -28,7 +32,9 @@ def _round(values: list[Any]) -> list[Any]:
     return [None if v is None else float(f"{v:.6g}") for v in values]
 
 
-def _layout(title: str, eval_panel: str) -> dict[str, Any]:
+def _layout(title: str, eval_panel: str, total_steps: int | None, log_loss: bool) -> dict[str, Any]:
+    """Six panels on one step axis (xaxis2..6 match xaxis), from 0 to the run's total steps once known, so
+    every panel agrees from the first point (a lone point would otherwise autorange to -1..1)."""
     cols, rows, gap_x, gap_y = 3, 2, 0.07, 0.17
     width = (1 - gap_x * (cols - 1)) / cols
     height = (1 - gap_y) / rows
@@ -47,6 +53,8 @@ def _layout(title: str, eval_panel: str) -> dict[str, Any]:
         n = "" if i == 0 else str(i + 1)
         layout[f"xaxis{n}"] = {"domain": [x0, x0 + width], "anchor": f"y{n}", "showgrid": True, **_AXIS,
                                "title": {"text": "step", "font": {"size": 10}} if r == 1 else None}
+        if i:
+            layout[f"xaxis{n}"]["matches"] = "x"
         layout[f"yaxis{n}"] = {"domain": [y1 - height, y1], "anchor": f"x{n}", **_AXIS, "rangemode": "tozero"
                                if name in ("Tokens / s", "Memory (GiB)") else "normal"}
         label = eval_panel if name == "Eval" else name
@@ -54,11 +62,14 @@ def _layout(title: str, eval_panel: str) -> dict[str, Any]:
                                       "xref": "paper", "yref": "paper", "showarrow": False,
                                       "xanchor": "center", "yanchor": "bottom", "font": {"size": 12}})
     layout["yaxis2"]["exponentformat"] = "e"
+    layout["xaxis"].update({"range": [0, total_steps], "autorange": False} if total_steps else {"autorange": True})
+    layout["yaxis"]["type"] = "log" if log_loss else "linear"  # a log loss axis shows overfitting late in a run
     return layout
 
 
-def training_figure(progress: RunProgress, title: str, final: bool = False) -> dict[str, Any]:
-    """The six-panel training chart of a run's progress as a plotly figure dict.
+def training_figure(progress: RunProgress, title: str, final: bool = False, log_loss: bool = False) -> dict[str, Any]:
+    """The six-panel training chart of a run's progress as a plotly figure dict, the loss axis on a log scale
+    if `log_loss`.
 
     Live: each trace shows its bounded view (at most the series' max_points). Final: every point, up to
     FINAL_MAX_POINTS per trace.
@@ -80,7 +91,45 @@ def training_figure(progress: RunProgress, title: str, final: bool = False) -> d
             "line": {"color": trace.color, "width": 2}, "marker": {"size": 6},
             "showlegend": trace.panel == "Loss",
         })
-    return {"data": data, "layout": _layout(title, shown_eval.capitalize())}
+    if progress.best_eval is not None:
+        data.append(_best_eval_marker(*progress.best_eval))
+    layout = _layout(title, shown_eval.capitalize(), progress.total_steps, log_loss)
+    return {"data": data, "layout": layout}
+
+
+def _best_eval_marker(step: int, loss: float) -> dict[str, Any]:
+    text = f"best eval loss {loss:.4g} at step {step}"
+    return {"type": "scatter", "name": BEST_EVAL, "x": [step], "y": _round([loss]), "xaxis": "x", "yaxis": "y",
+            "mode": "markers", "text": [text], "hovertemplate": "%{text}<extra></extra>", "showlegend": True,
+            "marker": {"symbol": "star", "size": 15, "color": "#ffb300", "line": {"color": "#e65100", "width": 1}}}
+
+
+@dataclass
+class FigureChanges:
+    """What a shown figure needs to become another: traces to add (with their first points) and to remove,
+    the changed properties of each kept trace (by name), and the changed top-level layout entries."""
+
+    added: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    restyled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    relayout: dict[str, Any] = field(default_factory=dict)
+
+
+def figure_changes(shown: dict[str, Any], figure: dict[str, Any]) -> FigureChanges:
+    """The difference from figure dict `shown` to `figure` (traces matched by name)."""
+    before = {trace["name"]: trace for trace in shown["data"]}
+    names = {trace["name"] for trace in figure["data"]}
+    changes = FigureChanges(removed=[name for name in before if name not in names])
+    for trace in figure["data"]:
+        old = before.get(trace["name"])
+        if old is None:
+            changes.added.append(trace)
+            continue
+        changed = {key: value for key, value in trace.items() if old.get(key) != value}
+        if changed:
+            changes.restyled[trace["name"]] = changed
+    changes.relayout = {key: value for key, value in figure["layout"].items() if shown["layout"].get(key) != value}
+    return changes
 
 
 def point_counts(figure: dict[str, Any]) -> dict[str, int]:
@@ -96,14 +145,14 @@ def live_bundle(figure: dict[str, Any], with_html: bool = False) -> dict[str, An
 
 
 def final_bundle(figure: dict[str, Any], png: bool | None = None) -> dict[str, Any]:
-    """The record a finished chart leaves: plotly JSON, plus a PNG where kaleido can render one (GitHub,
-    nbviewer, Colab show it) or else an HTML version that loads plotly.js when opened."""
+    """The record a finished chart leaves: plotly JSON and text, plus a PNG (GitHub, nbviewer and Colab show
+    it) unless `png` is False or NBTUNE_STATIC_PNG=0. No HTML: nbconvert prefers it, and it needs plotly.js."""
+    from nbtune.static_image import png as draw_png  # kaleido if it answers, else matplotlib
+
     bundle: dict[str, Any] = {PLOTLY_MIME: figure, "text/plain": _plain(figure)}
-    image = figure_png(figure) if (png if png is not None else static_png_enabled()) else None
+    image = draw_png(figure) if (png if png is not None else static_png_enabled()) else None
     if image is not None:
         bundle["image/png"] = base64.b64encode(image).decode("ascii")
-    else:
-        bundle["text/html"] = figure_html(figure)
     return bundle
 
 
@@ -114,30 +163,6 @@ def _plain(figure: dict[str, Any]) -> str:
 
 def static_png_enabled() -> bool:
     return os.environ.get("NBTUNE_STATIC_PNG", "1") not in ("0", "false", "no")
-
-
-def figure_png(figure: dict[str, Any], timeout: float = 60.0) -> bytes | None:
-    """The figure as PNG bytes through kaleido, or None (kaleido or a browser missing, or too slow)."""
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
-        return None
-    result: dict[str, Any] = {}
-
-    def render() -> None:
-        try:
-            import plotly.io as pio
-
-            result["png"] = pio.to_image(figure, format="png", width=1100, height=470, scale=1)
-        except Exception as err:  # kaleido without a browser, or a browser that fails to start
-            result["error"] = err
-
-    worker = threading.Thread(target=render, name="nbtune-png", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if "error" in result or "png" not in result:
-        log.info("nbtune: no PNG fallback for the chart (%s)", result.get("error", "kaleido timed out"))
-    return result.get("png")
 
 
 def figure_html(figure: dict[str, Any]) -> str:

@@ -123,15 +123,25 @@ TRACES = (
 # ----- a run's progress ---------------------------------------------------------------------------------------
 
 ENDED = ("finished", "stopped", "failed", "interrupted")
+MAX_MESSAGES = 200  # library messages kept for display (the run's log.txt has them all)
 
 
 class RunProgress:
-    """Everything a dashboard shows about a run, folded from its events one at a time in O(1) each."""
+    """Everything a dashboard shows about a run, folded from its events one at a time in O(1) each.
+
+    States: "queued" (another run holds the kernel's runner), "starting" (with `phase`, one of
+    events.PHASES, or None before the first), "running", then one of ENDED.
+    """
 
     def __init__(self, max_points: int = 2000):
         self.series = {trace.name: Series(max_points) for trace in TRACES}
         self.state = "queued"
+        self.phase: str | None = None
         self.step = 0
+        self.start_step = 0  # where this run's steps began (a resumed run continues a checkpoint's)
+        self.best_eval: tuple[int, float] | None = None  # (step, loss): the lowest eval loss after step 0
+        self.messages: list[str] = []  # the latest MAX_MESSAGES library messages
+        self.message_count = 0
         self.total_steps: int | None = None
         self.epoch: float | None = None
         self.elapsed_s: float | None = None
@@ -144,15 +154,21 @@ class RunProgress:
     def apply(self, kind: str, data: dict[str, Any], when: float | None = None) -> None:
         self.events += 1
         self.last_time = when
-        if kind == "queued":
-            self.state = "queued"
+        if kind == "queued":  # position: runs ahead of it; none means it is starting, not waiting
+            self.state = "queued" if (data.get("position") or 0) > 0 else "starting"
+        elif kind == "phase":
+            self.state, self.phase = "starting", data.get("phase")
         elif kind == "started":
             self.state = "running"
             self.total_steps = data.get("total_steps")
             self.trainable_params = data.get("trainable_params")
             self.started_at = when
+            self.start_step = self.step
         elif kind in ("step", "eval"):
             self._measured(kind, data)
+        elif kind == "message":
+            self.message_count += 1
+            self.messages = [*self.messages[-(MAX_MESSAGES - 1):], f"[{data.get('source')}] {data.get('text')}"]
         elif kind in ("finished", "stopped", "failed"):
             self.state = kind
             self.error = data.get("error")
@@ -174,6 +190,13 @@ class RunProgress:
                 value = trace.read(data)
                 if value is not None:
                     self.series[trace.name].append(step, value)
+        loss = data.get("loss")  # the best eval: the base at step 0 is no checkpoint of this training
+        if kind == "eval" and step > 0 and loss is not None and (not self.best_eval or loss < self.best_eval[1]):
+            self.best_eval = (step, loss)
+
+    def resume(self) -> None:
+        """The same chart goes on with a resumed run: back to starting, the points so far kept."""
+        self.state, self.phase, self.error = "starting", None, None
 
     @property
     def ended(self) -> bool:
@@ -181,7 +204,9 @@ class RunProgress:
 
     @property
     def eta_s(self) -> float | None:
-        return eta_seconds(self.step, self.total_steps, self.elapsed_s)
+        """Seconds left at this run's pace (a resumed run's elapsed time counts from its own start)."""
+        total = None if self.total_steps is None else self.total_steps - self.start_step
+        return eta_seconds(self.step - self.start_step, total, self.elapsed_s)
 
 
 def eta_seconds(step: int, total: int | None, elapsed: float | None) -> float | None:
@@ -208,6 +233,7 @@ def format_duration(seconds: float | None) -> str:
 
 STATE_WORDS = {
     "queued": "Waiting for the previous run to finish",
+    "starting": "Starting…",
     "running": "Training",
     "finished": "Finished",
     "stopped": "Stopped on request; what was learned is kept in a checkpoint",
@@ -216,9 +242,16 @@ STATE_WORDS = {
 }
 
 
-def state_words(state: str, error: str | None = None) -> str:
-    """The run's state as a sentence, with the error in plain words when it failed."""
-    words = STATE_WORDS.get(state, state)
+PHASE_WORDS = {"loading model": "Loading the model…", "preparing data": "Preparing the data…",
+               "loading weights": "Loading the model's weights…"}  # one per events.PHASES
+
+
+def state_words(state: str, error: str | None = None, phase: str | None = None) -> str:
+    """The run's state as a sentence (a starting run's phase), with the error in plain words when it failed."""
+    if state == "starting":
+        words = PHASE_WORDS.get(phase or "", STATE_WORDS["starting"])
+    else:
+        words = STATE_WORDS.get(state, state)
     if error:
         words += f": {error}"
     return words
