@@ -42,12 +42,28 @@ class Blocker:
 
 def readiness(config: TuneConfig, gpu: str | int | float | None = None, estimate: Any = None) -> list[Blocker]:
     """Why `config` would not run: fp16 loss scaling over fp16 trainable weights, a model that cannot be had (a
-    missing folder, a hub id neither cached nor downloadable), a step that does not fit the chosen GPU (from
+    missing folder, a hub id neither cached nor downloadable), what the model's dimensions do not allow (a
+    max length beyond its positions), a step that does not fit the chosen GPU (from
     `estimate`, when both are given). Empty when nothing stands in the way. Reads no weights and never raises.
 
     The method/task pairing is not checked here: a TuneConfig that pairs them wrongly is invalid already.
     """
-    return [*precision_blockers(config, gpu, estimate), *model_blockers(config), *memory_blockers(estimate, gpu)]
+    model = model_blockers(config)
+    shape = [] if model else shape_blockers(config)
+    return [*precision_blockers(config, gpu, estimate), *model, *shape, *memory_blockers(estimate, gpu)]
+
+
+def shape_blockers(config: TuneConfig) -> list[Blocker]:
+    """What the model's own dimensions do not allow (its position limit, the layers LoRA adapts): the problems
+    `check` would raise where training starts, said before Launch."""
+    from nbtune import models
+
+    try:
+        model_config = models.load_model_config(config)
+    except Exception:  # the model cannot be had: model_blockers says why
+        return []
+    problems = [*_length_problems(config, model_config), *_rank_problems(config, model_config)]
+    return [Blocker(field, message) for field, message in problems]
 
 
 def memory_blockers(estimate: Any, gpu: str | int | float | None) -> list[Blocker]:

@@ -297,7 +297,7 @@ def test_ready_only_when_nothing_stands_in_the_way_and_it_follows_the_gpu_dropdo
     assert "✔ Ready" in b.status.value and "nbtune-ready" in b.status._dom_classes
     assert not b.launch_button.disabled
 
-    b.apply({"training.micro_batch_size": 512, "data.max_length": 4096})  # far beyond the T4's 15.6 GiB
+    b.apply({"training.micro_batch_size": 8192})  # far beyond the T4's 15.6 GiB
     assert "✘ Not ready: needs" in b.status.value and "the T4 has 15.6 GiB" in b.status.value
     assert "nbtune-not-ready" in b.status._dom_classes and "nbtune-ready" not in b.status._dom_classes
     assert b.launch_button.disabled and "GiB over" in tooltip(b.launch_button)
@@ -320,8 +320,9 @@ def test_readiness_says_why_in_plain_words_and_never_raises_for_a_bad_hub_id(mon
 
     big = tiny(**{"training.micro_batch_size": 512, "data.max_length": 4096})
     over = preflight.readiness(big, "t4", estimate_memory(big, gpu="t4"))
-    assert [b.field for b in over] == [""]
-    assert re.fullmatch(r"needs [\d.]+ GiB, the T4 has 15.6 GiB: [\d.]+ GiB over", over[0].message)
+    assert [b.field for b in over] == ["data.max_length", ""]  # beyond the model's positions, and too big
+    assert "must be <= 128, the positions nbtune:tiny was trained for" in over[0].message
+    assert re.fullmatch(r"needs [\d.]+ GiB, the T4 has 15.6 GiB: [\d.]+ GiB over", over[1].message)
     assert preflight.readiness(tiny(), "t4", estimate_memory(tiny(), gpu="t4")) == []
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
