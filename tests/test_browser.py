@@ -1,9 +1,10 @@
 """The builder and dashboard in a real JupyterLab 4 and a real Notebook 7, driven by chromium through playwright.
 
-A generated notebook loads the extension and opens the builder on the embedded default; the test checks the
-controls and the memory panel render, clicks Launch, watches the live chart's point count grow, clicks Stop,
-and asserts the run says it stopped and the browser logged no errors. Screenshots are kept for people to look
-at (bench/results/screenshots-tmp/, or $NBTUNE_SCREENSHOTS).
+A generated notebook loads the extension and opens the builder on the embedded default; the test goes through
+what a user does (see `_drive`): Ready, typing that re-estimates, two configs that are not Ready and why,
+Launch with its real states, the live chart growing while frame gaps are measured, Stop, Resume, Stop — and
+asserts the browser logged no errors. Screenshots and the measured figures are kept for people to look at
+(bench/results/screenshots-tmp/, or $NBTUNE_SCREENSHOTS).
 """
 
 from __future__ import annotations
@@ -149,13 +150,136 @@ def _points(page) -> int:  # noqa: ANN001
     }""")
 
 
-def _launch_and_stop(server: dict, path: str, shots: dict[str, str], known: tuple[tuple[str, str], ...] = ()) -> None:
-    """Open the generated notebook at `path`, Run All, check the builder, Launch, watch the chart grow, Stop.
+# ----- the scenario, step by step (JupyterLab and Notebook 7 run the same one) -------------------------------
 
-    `shots` names the screenshots to keep (under SHOTS) per stage: "builder" (the builder), "live" and "stopped"
-    (its cell), "stopped-page" (the whole page once stopped), "last-page" and "last-outputs" (the page at the end,
-    pass or fail). `known` lists page errors of the Jupyter frontend itself to tolerate, as (message, stack
-    fragment) pairs that must both match.
+# Records every text the run's status badge shows, so short states (loading the model) are not missed.
+WATCH_STATES = """() => {
+    window.__nbtuneStates = [];
+    const seen = () => {
+        for (const el of document.querySelectorAll('.nbtune-status')) {
+            const t = el.innerText.trim();
+            if (t && window.__nbtuneStates[window.__nbtuneStates.length - 1] !== t) window.__nbtuneStates.push(t);
+        }
+    };
+    new MutationObserver(seen).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+# Frame gaps (ms) between animation frames while training: what a user feels as the page's latency.
+START_FRAMES = """() => {
+    window.__frames = []; let last = performance.now(); window.__framesOn = true;
+    const tick = (t) => { window.__frames.push(t - last); last = t; if (window.__framesOn) requestAnimationFrame(tick); };
+    requestAnimationFrame(tick);
+}"""
+STOP_FRAMES = "() => { window.__framesOn = false; return window.__frames; }"
+
+
+def _bar_text(page) -> str:  # noqa: ANN001
+    bar = page.query_selector(".nbtune-memory-bar")
+    return bar.inner_text() if bar is not None else ""
+
+
+def _type_into(page, field: str, text: str) -> float:  # noqa: ANN001
+    """Type `text` into a form field key by key, as a user does; the time of the last keystroke."""
+    box = page.locator(f".nbtune-field-{field} input")
+    box.click()
+    box.press("Control+a")
+    box.press_sequentially(text, delay=40)
+    return time.monotonic()
+
+
+def _show_tab(page, title: str) -> None:  # noqa: ANN001
+    page.click(f".nbtune-builder .lm-TabBar-tab:has-text('{title}')")
+
+
+def _typing_follows(page, measured: dict) -> None:  # noqa: ANN001
+    """Typing a new max length re-estimates within a second of the last keystroke (no blur, no Enter): the bar
+    shows what `estimate_memory` says for the typed value."""
+    import nbtune
+    from nbtune.estimator import estimate_memory
+    from nbtune.units import format_bytes
+
+    expected = estimate_memory(nbtune.TuneConfig().replace(**{**CONFIG, "data.max_length": 64}), gpu="t4")
+    shown = f"{format_bytes(expected.total_bytes)} estimated"
+    assert shown not in _bar_text(page), f"the bar shows {shown!r} before the typing"
+    _show_tab(page, "Data")
+    typed = _type_into(page, "data-max-length", "64")
+    deadline = typed + 10
+    while shown not in _bar_text(page):
+        assert time.monotonic() < deadline, f"the estimate did not follow the typing ({_bar_text(page)!r})"
+        time.sleep(0.02)
+    measured["typing_to_estimate_s"] = round(time.monotonic() - typed, 3)
+    assert measured["typing_to_estimate_s"] < 1.0, measured
+
+
+def _not_ready(page, model: str, reason: str) -> str:  # noqa: ANN001
+    """Type a model name; the builder says it is not ready and why (a regex on the reason)."""
+    import re
+
+    _show_tab(page, "Model")
+    _type_into(page, "model-name-or-path", model)
+    deadline = time.monotonic() + 60
+    while True:
+        status = page.query_selector(".nbtune-not-ready")
+        said = status.inner_text() if status is not None else ""
+        if re.search(reason, said, re.I):
+            break
+        assert time.monotonic() < deadline, f"{model}: no not-ready reason matching {reason!r} (said {said!r})"
+        time.sleep(0.1)
+    assert page.locator(".nbtune-builder button:has-text('Launch')").is_disabled()
+    return said
+
+
+def _points_grow(page, at_least: int) -> int:  # noqa: ANN001
+    deadline = time.monotonic() + 90
+    while _points(page) < at_least:
+        assert time.monotonic() < deadline, f"the live chart stayed at {_points(page)} points"
+        time.sleep(0.25)
+    return _points(page)
+
+
+def _frame_latency(page, seconds: float, measured: dict) -> None:  # noqa: ANN001
+    """Frame gaps over `seconds` of training, and how long a tab click takes to show its tab."""
+    page.evaluate(START_FRAMES)
+    time.sleep(seconds / 2)
+    clicked = time.monotonic()
+    _show_tab(page, "Training")
+    page.wait_for_selector(".nbtune-field-training-learning-rate input", state="visible")
+    measured["tab_click_s"] = round(time.monotonic() - clicked, 3)
+    time.sleep(seconds / 2)
+    frames = sorted(page.evaluate(STOP_FRAMES))
+    measured["frames"] = len(frames)
+    measured["frame_p50_ms"] = round(frames[len(frames) // 2], 1)
+    measured["frame_p95_ms"] = round(frames[int(len(frames) * 0.95)], 1)
+    measured["frame_max_ms"] = round(frames[-1], 1)
+
+
+def _shoot_dashboard(page, shoot, stage: str) -> None:  # noqa: ANN001
+    """The page with the run's chart scrolled into view (where a user looks once the run is going)."""
+    page.wait_for_timeout(600)  # the live chart may just be giving way to the record
+    page.evaluate("() => { const p = [...document.querySelectorAll('.js-plotly-plot')].pop(); "
+                  "if (p) p.scrollIntoView({block: 'center'}); }")
+    page.wait_for_timeout(300)
+    shoot(stage, page)
+
+
+def _step(page) -> int:  # noqa: ANN001
+    import re
+
+    """The step the run's dashboard (under the builder, in the second cell) says it is at."""
+    found = re.findall(r"step (\d+)/", page.locator(".jp-CodeCell").nth(1).inner_text())
+    return int(found[-1]) if found else 0
+
+
+def _drive(server: dict, path: str, shots: dict[str, str], known: tuple[tuple[str, str], ...] = ()) -> dict:
+    """Open the generated notebook at `path`, Run All, and go through what a user does, asserting each state:
+
+    the builder is Ready; typing re-estimates within a second; a model too big for the GPU and one that is not
+    cached offline are not Ready, with the reason; Launch shows the run's real states (never "queued" on an idle
+    kernel); the live chart grows while the page stays responsive (frame gaps measured); Stop; Resume continues
+    the step count; Stop again. Returns what was measured.
+
+    `shots` names the screenshots to keep (under SHOTS) by stage; `known` lists page errors of the Jupyter
+    frontend itself to tolerate, as (message, stack fragment) pairs that must both match.
     """
     from playwright.sync_api import sync_playwright
 
@@ -165,70 +289,97 @@ def _launch_and_stop(server: dict, path: str, shots: dict[str, str], known: tupl
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
-    started = time.monotonic()
+    measured: dict = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
-        print(f"chromium {browser.version}", file=sys.stderr)
+        measured["chromium"] = browser.version
         page = browser.new_page(viewport={"width": 1300, "height": 1500})
         page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: None if any(m in e.message and f in (e.stack or "") for m, f in known)
                 else errors.append(f"page: {e}"))
         try:
-            page.goto(f"{server['base']}{path}?token={server['token']}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            deadline = time.monotonic() + 60
-            while not _kernel_idle(server):
-                assert time.monotonic() < deadline, "the kernel did not start"
-                time.sleep(0.3)
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')")  # the Run menu (Lab and Notebook 7 alike)
-            page.click('[data-command="runmenu:run-all"]')
-
-            builder = page.wait_for_selector(".nbtune-builder", timeout=90_000)
-            for selector in (".widget-dropdown", ".widget-text", ".widget-button", ".widget-html", ".widget-tab"):
-                assert page.query_selector(selector) is not None, f"{selector} did not render"
-            page.wait_for_selector(".nbtune-memory-bar", timeout=90_000)  # the memory panel's first estimate
-            assert "fits on" in builder.inner_text()
+            builder = _open_builder(server, page, path)
             shoot("builder", builder)
-
-            page.click(".nbtune-builder button:has-text('Launch')")
-            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
-            deadline = time.monotonic() + 90
-            while _points(page) < 2:
-                assert time.monotonic() < deadline, "the live chart got no points"
-                time.sleep(0.25)
-            first = _points(page)
-            deadline = time.monotonic() + 60
-            while _points(page) <= first:
-                assert time.monotonic() < deadline, f"the live chart stayed at {first} points"
-                time.sleep(0.25)
-            grown = _points(page)
-            assert grown > first
-            page.wait_for_timeout(600)  # let plotly finish drawing the last update
-            cell = page.locator(".jp-CodeCell").nth(1)
-            shoot("live", cell)
-
-            page.click("button:has-text('Stop')")
-            page.wait_for_selector(".nbtune-status:has-text('Stopped on request')", timeout=90_000)
-            page.wait_for_selector(".nbtune-summary", timeout=30_000)
-            page.wait_for_timeout(600)
-            shoot("stopped", cell)
-            shoot("stopped-page", page)
-            final = _points(page)
-            assert final >= grown
+            _typing_follows(page, measured)
+            measured["too_big"] = _not_ready(page, "meta-llama/Llama-2-70b-hf", r"GiB over")
+            shoot("too-big", builder)
+            measured["offline"] = _not_ready(page, "Qwen/Qwen2.5-0.5B", r"cache|offline")
+            shoot("offline", builder)
+            _show_tab(page, "Model")
+            _type_into(page, "model-name-or-path", "nbtune:tiny")
+            page.wait_for_selector(".nbtune-ready", timeout=60_000)
+            _run_stop_resume(page, measured, shoot)
         finally:
             shoot("last-page", page)
             if "last-outputs" in shots:
                 (SHOTS / shots["last-outputs"]).write_text(page.inner_text(".jp-NotebookPanel"))
             browser.close()
-    print(f"points {first} -> {grown} -> {final}; {time.monotonic() - started:.1f} s in the browser", file=sys.stderr)
+    print(json.dumps(measured, indent=1), file=sys.stderr)
     assert not errors, "\n".join(errors)
+    return measured
 
 
-def test_builder_launch_live_chart_and_stop_in_jupyterlab(lab: dict):
-    _launch_and_stop(lab, "/lab/tree/builder.ipynb", {
-        "builder": "builder.png", "live": "live.png", "stopped": "stopped.png",
-        "last-page": "last-page.png", "last-outputs": "last-outputs.txt"})
+def _open_builder(server: dict, page, path: str):  # noqa: ANN001, ANN202
+    """Open the notebook, Run All, and wait for the builder with its first estimate and Ready."""
+    page.goto(f"{server['base']}{path}?token={server['token']}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+    deadline = time.monotonic() + 60
+    while not _kernel_idle(server):
+        assert time.monotonic() < deadline, "the kernel did not start"
+        time.sleep(0.3)
+    page.click(".lm-MenuBar-itemLabel:text-is('Run')")  # the Run menu (Lab and Notebook 7 alike)
+    page.click('[data-command="runmenu:run-all"]')
+    builder = page.wait_for_selector(".nbtune-builder", timeout=90_000)
+    for selector in (".widget-dropdown", ".widget-text", ".widget-button", ".widget-html", ".widget-tab"):
+        assert page.query_selector(selector) is not None, f"{selector} did not render"
+    page.wait_for_selector(".nbtune-memory-bar", timeout=90_000)  # the memory panel's first estimate
+    page.wait_for_selector(".nbtune-ready", timeout=90_000)
+    assert "fits on" in builder.inner_text()
+    assert not page.query_selector(".nbtune-static-builder:visible"), "the static copy shows beside the live form"
+    return builder
+
+
+def _run_stop_resume(page, measured: dict, shoot) -> None:  # noqa: ANN001
+    """Launch, watch the states and the chart, measure the page's latency, Stop, Resume, Stop."""
+    page.evaluate(WATCH_STATES)
+    page.click(".nbtune-builder button:has-text('Launch')")
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    first = _points_grow(page, 2)
+    _frame_latency(page, 6.0, measured)
+    grown = _points_grow(page, first + 1)
+    states = page.evaluate("() => window.__nbtuneStates")
+    measured["states"] = [s.split(" — ")[-1][:40] for s in states]
+    assert not any("Waiting for the previous run" in s for s in states), states
+    loading = next(i for i, s in enumerate(states) if "Loading the model" in s)
+    assert any("Training" in s for s in states[loading:]), states
+    _shoot_dashboard(page, shoot, "live")
+
+    page.click("button:has-text('Stop')")
+    page.wait_for_selector(".nbtune-status:has-text('Stopped on request')", timeout=90_000)
+    stopped = _step(page)
+    page.wait_for_timeout(600)
+    _shoot_dashboard(page, shoot, "stopped")
+    assert _points(page) >= grown
+
+    page.click("button:has-text('Resume')")
+    deadline = time.monotonic() + 90
+    while _step(page) <= stopped or "Training" not in page.inner_text(".nbtune-status"):
+        assert time.monotonic() < deadline, f"Resume did not continue from step {stopped}"
+        time.sleep(0.25)
+    _shoot_dashboard(page, shoot, "resumed")
+    page.click("button:has-text('Stop')")
+    page.wait_for_selector(".nbtune-status:has-text('Stopped on request')", timeout=90_000)
+    measured["steps"] = [stopped, _step(page)]
+    assert measured["steps"][1] > stopped
+    assert measured["frame_p95_ms"] < 200, measured  # one step event per step, redrawn at most twice a second
+
+
+def test_builder_states_live_chart_stop_and_resume_in_jupyterlab(lab: dict):
+    _record(_drive(lab, "/lab/tree/builder.ipynb", {
+        "builder": "builder.png", "too-big": "not-ready-too-big.png", "offline": "not-ready-offline.png",
+        "live": "live.png", "stopped": "stopped.png", "resumed": "resumed.png",
+        "last-page": "last-page.png", "last-outputs": "last-outputs.txt"}), "jupyterlab")
 
 
 # Notebook 7.6.5's own shortcuts plugin throws this on every page load (its /tree page too, with every lab
@@ -236,7 +387,13 @@ def test_builder_launch_live_chart_and_stop_in_jupyterlab(lab: dict):
 NOTEBOOK7_KNOWN = (("Cannot read properties of undefined (reading 'schema')", "/static/notebook/notebook_core."),)
 
 
-def test_builder_launch_live_chart_and_stop_in_notebook7(notebook7: dict):
-    _launch_and_stop(notebook7, "/notebooks/builder.ipynb", {
-        "stopped-page": "notebook7.png",
-        "last-page": "notebook7-last-page.png", "last-outputs": "notebook7-last-outputs.txt"}, NOTEBOOK7_KNOWN)
+def test_builder_states_live_chart_stop_and_resume_in_notebook7(notebook7: dict):
+    _record(_drive(notebook7, "/notebooks/builder.ipynb", {
+        "stopped": "notebook7.png",
+        "last-page": "notebook7-last-page.png", "last-outputs": "notebook7-last-outputs.txt"}, NOTEBOOK7_KNOWN),
+        "notebook7")
+
+
+def _record(measured: dict, app: str) -> None:
+    """Keep what the browser measured beside the screenshots (bench/results copies it with the CPU model)."""
+    (SHOTS / f"{app}-measured.json").write_text(json.dumps(measured, indent=1))
