@@ -355,8 +355,10 @@ def _run_stop_resume(page, measured: dict, shoot) -> None:  # noqa: ANN001
     assert any("Training" in s for s in states[loading:]), states
     _shoot_dashboard(page, shoot, "live")
 
+    clicked = time.monotonic()
     page.click("button:has-text('Stop')")
     page.wait_for_selector(".nbtune-status:has-text('Stopped on request')", timeout=90_000)
+    measured["stop_click_to_stopped_s"] = round(time.monotonic() - clicked, 3)
     stopped = _step(page)
     page.wait_for_timeout(600)
     _shoot_dashboard(page, shoot, "stopped")

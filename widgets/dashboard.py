@@ -332,8 +332,9 @@ class Dashboard:
         self.bar.value = min(p.step, self.bar.max)
         self.bar.bar_style = {"finished": "success", "stopped": "warning", "failed": "danger"}.get(p.state, "info")
         self.progress_label.value = self._progress_text()
-        if p.ended:
+        if p.ended:  # nothing left to stop: the button says so rather than "Stopping…"
             self.stop_button.disabled = True
+            self.stop_button.description = "Stop"
         resumable = p.ended and self._resumable()
         self.resume_button.layout.display = None if resumable else "none"
         self.resume_button.disabled = not resumable
