@@ -191,6 +191,35 @@ def _show_tab(page, title: str) -> None:  # noqa: ANN001
     page.click(f".nbtune-builder .lm-TabBar-tab:has-text('{title}')")
 
 
+# Elements of the builder that stick out past its right edge, or labels cut short (an ellipsis hides text).
+CLIPPED = """() => {
+    const builder = document.querySelector('.nbtune-builder');
+    const edge = builder.getBoundingClientRect().right + 1;
+    const out = [];
+    for (const el of builder.querySelectorAll('*')) {
+        const r = el.getBoundingClientRect();
+        if (!r.width || el.closest('.lm-TabBar')) continue;
+        const label = el.classList.contains('widget-label') || el.tagName === 'SELECT';
+        if (r.right > edge || (label && el.scrollWidth > el.clientWidth + 1))
+            out.push(`${el.tagName}.${[...el.classList].join('.')} "${(el.innerText || el.value || '').slice(0, 40)}"`);
+    }
+    return out;
+}"""
+
+
+def _never_clips(page, measured: dict) -> None:  # noqa: ANN001
+    """At 1,000 and 1,400 px wide, nothing in the builder is cut off (then back to the test's width)."""
+    for width in (1000, 1400):
+        page.set_viewport_size({"width": width, "height": 1500})
+        page.wait_for_timeout(500)
+        for tab in ("Model", "Method", "Training"):
+            _show_tab(page, tab)
+            clipped = page.evaluate(CLIPPED)
+            assert not clipped, f"at {width} px, {tab} tab: {clipped[:5]}"
+    page.set_viewport_size({"width": 1300, "height": 1500})
+    measured["never_clips_px"] = [1000, 1400]
+
+
 def _typing_follows(page, measured: dict) -> None:  # noqa: ANN001
     """Typing a new max length re-estimates within a second of the last keystroke (no blur, no Enter): the bar
     shows what `estimate_memory` says for the typed value."""
@@ -301,6 +330,7 @@ def _drive(server: dict, path: str, shots: dict[str, str], known: tuple[tuple[st
         try:
             builder = _open_builder(server, page, path)
             shoot("builder", builder)
+            _never_clips(page, measured)
             _typing_follows(page, measured)
             measured["too_big"] = _not_ready(page, "meta-llama/Llama-2-70b-hf", r"GiB over")
             shoot("too-big", builder)
