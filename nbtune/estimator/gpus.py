@@ -17,6 +17,19 @@ GPUS: dict[str, dict[str, object]] = {
     "h100-80gb": {"title": "NVIDIA H100 80 GB", "bytes": 79 * GIB + 300 * 2**20, "compute_capability": (9, 0)},
     "h200": {"title": "NVIDIA H200 141 GB", "bytes": 139 * GIB + 800 * 2**20, "compute_capability": (9, 0)},
 }
+# Peak dense 16-bit tensor-core TFLOPs (no structured sparsity; bf16, or fp16 where the GPU has no bf16), with
+# fp32 accumulation as training uses, from the vendor's datasheets. They bound the step-time projection
+# (nbtune.projection); a custom size has none.
+PEAK_16BIT_TFLOPS: dict[str, float] = {
+    "t4": 65.0,  # T4 datasheet: "Mixed Precision (FP16/FP32) 65 TFLOPS" (Turing has no bf16)
+    "l4": 121.0,  # L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity, half without
+    "a10": 125.0,  # A10 datasheet: BF16 Tensor Core 125 TFLOPS (250 with sparsity)
+    "rtx-4090": 165.2,  # Ada whitepaper, appendix: FP16/BF16 tensor with FP32 accumulate 165.2 (330.4 sparse)
+    "a100-40gb": 312.0,  # A100 datasheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity)
+    "a100-80gb": 312.0,  # A100 datasheet, as the 40 GB
+    "h100-80gb": 989.4,  # H100 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity, half without
+    "h200": 989.4,  # H200 datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity (the H100's compute)
+}
 ALIASES = {"4090": "rtx-4090", "a100": "a100-80gb", "h100": "h100-80gb", "a100-40": "a100-40gb",
            "a100-80": "a100-80gb", "h100-80": "h100-80gb", "h200-141gb": "h200"}
 
@@ -41,7 +54,14 @@ def gpu_bytes(gpu: str | int | float) -> tuple[str, int]:
 
 def gpu_spec(gpu: str | int | float) -> dict[str, object] | None:
     """The catalogue entry of a GPU name or alias; None for a custom size (its generation is unknown)."""
-    if not isinstance(gpu, str):
-        return None
+    return GPUS.get(_catalogue_key(gpu)) if isinstance(gpu, str) else None
+
+
+def peak_tflops(gpu: str | int | float) -> float | None:
+    """Peak dense 16-bit TFLOPs of a GPU name or alias; None for a custom size (its compute is unknown)."""
+    return PEAK_16BIT_TFLOPS.get(_catalogue_key(gpu)) if isinstance(gpu, str) else None
+
+
+def _catalogue_key(gpu: str) -> str:
     key = gpu.strip().lower().replace("_", "-").replace(" ", "-")
-    return GPUS.get(ALIASES.get(key, key))
+    return ALIASES.get(key, key)
