@@ -20,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,24 @@ class Run:
             with noise.captured(self.record.log_path):  # the libraries' load reports go to the run's log.txt
                 self._model = load_trained_model(self, trust_remote_code=trust_remote_code)
         return self._model
+
+    def generate(self, prompts: str | Sequence[str], **settings: Any) -> list[str]:
+        """The trained model's answers to `prompts` (the answer only, not the prompt), one per prompt.
+
+        Settings, with their defaults in nbtune.generation.GenerationSettings: max_new_tokens, do_sample,
+        temperature, top_k, top_p, num_beams, seed, chat_template (the tokenizer's template when it has one,
+        unless False). Greedy by default, sampling with do_sample=True, beam search with num_beams > 1; the same
+        seed gives the same answers. A bad setting fails before the model loads. Classification runs: `predict`.
+        """
+        from nbtune import generation
+
+        return generation.generate(self, prompts, **settings)
+
+    def predict(self, texts: str | Sequence[str]) -> list[str]:
+        """A classification run's label name for each text (the model input, as in training)."""
+        from nbtune import generation
+
+        return generation.predict(self, texts)
 
     def merge(self, directory: str | Path) -> Path:
         """Write the trained model, with its tokenizer, as one folder that loads without nbtune:

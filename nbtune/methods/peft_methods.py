@@ -42,6 +42,13 @@ def accept_past_key_values(peft_model: Any) -> Any:
             kwargs["cache"] = past_key_values
         return original(*args, **kwargs)
 
+    # generate() accepts only the inputs forward's signature names: without them, "model_kwargs are not used
+    # by the model: ['input_ids', 'attention_mask']" (prompt tuning's generate, transformers 5.24)
+    signature = inspect.signature(original)
+    named = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    rest = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    alias = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    forward.__signature__ = signature.replace(parameters=[*named, alias, *rest])  # type: ignore[attr-defined]
     model.forward = forward
     return peft_model
 
