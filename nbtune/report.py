@@ -1,5 +1,5 @@
-"""The report of a comparison: its charts (plain plotly figures), the fairness statement, the table as HTML and
-a self-contained HTML page.
+"""The report of a comparison: its charts (plain plotly figures), the recommendation and the fairness statement
+in words, the table as HTML and a self-contained HTML page.
 
 Everything here draws what `nbtune.comparison` computes (a `Table` of rows, computed once per render, the loss
 curves, the memory breakdowns and the runs' summaries); nothing here trains, estimates or measures. plotly is
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from nbtune.units import format_bytes
 
 if TYPE_CHECKING:
-    from nbtune.comparison import Comparison, Table
+    from nbtune.comparison import Comparison, Recommendation, Table
     from nbtune.config import TuneConfig
     from nbtune.records import RunSummary
 
@@ -35,23 +35,32 @@ COLUMN_TITLES = {
     "wall_time_s": "wall time", "tokens_per_s": "tokens/s", "final_train_loss": "final train loss",
     "best_train_loss": "best train loss", "final_eval_loss": "final eval loss", "best_eval_loss": "best eval loss",
     "eval_accuracy": "eval accuracy", "base_eval_accuracy": "base accuracy", "eval_perplexity": "eval perplexity",
-    "artifact_bytes": "artifact size", "served_from_store": "from store",
+    "artifact_bytes": "artifact size", "served_from_store": "from store", "seeds": "seeds",
+    "fits": "fits the GPU", "projected_peak_bytes": "projected peak", "projected_step_time_s": "projected step time",
+    "projected_tokens_per_s": "projected tokens/s", "projection_error": "projection",
 }
+QUALITY_WORDS = {"eval_accuracy": "eval accuracy", "final_eval_loss": "eval loss"}
+NOTE_STYLE = {"color": "#b00020"}
 COST_TITLES = {"estimated_peak_bytes": "estimated peak memory", "measured_peak_bytes": "measured peak memory",
-               "wall_time_s": "wall time"}
+               "projected_peak_bytes": "projected peak memory", "wall_time_s": "wall time"}
 PAGE_STYLE = """body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
-table.nbtune-comparison { border-collapse: collapse; font-size: 13px; }
-table.nbtune-comparison th, table.nbtune-comparison td { border-bottom: 1px solid #ddd; padding: 4px 8px;
-  text-align: right; white-space: nowrap; }
-table.nbtune-comparison th { background: #f4f4f4; }
-table.nbtune-comparison td:first-child, table.nbtune-comparison td:nth-child(2) { text-align: left; }"""
+table.nbtune-comparison, table.nbtune-details { border-collapse: collapse; font-size: 13px; }
+table.nbtune-comparison th, table.nbtune-comparison td, table.nbtune-details th, table.nbtune-details td {
+  border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; white-space: nowrap; }
+table.nbtune-comparison th, table.nbtune-details th { background: #f4f4f4; }
+table.nbtune-comparison td:first-child, table.nbtune-comparison td:nth-child(2),
+table.nbtune-details td:first-child { text-align: left; }
+p.nbtune-recommendation { font-size: 15px; line-height: 1.45; max-width: 70em; }"""
+# a failed variant's state cell wraps its reason instead of pushing the table wider than the page
+REASON_STYLE = f"{FAILED_STYLE}; white-space: normal; min-width: 16em; max-width: 32em; text-align: left"
 
 
 # ----- charts -----------------------------------------------------------------------------------------------
 def loss_chart(curves: Mapping[str, Curve], labels: Mapping[str, str], x: str = "step", log_y: bool = True,
-               smoothing: float = 0.6, show_eval: bool = True) -> Any:
+               smoothing: float = 0.6, show_eval: bool = True, table: Table | None = None) -> Any:
     """Training loss curves overlaid, smoothed by an exponential moving average (0 = raw), with eval loss as
-    dashed lines; `labels` names each variant's legend entry."""
+    dashed lines; `labels` names each variant's legend entry; with `table`, the variants without a curve are
+    named in a note."""
     import plotly.graph_objects as go
 
     if x not in LOSS_X:
@@ -72,6 +81,8 @@ def loss_chart(curves: Mapping[str, Curve], labels: Mapping[str, str], x: str = 
                       xaxis_title={"step": "step", "epoch": "epoch", "tokens": "tokens seen"}[x],
                       yaxis_title="loss", yaxis_type="log" if log_y else "linear",
                       template="plotly_white", height=450)
+    if table is not None:
+        _not_shown(fig, table, [name for name, (steps, _) in curves.items() if not steps])
     return fig
 
 
@@ -84,9 +95,13 @@ def _eval_xs(evals: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, An
     return [seen.get(e.get("step")) for e in evals]
 
 
-def memory_chart(breakdowns: Mapping[str, Mapping[str, int]], labels: Mapping[str, str]) -> Any:
-    """Each variant's estimated peak memory as a stacked bar of the estimator's categories (`breakdowns` maps a
-    variant to {category: bytes}; empty when the estimator could not tell)."""
+def memory_chart(breakdowns: Mapping[str, Mapping[str, int]], labels: Mapping[str, str],
+                 table: Table | None = None) -> Any:
+    """Each variant's peak memory: projected to the table's target model and GPU when it has one (the small
+    model's own peak is mostly fixed overhead), else the estimate as a stacked bar of the estimator's categories
+    (`breakdowns` maps a variant to {category: bytes}; empty when the estimator could not tell)."""
+    if table is not None and table.projected:
+        return _projected_memory_chart(table)
     import plotly.graph_objects as go
 
     names = list(breakdowns)
@@ -100,6 +115,53 @@ def memory_chart(breakdowns: Mapping[str, Mapping[str, int]], labels: Mapping[st
         title += ": no estimate available"
     fig.update_layout(barmode="stack", title=title, yaxis_title="GPU MiB", template="plotly_white", height=450,
                       legend={"traceorder": "reversed"})
+    if table is not None:
+        _not_shown(fig, table, list(table.failures()), lead="estimate only, no result")
+    return fig
+
+
+def _projected_memory_chart(table: Table) -> Any:
+    """The projected peak of every variant on the target GPU, with the GPU's usable memory as a line."""
+    import plotly.graph_objects as go
+
+    target = table.target
+    assert target is not None and target.model is not None
+    rows = [r for r in table.rows if r.get("projected_peak_bytes") is not None]
+    labels = table.labels()
+    shown = [labels[r["variant"]] for r in rows]
+    fig = go.Figure(go.Bar(x=shown, y=[r["projected_peak_bytes"] / 2**30 for r in rows], name="projected peak",
+                           marker={"color": ["#1f77b4" if r.get("fits") else "#b00020" for r in rows]}))
+    fig.add_trace(go.Scatter(x=shown, y=[target.gpu_bytes / 2**30] * len(rows), mode="lines",
+                             name=f"{target.gpu_title} usable", line={"color": "#555", "dash": "dash"}))
+    fig.update_layout(title=f"Projected peak memory of {target.model} on {target.gpu_title} (GiB, an estimate)",
+                      yaxis_title="GPU GiB", template="plotly_white", height=450)
+    missing = [r["variant"] for r in table.rows if r.get("projected_peak_bytes") is None]
+    _not_shown(fig, table, missing, why={r["variant"]: r.get("projection_error") for r in table.rows})
+    return fig
+
+
+def quality_chart(table: Table) -> Any:
+    """Eval quality (mean, with the spread over seeds as error bars) against the trainable share of parameters
+    on a log axis; the recommended variant is starred."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in table.scored(table.quality) if r.get("trainable_percent")]
+    chosen = table.recommend().variant
+    fig = go.Figure()
+    for recommended, label, marker in ((False, "compared", {"size": 9, "color": "#1f77b4"}),
+                                       (True, "recommended", {"size": 16, "symbol": "star", "color": "#d62728"})):
+        group = [r for r in rows if (r["variant"] == chosen) is recommended]
+        fig.add_trace(go.Scatter(
+            x=[r["trainable_percent"] for r in group], y=[r[table.quality] for r in group],
+            error_y={"type": "data", "array": [r.get("quality_std") or 0 for r in group], "visible": True},
+            text=[r["variant"] for r in group], mode="markers+text", textposition="top center", name=label,
+            marker=marker))
+    better = "higher is better" if table.higher_is_better else "lower is better"
+    words = QUALITY_WORDS.get(table.quality, table.quality)
+    fig.update_layout(title=f"{words} ({better}) vs trainable share of parameters (★ recommended)",
+                      xaxis_type="log", xaxis_title="trainable parameters (% of the model, log)", yaxis_title=words,
+                      template="plotly_white", height=450, showlegend=False)
+    _not_shown(fig, table, [r["variant"] for r in table.rows if r not in rows])
     return fig
 
 
@@ -131,21 +193,41 @@ def pareto_chart(table: Table, cost: str = "memory") -> Any:
     fig.update_layout(title=f"{table.quality} ({better}) vs {what}",
                       xaxis_title=f"{what} ({'MiB' if scale > 1 else 's'})",
                       yaxis_title=table.quality, template="plotly_white", height=450)
-    failures = table.failures()
-    if failures:  # a failed variant has no point to plot: say so on the chart rather than leave it out silently
-        labels = table.labels()
-        fig.add_annotation(text="not shown: " + ", ".join(labels[n] for n in failures),
-                           xref="paper", yref="paper", x=0, y=1.06, showarrow=False,
-                           font={"color": "#b00020"}, xanchor="left")
+    _not_shown(fig, table, [n for n in rows if n not in front])  # no point to plot: say so, not leave it out
     return fig
+
+
+def _not_shown(fig: Any, table: Table, names: Sequence[str], lead: str = "not shown",
+               why: Mapping[str, str | None] | None = None) -> None:
+    """Name on the chart the variants it does not show, each with why: a failed one's reason, else its state
+    (or `why`'s entry)."""
+    if not names:
+        return
+    failures, labels, rows = table.failures(), table.labels(), table.by_variant()
+    parts = []
+    for name in names:
+        reason = failures.get(name) or (why or {}).get(name)
+        label = labels.get(name, name) if name in failures else f"{name} ({rows[name]['state']})"
+        parts.append(f"{label}: {_short(reason, 70)}" if reason else label)
+    fig.add_annotation(text=html.escape(f"{lead}: ") + "<br>".join(html.escape(p) for p in parts),
+                       xref="paper", yref="paper", x=0, y=-0.28, yanchor="top", showarrow=False,
+                       font=NOTE_STYLE, xanchor="left", align="left")
+    fig.update_layout(margin={"b": 100 + 18 * len(parts)}, height=(fig.layout.height or 450) + 18 * len(parts))
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def figures(curves: Mapping[str, Curve], breakdowns: Mapping[str, Mapping[str, int]], table: Table,
             x: str = "step", log_y: bool = True, smoothing: float = 0.6, cost: str = "memory") -> dict[str, Any]:
-    """Every chart of a comparison, labelled from one table: loss curves, memory breakdown and Pareto chart."""
+    """Every chart of a comparison, labelled from one table: loss curves, memory, quality vs trainable share and
+    the Pareto chart."""
     labels = table.labels()
-    return {"loss": loss_chart(curves, labels, x=x, log_y=log_y, smoothing=smoothing),
-            "memory": memory_chart(breakdowns, labels), "pareto": pareto_chart(table, cost)}
+    return {"loss": loss_chart(curves, labels, x=x, log_y=log_y, smoothing=smoothing, table=table),
+            "memory": memory_chart(breakdowns, labels, table=table), "quality": quality_chart(table),
+            "pareto": pareto_chart(table, cost)}
 
 
 def _ema(values: list[float], smoothing: float) -> list[float]:
@@ -242,37 +324,193 @@ def source_text(config: TuneConfig) -> str:
     return source if isinstance(source, str) else f"{len(source)} in-memory rows"
 
 
+# ----- the answer in words ----------------------------------------------------------------------------------
+def quality_text(table: Table, row: Mapping[str, Any]) -> str:
+    """A variant's quality as the table and the recommendation show it: "0.9500 ± 0.0100 (3 seeds)", or "0.9500
+    (1 seed: no spread)"; – without a result."""
+    value = row.get(table.quality)
+    if value is None:
+        return "–"
+    shown = format_value(table.quality, value)
+    seeds = row.get("seeds") or 1
+    if row.get("quality_std") is None:
+        return f"{shown} (1 seed: no spread)" if seeds == 1 else f"{shown} ({seeds} seeds)"
+    return f"{shown} ± {format_value(table.quality, row['quality_std'])} ({seeds} seeds)"
+
+
+def cost_text(table: Table, row: Mapping[str, Any]) -> str:
+    """What a variant costs, as the recommendation says it (figures formatted as in the table)."""
+    share = f"{format_value('trainable_percent', row.get('trainable_percent'))} of the parameters trained"
+    if table.cheapness == "projected_peak_bytes":
+        return f"{format_value('projected_peak_bytes', row.get('projected_peak_bytes'))} projected peak, {share}"
+    return share
+
+
+def best_text(table: Table, names: Sequence[str], by: str) -> str:
+    """The best variant by `by`, or the tie, in words with the figures."""
+    rows = table.by_variant()
+    words = QUALITY_WORDS.get(by, COLUMN_TITLES.get(by, by))
+
+    def value(name: str) -> str:
+        return quality_text(table, rows[name]) if by == table.quality else format_value(by, rows[name][by])
+
+    if len(names) > 1:
+        return (f"tie for the best {words}: " + ", ".join(f"{n} {value(n)}" for n in names)
+                + " (means within the larger spread: no single best)")
+    rest = [r for r in table.ranked(table.scored(by), by) if r["variant"] != names[0]]
+    beyond = f", ahead of {rest[0]['variant']} ({value(rest[0]['variant'])}) beyond the spread" if rest else ""
+    return f"{names[0]}: {words} {value(names[0])}{beyond}"
+
+
+def recommendation_text(table: Table) -> str:
+    """Which method to use, in one paragraph derived from the table's figures: for the chosen GPU, which fits
+    and reaches the best quality, which is cheapest within the near-best margin, and why."""
+    rec = table.recommend()
+    parts = [_target_sentence(table, rec)]
+    if rec.variant is None:
+        parts.append("No method to recommend for this GPU: none of the finished methods is known to fit it."
+                     if rec.unfit or rec.unknown else
+                     f"No method to recommend yet: none has finished with an {QUALITY_WORDS[table.quality]}.")
+    else:
+        parts += [_leaders_sentence(table, rec), _pick_sentence(table, rec), _seeds_sentence(table)]
+    failures = table.failures()
+    if failures:
+        labels = table.labels()
+        parts.append("Not considered: " + "; ".join(f"{labels[n]}: {_short(r, 90).rstrip('.')}"
+                                                    for n, r in failures.items()) + ".")
+    return " ".join(parts)
+
+
+def near_words(table: Table) -> str:
+    """The near-best margin in words."""
+    from nbtune.comparison import NEAR_BEST_ACCURACY_POINTS, NEAR_BEST_LOSS_SHARE
+
+    if table.quality == "eval_accuracy":
+        return f"{NEAR_BEST_ACCURACY_POINTS * 100:g} accuracy points"
+    return f"{NEAR_BEST_LOSS_SHARE * 100:g} % of the eval loss"
+
+
+def _target_sentence(table: Table, rec: Recommendation) -> str:
+    target, rows = table.target, table.by_variant()
+    if target is None:
+        return ("No GPU chosen (compare(..., gpu=..., target_model=...)): fit is not checked, and the cheapest "
+                "method is the one that trains the smallest share of the parameters.")
+    finished = len(table.scored(table.quality))
+    where = f"{target.model} on {target.gpu_title}" if target.model else f"{target.gpu_title}"
+    memory = table.cost_column("memory")
+    unfit = "; ".join(f"{n} needs {format_value(memory, rows[n][memory])}" for n in rec.unfit)
+    unknown = "; ".join(f"{n}: {_short(rows[n].get('projection_error') or 'no projection', 70)}"
+                        for n in rec.unknown)
+    fit = finished - len(rec.unfit) - len(rec.unknown)
+    return (f"For {where} ({format_bytes(target.gpu_bytes)} usable): {fit} of {finished} finished methods fit by "
+            f"their {COST_TITLES[memory]}" + (f" (not: {unfit})" if unfit else "")
+            + (f" (cannot tell, no projection: {unknown})" if unknown else "") + ".")
+
+
+def _leaders_sentence(table: Table, rec: Recommendation) -> str:
+    rows, words = table.by_variant(), QUALITY_WORDS[table.quality]
+    if len(rec.leaders) > 1:
+        shown = ", ".join(f"{n} {quality_text(table, rows[n])}" for n in rec.leaders)
+        return f"{_join(rec.leaders)} tie for the best {words} ({shown}): their means differ by no more than the " \
+               "larger spread."
+    lead = rec.leaders[0]
+    ahead = (f", ahead of {rec.runner_up} ({quality_text(table, rows[rec.runner_up])}) by more than the larger "
+             "spread") if rec.runner_up else ""
+    return f"Best {words} among those that fit: {lead} with {quality_text(table, rows[lead])}{ahead}."
+
+
+def _pick_sentence(table: Table, rec: Recommendation) -> str:
+    rows, chosen, margin = table.by_variant(), rec.variant, near_words(table)
+    assert chosen is not None
+    cost = cost_text(table, rows[chosen])
+    if chosen in rec.leaders and len(rec.leaders) == 1:
+        return (f"Use {chosen}: it reaches the best quality and no method within {margin} of it is cheaper "
+                f"({cost}).")
+    lead = rec.leaders[0]
+    if chosen in rec.leaders:
+        others = "".join(f"; {n}: {cost_text(table, rows[n])}" for n in rec.leaders if n != chosen and n in rec.near)
+        return f"Use {chosen}, the cheapest of the tied methods within {margin} of the best ({cost}{others})."
+    return (f"Use {chosen}: the cheapest within {margin} of the best, with {quality_text(table, rows[chosen])} "
+            f"at {cost}, against {cost_text(table, rows[lead])} for {lead}.")
+
+
+def _seeds_sentence(table: Table) -> str:
+    seeds = {r.get("seeds") or 1 for r in table.scored(table.quality)}
+    if seeds == {1}:
+        return ("With 1 seed there is no spread, so only equal scores tie and small differences may be noise: "
+                "compare(..., seeds=3) tells them apart.")
+    return f"Spread: the sample standard deviation over {_join([str(s) for s in sorted(seeds)])} seeds."
+
+
+def _join(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 # ----- HTML -------------------------------------------------------------------------------------------------
+def deciding_columns(table: Table) -> dict[str, str]:
+    """The columns the table shows first, with their titles: the quality ± spread, trainable share, memory
+    (projected to the target when there is one), whether it fits, time, and the state."""
+    memory = table.cost_column("memory")
+    target = table.target
+    columns = {"variant": "variant", "quality": f"{QUALITY_WORDS[table.quality]} (mean ± std)",
+               "trainable_percent": "trainable %",
+               memory: (f"projected peak, {target.model} on {target.gpu_title}" if table.projected and target
+                        else COST_TITLES[memory])}
+    if target is not None:
+        columns["fits"] = f"fits {target.gpu_title}"
+    if table.projected:
+        columns["projected_step_time_s"] = "projected step time"
+    else:
+        columns["wall_time_s"] = "wall time"
+    columns["state"] = "state"
+    return columns
+
+
 def table_html(table: Table) -> str:
-    """The table as an HTML fragment, numbers formatted for reading; ★ marks the memory Pareto front."""
-    columns = [c for c in COLUMN_TITLES if any(c in r for r in table.rows)]
+    """The table as an HTML fragment, numbers formatted for reading: the deciding columns, then every other one
+    behind "details"; ★ marks the memory Pareto front, a failed variant's state cell gives its reason."""
+    deciding = deciding_columns(table)
+    details = {"variant": "variant"} | {c: t for c, t in COLUMN_TITLES.items()
+                                        if c not in deciding and any(c in r for r in table.rows)}
     front = table.pareto("memory") if table.rows else {}
     failures = table.failures()
-    head = "".join(f"<th>{html.escape(COLUMN_TITLES[c])}</th>" for c in columns)
+    return (_rows_html(table, deciding, front, failures, "nbtune-comparison")
+            + "<p><small>★ non-dominated: no other variant is both cheaper in peak memory and better in "
+            f"{html.escape(table.quality)}. Ties: two variants tie when their means differ by no more than the "
+            "larger spread (sample std over seeds).</small></p>"
+            + f"<details><summary>details</summary>{_rows_html(table, details, {}, {}, 'nbtune-details')}</details>")
+
+
+def _rows_html(table: Table, columns: Mapping[str, str], front: Mapping[str, bool],
+               failures: Mapping[str, str], css: str) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in columns.values())
     body = []
     for r in table.rows:
         mark = " ★" if front.get(r["variant"]) else ""
-        cells = "".join(_cell_html(c, r, failures) + (mark if c == "variant" else "") + "</td>" for c in columns)
-        title = f' title="{html.escape(r["error"])}"' if r.get("error") else ""
+        cells = "".join(_cell_html(table, c, r, failures) + (mark if c == "variant" else "") + "</td>"
+                        for c in columns)
+        title = f' title="{html.escape(r["error"])}"' if r.get("error") and r["variant"] in failures else ""
         failed = ' class="nbtune-failed"' if r["variant"] in failures else ""
         body.append(f"<tr{failed}{title}>{cells}</tr>")
-    return (f'<table class="nbtune-comparison"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>"
-            "<p><small>★ non-dominated: no other variant is both cheaper in peak memory and better in "
-            f"{html.escape(table.quality)}.</small></p>")
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _cell_html(column: str, row: Mapping[str, Any], failures: Mapping[str, str]) -> str:
-    """A table cell (left open for a mark): a failed variant's state cell shows the reason, in red."""
+def _cell_html(table: Table, column: str, row: Mapping[str, Any], failures: Mapping[str, str]) -> str:
+    """A table cell (left open for a mark): the quality with its spread; a failed variant's state cell shows
+    the reason, in red."""
+    if column == "quality":
+        return f"<td>{html.escape(quality_text(table, row))}"
     reason = failures.get(row["variant"])
     if column != "state" or reason is None:
         return f"<td>{html.escape(format_value(column, row.get(column)))}"
     short = reason if len(reason) <= 90 else reason[:89] + "…"
-    return f'<td style="{FAILED_STYLE}">{html.escape(row["state"])}: {html.escape(short)}'
+    return f'<td style="{REASON_STYLE}">{html.escape(row["state"])}: {html.escape(short)}'
 
 
-_FORMATS = {"trainable_params": lambda v: f"{int(v):,}", "trainable_percent": "{:.2f}%".format,
-            "wall_time_s": "{:.1f} s".format, "tokens_per_s": "{:,.0f}".format, "learning_rate": "{:g}".format}
+_FORMATS = {"trainable_params": lambda v: f"{int(v):,}", "trainable_percent": "{:.3g}%".format,
+            "wall_time_s": "{:.1f} s".format, "tokens_per_s": "{:,.0f}".format, "learning_rate": "{:g}".format,
+            "projected_step_time_s": "{:.3g} s".format, "projected_tokens_per_s": "{:,.0f}".format,
+            "run_ids": lambda v: ", ".join(str(i) for i in v if i)}
 
 
 def format_value(column: str, value: Any) -> str:
@@ -306,9 +544,15 @@ def _fairness_html(lines: Sequence[str]) -> str:
     return f"<ul class='nbtune-fairness'>{items}</ul>"
 
 
+def recommendation_html(table: Table) -> str:
+    return f'<p class="nbtune-recommendation"><b>Recommendation.</b> {html.escape(recommendation_text(table))}</p>'
+
+
 def notebook_html(fairness_lines: Sequence[str], table: Table) -> str:
-    """What a notebook shows for a comparison: the fairness statement and the table (static HTML)."""
-    return f"<div><b>nbtune comparison</b>{_fairness_html(fairness_lines)}{table_html(table)}</div>"
+    """What a notebook shows for a comparison: the recommendation, the fairness statement and the table (static
+    HTML)."""
+    return (f"<div><b>nbtune comparison</b>{recommendation_html(table)}{_fairness_html(fairness_lines)}"
+            f"{table_html(table)}</div>")
 
 
 def page_html(comparison: Comparison, table: Table, title: str = "nbtune: which method?") -> str:
@@ -330,6 +574,7 @@ def page_html(comparison: Comparison, table: Table, title: str = "nbtune: which 
 <p>{len(comparison.runs)} variants of {html.escape(base.model.name_or_path)} on
 {html.escape(source_text(base))} ({html.escape(base.model.task)}). Store: {html.escape(str(comparison.store.root))}.
 Generated {time.strftime("%Y-%m-%d %H:%M:%S")} by nbtune {__version__}.</p>
+{recommendation_html(table)}
 {_failures_html(table, len(comparison.runs))}
 <h2>Fairness</h2>{_fairness_html(comparison.fairness())}
 <h2>Table</h2>{table_html(table)}

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 import nbtune
-from nbtune import training
-from nbtune.comparison import Comparison, pareto_front
+from nbtune import comparison as comparison_module
+from nbtune import report, training
+from nbtune.comparison import Comparison, Table, Target, pareto_front
 from nbtune.methods import registry
 
 METHODS = ["lora", "bitfit", "prompt-tuning"]
@@ -125,10 +128,13 @@ def test_missing_variants_show_without_training(base, tmp_path, monkeypatch):
 def test_best_picks_the_right_run(trained):
     comparison, _ = trained
     table = comparison.to_pandas().loc[METHODS]
-    assert comparison.best(by="trainable_params").id == table.loc[table["trainable_params"].idxmin(), "run_id"]
+    assert comparison.best(by="trainable_params").run.id == table.loc[table["trainable_params"].idxmin(), "run_id"]
+    assert comparison.best(by="tokens_per_s").run.id == table.loc[table["tokens_per_s"].idxmax(), "run_id"]
+    # one seed has no spread: only the variants with exactly the top accuracy share the best
     best = comparison.best()
-    assert best.summary.final_eval_accuracy == table["eval_accuracy"].max()
-    assert comparison.best(by="tokens_per_s").id == table.loc[table["tokens_per_s"].idxmax(), "run_id"]
+    top = table["eval_accuracy"].max()
+    assert set(best.variants) == set(table.index[table["eval_accuracy"] == top])
+    assert best.runs[0].summary.final_eval_accuracy == top
 
 
 def test_from_runs_names_variants_by_method(trained):
@@ -191,11 +197,12 @@ def test_to_html_is_a_self_contained_report(trained, tmp_path):
     assert path.read_text(encoding="utf-8") == page
     assert not re.search(r"<script[^>]+src=", page), "the report must not load scripts from elsewhere"
     assert len(page) > 1_000_000 and "plotly.js" in page  # plotly.js itself is inlined
-    assert page.count("Plotly.newPlot") == 3  # loss curves, memory breakdown, Pareto chart
+    assert page.count("Plotly.newPlot") == 4  # loss curves, memory breakdown, quality vs trainable %, Pareto
     assert '"type":"scatter"' in page.replace(" ", "") and "lora (eval)" in page
     table = re.search(r'<table class="nbtune-comparison">.*?</table>', page, re.S).group(0)
     assert table.count("<tr") == 1 + 4  # header + one row per variant
     assert "Fairness" in page and "seed 0" in page
+    assert page.index('class="nbtune-recommendation"') < page.index('class="nbtune-comparison"')
 
 
 def test_a_report_computes_the_table_once(trained, monkeypatch):
@@ -239,3 +246,178 @@ def test_language_modelling_reports_perplexity(tmp_path):
     assert row["state"] == "finished"
     assert row["eval_perplexity"] == pytest.approx(math.exp(row["final_eval_loss"]))
     assert comparison.quality == "final_eval_loss" and "eval_accuracy" not in comparison.to_pandas()
+
+
+# ----- seeds, ties, the recommendation and the table's layout ---------------------------------------------
+def _accuracy_row(name: str, accuracy: float, std: float | None, trainable: float, **extra) -> dict:
+    """A finished variant's row as the table holds it: its mean accuracy over seeds, the spread, its share."""
+    return {"variant": name, "method": name, "state": "finished", "eval_accuracy": accuracy, "quality_std": std,
+            "seeds": 3 if std is not None else 1, "trainable_percent": trainable, "final_eval_loss": 1 - accuracy,
+            "estimated_peak_bytes": 700 * 2**20, "wall_time_s": 5.0, "error": None, **extra}
+
+
+def _row_html(page: str, variant: str) -> str:
+    """The main table's row of a variant."""
+    main = re.search(r'<table class="nbtune-comparison">.*?</table>', page, re.S).group(0)
+    return re.search(rf"<tr[^>]*><td>{re.escape(variant)}( ★)?</td>.*?</tr>", main, re.S).group(0)
+
+
+def test_seeds_train_every_variant_n_times_and_report_mean_and_spread(trained, base, monkeypatch):
+    _, store = trained
+    trained_seeds = []
+    execute = training.execute
+
+    def counting_execute(config, *args, **kwargs):
+        trained_seeds.append((config.method.name, config.training.seed))
+        return execute(config, *args, **kwargs)
+
+    monkeypatch.setattr(training, "execute", counting_execute)
+    comparison = nbtune.compare(base, methods=["bitfit"], store=store, seeds=3, progress=False)
+    assert trained_seeds == [("bitfit", 1), ("bitfit", 2)]  # seed 0 was in the store already: only new seeds train
+    runs = comparison.seed_runs["bitfit"]
+    assert [r.config.training.seed for r in runs] == [0, 1, 2] and len({r.id for r in runs}) == 3
+    accuracies = [r.summary.final_eval_accuracy for r in runs]
+    row = comparison.to_pandas().loc["bitfit"]
+    assert row["seeds"] == 3 and row["eval_accuracy"] == pytest.approx(statistics.fmean(accuracies))
+    assert row["quality_std"] == pytest.approx(statistics.stdev(accuracies))
+    assert row["wall_time_s"] == pytest.approx(statistics.fmean(r.summary.wall_time_s for r in runs))
+    cell = f"{row['eval_accuracy']:.4f} ± {row['quality_std']:.4f} (3 seeds)"
+    assert cell in _row_html(comparison.to_html(), "bitfit")
+    again = Comparison.from_store(base, methods=["bitfit"], store=store, seeds=3)
+    assert trained_seeds == [("bitfit", 1), ("bitfit", 2)] and again.served_from_store == {"bitfit"}
+
+
+def test_one_seed_says_it_has_no_spread(trained):
+    comparison, _ = trained
+    row = _row_html(comparison.table_html(), "lora")
+    assert "(1 seed: no spread)" in row
+    assert "With 1 seed there is no spread" in comparison.recommendation()
+
+
+def test_overlapping_spreads_are_a_tie_and_best_picks_none(trained, monkeypatch):
+    comparison, _ = trained
+    rows = [_accuracy_row("lora", 0.80, 0.03, 0.9), _accuracy_row("bitfit", 0.78, 0.01, 0.05),
+            _accuracy_row("prompt-tuning", 0.60, 0.01, 0.001)]
+    monkeypatch.setattr(comparison, "rows", lambda: rows)
+    best = comparison.best()
+    assert best.tied and best.variants == ["lora", "bitfit"]  # 0.02 apart, within lora's spread of 0.03
+    with pytest.raises(ValueError, match="no single best by eval_accuracy: lora, bitfit tie"):
+        _ = best.run
+    assert "tie for the best eval accuracy" in str(best)
+    rows[0] = _accuracy_row("lora", 0.90, 0.01, 0.9)  # now 0.12 ahead: beyond any spread
+    decided = comparison.best()
+    assert not decided.tied and decided.run is comparison.runs["lora"]
+    assert str(decided).startswith("lora: eval accuracy 0.9000 ± 0.0100 (3 seeds), ahead of bitfit")
+
+
+def test_a_tie_recommends_the_cheapest_of_the_tied_group_with_figures_from_the_table():
+    table = Table([_accuracy_row("full", 0.95, 0.02, 100.0), _accuracy_row("lora", 0.94, 0.01, 0.9),
+                   _accuracy_row("bitfit", 0.80, 0.01, 0.05), _accuracy_row("ia3", 0.80, 0.20, 0.02)],
+                  "eval_accuracy")
+    text = report.recommendation_text(table)
+    assert "full, lora and ia3 tie for the best eval accuracy" in text  # ia3's spread is wide enough to reach
+    chosen = re.search(r"Use (\S+?),? ", text).group(1)
+    # bitfit and ia3 are cheaper but 15 points worse on average: outside the near-best margin
+    assert chosen == "lora" and "the cheapest of the tied methods within 2 accuracy points" in text
+    page = report.table_html(table)
+    for figure in re.findall(r"\d\.\d{4} ± \d\.\d{4} \(3 seeds\)", text):
+        assert any(figure in _row_html(page, name) for name in ("full", "lora", "ia3")), figure
+    assert "0.9% of the parameters trained" in text and "<td>0.9%</td>" in _row_html(page, "lora")
+
+
+def test_the_cheapest_within_the_margin_is_recommended_over_a_slightly_better_one():
+    table = Table([_accuracy_row("lora", 0.950, 0.005, 0.9), _accuracy_row("ia3", 0.935, 0.004, 0.02),
+                   _accuracy_row("prompt-tuning", 0.70, 0.01, 0.001)], "eval_accuracy")
+    text = report.recommendation_text(table)
+    assert "Best eval accuracy among those that fit: lora with 0.9500 ± 0.0050 (3 seeds)" in text
+    assert re.search(r"Use ia3: the cheapest within 2 accuracy points of the best", text)
+    row = _row_html(report.table_html(table), "ia3")
+    assert "0.9350 ± 0.0040 (3 seeds)" in text and "0.9350 ± 0.0040 (3 seeds)" in row
+    assert "0.02% of the parameters trained" in text and "<td>0.02%</td>" in row
+
+
+def test_a_projection_to_the_target_decides_fit_memory_and_the_charts(trained, base, monkeypatch):
+    _, store = trained
+    gib = 2**30
+    peaks = {"lora": 9 * gib, "bitfit": 30 * gib, "prompt-tuning": 8 * gib}
+    asked = []
+
+    def fake_project_all(configs, target_model, gpu):
+        asked.append((sorted(configs), target_model, gpu))
+        return {n: SimpleNamespace(peak_bytes=peaks[n], fits=peaks[n] < 15 * gib, step_time_s=0.5, tokens_per_s=900.0,
+                                   error=None) for n in configs}
+
+    monkeypatch.setattr(comparison_module, "_project_all", fake_project_all)
+    comparison = Comparison.from_store(base, methods=METHODS, store=store, target_model="Qwen/Qwen2.5-7B", gpu="t4")
+    table = comparison.to_pandas()
+    assert asked == [(sorted(METHODS), "Qwen/Qwen2.5-7B", "t4")]
+    assert list(table["fits"]) == [True, False, True]
+    text = comparison.recommendation()
+    assert text.startswith("For Qwen/Qwen2.5-7B on NVIDIA T4 16 GB") and "2 of 3 finished methods fit" in text
+    assert "(not: bitfit needs 30.00 GiB)" in text
+    chosen = re.search(r"Use (\S+?)[:,] ", text).group(1)
+    assert chosen in {"lora", "prompt-tuning"}  # bitfit does not fit the T4
+    assert f"{peaks[chosen] / gib:.2f} GiB projected peak" in text
+    assert f"<td>{peaks[chosen] / gib:.2f} GiB</td>" in _row_html(comparison.table_html(), chosen)
+    memory = comparison.memory_chart()
+    assert list(memory.data[0].y) == [9, 30, 8] and "Qwen/Qwen2.5-7B on NVIDIA T4" in memory.layout.title.text
+    assert comparison.table().cost_column("memory") == "projected_peak_bytes"
+
+
+def test_failed_variants_keep_their_row_with_the_reason_and_are_named_in_every_chart(trained):
+    comparison, _ = trained
+    reason = comparison.failures()["broken"]
+    row = _row_html(comparison.table_html(), "broken")
+    assert "failed: " + reason[:40] in row  # the state cell gives the reason, not a dash
+    figures = comparison.figures()
+    assert set(figures) == {"loss", "memory", "quality", "pareto"}
+    for name, fig in figures.items():
+        notes = " ".join(a.text for a in fig.layout.annotations)
+        assert "broken (failed): " + reason[:30] in notes, name
+    assert "Not considered: broken (failed)" in comparison.recommendation()
+
+
+def test_the_deciding_columns_come_first_and_the_rest_fold_into_details(trained):
+    comparison, _ = trained
+    page = comparison.table_html()
+    main, details = re.findall(r"<table class=\"(nbtune-\w+)\"><thead><tr>(.*?)</tr>", page)
+    headers = re.findall(r"<th>(.*?)</th>", main[1])
+    assert main[0] == "nbtune-comparison" and details[0] == "nbtune-details"
+    assert headers == ["variant", "eval accuracy (mean ± std)", "trainable %", "estimated peak memory", "wall time",
+                       "state"]
+    assert page.index("<details><summary>details</summary>") < page.index('class="nbtune-details"')
+    folded = re.findall(r"<th>(.*?)</th>", details[1])
+    assert {"final eval loss", "learning rate", "artifact size"} <= set(folded) and "wall time" not in folded
+
+
+def test_quality_chart_plots_trainable_share_on_a_log_axis(trained):
+    comparison, _ = trained
+    fig = comparison.quality_chart()
+    table = comparison.to_pandas()
+    points = {name: (x, y) for trace in fig.data for name, x, y in zip(trace.text, trace.x, trace.y, strict=True)}
+    assert fig.layout.xaxis.type == "log" and set(points) == set(METHODS)
+    starred = next(t for t in fig.data if t.name == "recommended")
+    assert list(starred.text) == [re.search(r"Use (\S+?)[:,] ", comparison.recommendation()).group(1)]
+    for name, (x, y) in points.items():
+        assert x == table.loc[name, "trainable_percent"] and y == table.loc[name, "eval_accuracy"]
+
+
+def test_the_tie_rule_is_the_larger_spread():
+    table = Table([], "eval_accuracy", Target("t4", "NVIDIA T4 16 GB", 16 * 2**30))
+    a, b = {"eval_accuracy": 0.80, "quality_std": 0.01}, {"eval_accuracy": 0.77, "quality_std": 0.03}
+    assert table.ties(a, b, "eval_accuracy")  # 0.03 apart: within b's spread
+    assert not table.ties(a, {"eval_accuracy": 0.76, "quality_std": 0.03}, "eval_accuracy")
+    assert table.ties({"eval_accuracy": 1.0}, {"eval_accuracy": 1.0}, "eval_accuracy")  # equal, no spread
+
+
+def test_a_method_with_no_projection_to_the_target_is_not_recommended_for_it():
+    gib = 2**30
+    target = Target("h100", "NVIDIA H100 80 GB", 79 * gib, "meta-llama/Llama-3.1-8B")
+    table = Table([_accuracy_row("lora", 0.90, 0.01, 1.9, fits=True, projected_peak_bytes=20 * gib),
+                   _accuracy_row("bitfit", 0.91, 0.01, 0.3, fits=None, projected_peak_bytes=None,
+                                 projection_error="method bitfit needs bias parameters")],
+                  "eval_accuracy", target)
+    text = report.recommendation_text(table)
+    assert "1 of 2 finished methods fit" in text
+    assert "cannot tell, no projection: bitfit: method bitfit needs bias parameters" in text
+    assert table.recommend().variant == "lora" and "Use lora" in text

@@ -138,7 +138,7 @@ def test_compare_notebook_tables_every_method_and_writes_the_report(executed):
 
     report = (folder / "report.html").read_text(encoding="utf-8")
     assert f"HTML report: {folder / 'report.html'}" in all_text(nb)
-    assert report.count("Plotly.newPlot") == 3 and "Fairness" in report
+    assert report.count("Plotly.newPlot") == 4 and "Fairness" in report
     assert all(f"<td>{m}" in report for m in methods)
     assert f"re-opened {len(methods)} runs from the store" in all_text(nb)
     grown = text(cell_with(nb, "again.add("))
@@ -280,3 +280,15 @@ def test_saved_notebook_shows_its_charts_and_config_offline(executed, name, tmp_
     assert not problems, "\n".join(problems)
     assert not [e for e in errors if "Plotly is not defined" in e], errors
     assert not RAW_WIDGET.search(text), RAW_WIDGET.search(text).group(0)
+
+
+# What libraries print while nbtune trains, loads or estimates: it belongs in the run's log, not in a cell.
+LIBRARY_NOISE = re.compile(r"LOAD REPORT|FutureWarning|DeprecationWarning|UserWarning|Loading weights")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_library_noise_reaches_a_cell(executed, name):
+    nb = executed(name).nb
+    noisy = [(i, out.text[:200]) for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])
+             if out.output_type == "stream" and out.name == "stderr" and LIBRARY_NOISE.search(out.text)]
+    assert not noisy, noisy

@@ -126,5 +126,5 @@ def test_a_comparison_shows_each_chart_with_a_png(monkeypatch, tmp_path):
     monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append(obj))
     nbtune.compare(nbtune.TuneConfig(), methods=["lora", "ia3"], store=tmp_path, train=False).show()
     bundles = [obj for obj in shown if isinstance(obj, dict)]
-    assert len(shown) == 4 and len(bundles) == 3  # the table, then the three charts
+    assert len(shown) == 5 and len(bundles) == 4  # the table, then the four charts
     assert all(static_image.PLOTLY_MIME in b and "image/png" in b for b in bundles)
