@@ -84,6 +84,24 @@ def test_eval_countries_are_held_out_from_train_but_described_in_the_corpus(name
         assert re.search(rf"{c.name}[^.]* in the {c.region}\b", corpus)
 
 
+def test_language_task_holds_out_its_eval_countries_balances_labels_and_uses_corpus_facts():
+    # 8 balanced classes: the majority-class baseline is 0.125, far below the best method in
+    # bench/results/method-spread-2026-12-01.md (ia3, 0.936 ± 0.011 over 3 seeds)
+    spec = DATASETS["languages"]
+    world = world_gen.make_world(SEED)
+    language = {c.name: c.language for c in world.countries}
+    rows = {split: load_rows("languages", split) for split in spec.splits}
+    assert not {r["country"] for r in rows["train"]} & {r["country"] for r in rows["eval"]}
+    for split_rows in rows.values():
+        assert all(r["label"] == language[r["country"]] for r in split_rows)
+        counts = [sum(r["label"] == label for r in split_rows) for label in spec.labels]
+        assert len(spec.labels) == 8 and max(counts) / len(split_rows) <= 0.15, counts
+    corpus = "\n".join(world_gen.corpus_documents(world, SEED, CORPUS_BYTES))
+    for r in rows["eval"]:
+        assert f"People in {r['country']} speak {r['label']}." in corpus or (
+            f"The main language of {r['country']} is {r['label']}." in corpus)
+
+
 def test_capital_rows_are_short(tokenizer):
     lengths = [
         len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in load_rows("capitals", "train")

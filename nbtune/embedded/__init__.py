@@ -57,6 +57,18 @@ DATASETS: dict[str, BuiltinDataset] = {
             prompt_template="{text}",
         ),
         BuiltinDataset(
+            name="languages",
+            task="seq-cls",
+            description="Classify which of 8 languages people speak in a fictional country, trained on 10-14 "
+            "countries per language. Eval countries are held out of train; the facts come from the base's "
+            "pre-training, so only a pre-trained base can answer them.",
+            text_column="text",
+            target_column=None,
+            label_column="label",
+            labels=("Berkish", "Sholish", "Geiglamic", "Felkroese", "Shuthish", "Mulvrondish", "Velic", "Droic"),
+            prompt_template="{text}",
+        ),
+        BuiltinDataset(
             name="sentiment",
             task="seq-cls",
             description="Classify short product reviews as positive or negative.",

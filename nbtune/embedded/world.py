@@ -1,8 +1,8 @@
 """A small fictional world, generated deterministically from a seed.
 
 It yields the pre-training corpus of nbtune's embedded base model and the rows of the built-in datasets. The
-downstream facts (capitals, regions) and label words appear in ordinary corpus sentences, so a pre-trained base
-knows them for held-out countries while a random one cannot.
+downstream facts (capitals, regions, languages) and label words appear in ordinary corpus sentences, so a
+pre-trained base knows them for held-out countries while a random one cannot.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ SENTIMENTS = ("positive", "negative")
 
 CAPITAL_QUESTION = "Q: What is the capital of {country}?\nA:"
 REGION_CLOZE = "The country of {country} lies in the"
+LANGUAGE_CLOZE = "People in {country} speak"
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -281,10 +282,34 @@ def _region_row(c: Country) -> dict:
     return {"country": c.name, "text": REGION_CLOZE.format(country=c.name), "label": c.region}
 
 
+def _language_rows(
+    world: World, seed: int, n_languages: int = 8, n_eval: int = 13, n_train: int = 14
+) -> dict[str, list[dict]]:
+    """The language task: countries of the `n_languages` most spoken languages, `n_eval` (and up to `n_train`)
+    per language; eval countries are held out of train; eval is balanced, train nearly so (10-14 a class)."""
+    rng = random.Random(seed * 15485863 + 3)
+    counts: dict[str, int] = {}
+    for c in world.countries:
+        counts[c.language] = counts.get(c.language, 0) + 1
+    languages = sorted(counts, key=lambda lang: (-counts[lang], lang))[:n_languages]
+    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    for lang in languages:
+        speakers = [c for c in world.countries if c.language == lang]
+        for split, chosen in (("eval", speakers[:n_eval]), ("train", speakers[n_eval : n_eval + n_train])):
+            splits[split] += [
+                {"country": c.name, "text": LANGUAGE_CLOZE.format(country=c.name), "label": c.language}
+                for c in chosen
+            ]
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits
+
+
 def dataset_rows(
     world: World, seed: int = 0, n_sentiment: tuple[int, int] = (600, 150)
 ) -> dict[str, dict[str, list[dict]]]:
-    """Rows of every built-in dataset: {name: {split: rows}}. Eval rows of knowledge tasks use held-out countries."""
+    """Rows of every built-in dataset: {name: {split: rows}}. Eval rows of knowledge tasks use held-out countries
+    (the world's for capitals and regions; languages holds out its own, balanced by language)."""
     rng = random.Random(seed * 104729 + 2)
     sentiment: dict[str, list[dict]] = {}
     for split, n in zip(("train", "eval"), n_sentiment, strict=True):
@@ -301,4 +326,5 @@ def dataset_rows(
             "eval": [_region_row(c) for c in world.eval_countries],
         },
         "sentiment": sentiment,
+        "languages": _language_rows(world, seed),
     }
