@@ -124,6 +124,7 @@ class Comparison:
             if name not in self.configs and run is not None:
                 self.configs[name] = run.config
         self._estimates = StoredEstimates(self.store.root)
+        self.answers: Any = None  # the latest `generations(...)` table, shown in the report
         self._projections: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -369,6 +370,17 @@ class Comparison:
         """Which method to use, in one paragraph derived from the table: for the chosen GPU, the best quality
         that fits, the cheapest within a small margin of it, and why."""
         return report.recommendation_text(self.table())
+
+    def generations(self, prompts: str | Sequence[str], expected: Sequence[str] | None = None,
+                    **settings: Any) -> Any:
+        """The same prompts answered by the base and by every variant's run side by side (classification: each
+        run's predicted labels, with accuracy and confusion when `expected` holds the true labels), as a
+        `generation.SideBySide` kept in the store: asking again loads no model. The HTML report shows the
+        latest one asked for."""
+        from nbtune.generation import side_by_side
+
+        self.answers = side_by_side(self.runs, prompts, base=self.base_config, expected=expected, **settings)
+        return self.answers
 
     def pareto(self, cost: str = "memory") -> dict[str, bool]:
         """Which finished variants are non-dominated for `cost` ("memory" or "time") versus eval quality."""

@@ -555,6 +555,14 @@ def notebook_html(fairness_lines: Sequence[str], table: Table) -> str:
             f"{table_html(table)}</div>")
 
 
+def _answers_html(answers: Any) -> str:
+    """The side-by-side answers (`Comparison.generations`), when some were asked for."""
+    if answers is None:
+        return ""
+    what = "Predicted labels" if answers.classifies else "Answers side by side"
+    return f"<h2>{what}</h2>{answers.to_html()}"
+
+
 def page_html(comparison: Comparison, table: Table, title: str = "nbtune: which method?") -> str:
     """A self-contained HTML page (plotly.js inlined, works offline): failures, fairness, table and charts."""
     import plotly.io as pio
@@ -578,6 +586,7 @@ Generated {time.strftime("%Y-%m-%d %H:%M:%S")} by nbtune {__version__}.</p>
 {_failures_html(table, len(comparison.runs))}
 <h2>Fairness</h2>{_fairness_html(comparison.fairness())}
 <h2>Table</h2>{table_html(table)}
+{_answers_html(comparison.answers)}
 <h2>Charts</h2>
 {"".join(f'<div class="nbtune-chart">{c}</div>' for c in charts)}
 </body></html>

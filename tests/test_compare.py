@@ -421,3 +421,19 @@ def test_a_method_with_no_projection_to_the_target_is_not_recommended_for_it():
     assert "1 of 2 finished methods fit" in text
     assert "cannot tell, no projection: bitfit: method bitfit needs bias parameters" in text
     assert table.recommend().variant == "lora" and "Use lora" in text
+
+
+def test_predicted_labels_side_by_side_are_kept_and_shown_in_the_report(trained, monkeypatch):
+    comparison, _ = trained
+    texts = ["item 101 is good", "item 102 is bad", "item 103 is good"]
+    answers = comparison.generations(texts, expected=["pos", "neg", "pos"])
+    finished = [name for name, run in comparison.runs.items() if run is not None and run.status == "finished"]
+    assert [row["prompt"] for row in answers.rows] == texts and answers.columns == finished  # no base column
+    assert all(label in ("pos", "neg") for column in answers.columns for label in answers.answers[column])
+    page = comparison.to_html()
+    assert "Predicted labels" in page and "item 102 is bad" in page
+
+    from nbtune import generation
+    monkeypatch.setattr(generation, "_run_answers", lambda *a, **k: pytest.fail("a model was loaded again"))
+    again = comparison.generations(texts, expected=["pos", "neg", "pos"])
+    assert again.answers == answers.answers  # served from the store

@@ -139,6 +139,9 @@ def test_compare_notebook_tables_every_method_and_writes_the_report(executed):
     report = (folder / "report.html").read_text(encoding="utf-8")
     assert f"HTML report: {folder / 'report.html'}" in all_text(nb)
     assert report.count("Plotly.newPlot") == 4 and "Fairness" in report
+    # the recommendation leads, for the target model and GPU, and names the method to use
+    assert re.search(r"Recommendation.*For meta-llama/Llama-3.1-8B on NVIDIA A100 40 GB.*Use [a-z0-9-]+", report, re.S)
+    assert "Predicted labels" in report  # the held-out countries as each method labels them
     assert all(f"<td>{m}" in report for m in methods)
     assert f"re-opened {len(methods)} runs from the store" in all_text(nb)
     grown = text(cell_with(nb, "again.add("))
