@@ -609,7 +609,7 @@ def test_a_comparison_shows_its_table_and_each_chart_once(published, tmp_path: P
     assert not any(update for _, update, _ in published)  # shown once, never re-shown by an update
     tables = [data for _, _, data in published if "nbtune comparison" in data.get("text/html", "")]
     charts_shown = [data for _, _, data in published if charts.PLOTLY_MIME in data]
-    assert len(tables) == 1 and len(charts_shown) == 3  # (plotly may add its one-time plotly.js loader)
+    assert len(tables) == 1 and len(charts_shown) == len(comparison.figures())  # loss, memory, quality, pareto
     assert not any(WIDGET_VIEW in data for _, _, data in published)
 
 
