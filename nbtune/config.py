@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune import dtypes, optimizers, tasks
+from nbtune import chat_templates, dtypes, formats, optimizers, tasks
 
 if TYPE_CHECKING:
     from nbtune.methods.registry import Field
@@ -130,15 +130,26 @@ class MethodConfig:
 class DataConfig:
     """Where the examples come from and how they become model inputs.
 
-    `source` is a built-in dataset ("nbtune:capitals"), a datasets hub id, a local csv/jsonl/parquet file,
-    or in-memory rows (a list of dicts or a pandas DataFrame, kept as a list of dicts).
+    `source` is a built-in dataset ("nbtune:capitals"), a datasets hub id, a local csv/jsonl/parquet file or
+    `save_to_disk` folder, or in-memory rows (a list of dicts, a pandas DataFrame or a `datasets.Dataset`, kept
+    as a list of dicts; a `DatasetDict`, kept as {split: rows}). config.yaml names in-memory rows by their count
+    and fingerprint instead of copying them (`describe_source`). `format` says what the rows are (nbtune/formats.py).
     `prompt_template` formats a row into the input text (python `str.format` over the columns); for causal LM
     the `target_column` is appended and only its tokens are trained on. `eval_split` is a split name of the
     source or a fraction of the train rows held out for evaluation.
     """
 
     source: Any = field(default="nbtune:capitals", metadata=_about(
-        "A built-in dataset (nbtune:capitals), a hub id, or a local csv/jsonl/parquet file."))
+        "A built-in dataset (nbtune:capitals), a hub id, a local csv/jsonl/parquet file or save_to_disk folder."))
+    format: str = field(default="auto", metadata=_about(
+        "What the rows are (auto: detected from the first row): " + "; ".join(
+            f"{name}: {words}" for name, words in formats.DESCRIPTIONS.items()) + ".", choices=formats.CHOICES))
+    chat_template: str = field(default="auto", metadata=_about(
+        "How chat rows become text: auto uses the tokenizer's own chat template, or chatml when it has none; "
+        "chatml: <|im_start|>role ... <|im_end|>.", choices=("auto", *chat_templates.NAMES)))
+    train_on: str = field(default="assistant", metadata=_about(
+        "Which tokens the loss trains on: assistant: only the answers (assistant turns, instruction outputs, "
+        "targets); all: every token, the prompts too.", choices=("assistant", "all")))
     split: str = field(default="train", metadata=_about("The split the training rows come from."))
     text_column: str | None = field(default=None, metadata=_about(
         "The column holding the input text (empty: the dataset's default)."))
@@ -279,6 +290,7 @@ class TuneConfig:
     def content_hash(self) -> str:
         """A stable 16-hex-digit hash of what this config means (independent of key order and of defaults)."""
         resolved = self.to_dict(resolved=True)
+        resolved["data"]["source"] = describe_source(self.data.source)  # what config.yaml keeps of it
         canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -320,7 +332,9 @@ class TuneConfig:
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.dump(self.to_dict(), Dumper=_yaml_classes()[1], sort_keys=False, default_flow_style=False,
+        d = self.to_dict()
+        d["data"]["source"] = describe_source(self.data.source)
+        return yaml.dump(d, Dumper=_yaml_classes()[1], sort_keys=False, default_flow_style=False,
                          width=110)
 
     @classmethod
@@ -417,9 +431,40 @@ def _coerce_source(source: Any) -> Any:
     """Turn a pandas DataFrame or a Path into the plain value a config keeps."""
     if isinstance(source, Path):
         return str(source)
-    if hasattr(source, "to_dict") and hasattr(source, "columns"):  # a pandas DataFrame, without importing pandas
+    if hasattr(source, "to_dict") and hasattr(source, "columns") and hasattr(source, "iloc"):  # pandas, unimported
         return source.to_dict(orient="records")
+    if type(source).__module__.startswith("datasets.") and hasattr(source, "to_list"):  # a datasets.Dataset
+        return source.to_list()
+    if type(source).__module__.startswith("datasets.") and isinstance(source, dict):  # a DatasetDict
+        return {str(split): _coerce_source(rows) for split, rows in source.items()}
     return source
+
+
+IN_MEMORY = "<in-memory:"  # how config.yaml names in-memory rows
+
+
+def describe_source(source: Any) -> Any:
+    """What config.yaml keeps of a source: in-memory rows as their count and fingerprint, e.g.
+    "<in-memory: 120 rows, fingerprint 3f2a...>" (the cache key fingerprints the rows themselves); others as is."""
+    if not isinstance(source, (list, dict)):
+        return source
+    from nbtune.data import fingerprint
+
+    if isinstance(source, list):
+        return f"{IN_MEMORY} {len(source)} rows, fingerprint {fingerprint(source)}>"
+    splits = sorted(source.items())  # a DatasetDict's {split: rows}
+    counts = " + ".join(f"{len(rows)} {name}" for name, rows in splits)
+    digest = fingerprint([{"splits": [name for name, _ in splits]}], *(rows for _, rows in splits))
+    return f"{IN_MEMORY} {counts} rows, fingerprint {digest}>"
+
+
+def in_memory_fingerprint(source: Any) -> str | None:
+    """The fingerprint of in-memory rows, from the rows or from config.yaml's "<in-memory: ...>" that names them
+    (so a config read back from a run folder has the cache key of the run that trained); None for other sources."""
+    described = describe_source(source)
+    if not (isinstance(described, str) and described.startswith(IN_MEMORY)):
+        return None
+    return described.rstrip(">").rsplit("fingerprint ", 1)[-1]
 
 
 def _bad(name: str, value: Any, allowed: str) -> tuple[str, str]:
@@ -482,14 +527,24 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
     out = []
     if isinstance(d.source, str) and not d.source.strip():
         out.append(_bad("data.source", d.source, "a built-in dataset, hub id, file path or in-memory rows"))
-    elif not isinstance(d.source, (str, list)):
-        out.append(_bad("data.source", type(d.source).__name__, "a string, a list of dicts or a pandas DataFrame"))
+    elif not isinstance(d.source, (str, list, dict)):
+        out.append(_bad("data.source", type(d.source).__name__,
+                        "a string, a list of dicts, a pandas DataFrame or a datasets Dataset/DatasetDict"))
+    elif isinstance(d.source, (list, dict)) and not d.source:
+        out.append(_bad("data.source", d.source, "rows: a non-empty list of dicts, or a mapping of split names to rows"))
     elif isinstance(d.source, list) and not all(isinstance(r, dict) for r in d.source):
         out.append(_bad("data.source", "list", "a list of dicts (one per row)"))
+    elif isinstance(d.source, dict) and not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(r, dict) for r in v)
+            for k, v in d.source.items()):
+        out.append(_bad("data.source", "dict", "a mapping of split names to lists of dicts (a DatasetDict)"))
     if isinstance(d.prompt_template, str) and "{" not in d.prompt_template:
         out.append(_bad("data.prompt_template", d.prompt_template,
                         "a template naming at least one column, like '{text}'"))
-    if task == "seq-cls" and isinstance(d.source, list) and d.label_column is None:
+    if d.format in formats.FORMATS and d.format not in ("prompt-completion", "text") and task != "causal-lm":
+        out.append(_bad("data.format", d.format, f"prompt-completion or text for model.task {task} "
+                                                 "(the other formats need causal-lm)"))
+    if task == "seq-cls" and isinstance(d.source, (list, dict)) and d.label_column is None:
         out.append(_bad("data.label_column", None, "the column holding the class label (task seq-cls)"))
     return out
 

@@ -1,8 +1,10 @@
-"""Examples for training: load the config's data source, split it, apply the template and tokenize.
+"""Examples for training: load the config's data source, split it, render its rows and tokenize.
 
-Sources: a built-in dataset ("nbtune:capitals"), a local csv/jsonl/json/parquet file, in-memory rows, or a
-datasets hub id. For causal LM the prompt is formatted from the row by `prompt_template` and the target is
-appended; only the target's tokens are trained on. Classification rows carry a label name or index.
+Sources: a built-in dataset ("nbtune:capitals"), a local csv/jsonl/json/parquet file or `save_to_disk` folder,
+in-memory rows (a list, or {split: rows} from a DatasetDict), or a datasets hub id. For causal LM a row renders
+by its format (nbtune/formats.py) as text pieces marked trained or not: a prompt formatted by `prompt_template`
+and its target, a chat conversation, an Alpaca instruction, or plain text; with `data.train_on: assistant` only
+the trained pieces' tokens are trained on. Classification rows carry a label name or index.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import errno
 import hashlib
 import json
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbtune.config import EMBEDDED_PREFIX, ConfigError, TuneConfig
+from nbtune import formats
+from nbtune.chat_templates import Piece
+from nbtune.config import EMBEDDED_PREFIX, IN_MEMORY, ConfigError, TuneConfig
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MIN_TRAIN_ROWS = 2  # what a held-out fraction must leave for training, and no fewer than it holds out
@@ -77,6 +82,8 @@ def resolve_columns(config: TuneConfig, example: dict[str, Any] | None = None) -
     template = d.prompt_template or (spec.prompt_template if spec else None)
     labels = tuple(spec.labels) if spec else ()
     if example is not None:
+        if text is None and template is None and target is None and {"prompt", "completion"} <= example.keys():
+            text, target = "prompt", "completion"
         if text is None and template is None:
             text = "text" if "text" in example else None
         if text is None and template is None:
@@ -100,6 +107,11 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
     source = d.source
     if isinstance(source, list):
         return list(source)
+    if isinstance(source, dict):
+        return _named_split(source, split, d, "the in-memory DatasetDict")
+    if source.startswith(IN_MEMORY):
+        raise ConfigError([("data.source", f"data.source {source} names in-memory rows that config.yaml does not "
+                                           "keep; pass the rows (a list, DataFrame or Dataset) as data.source")])
     spec = builtin_dataset(source)
     if spec is not None:
         from nbtune import embedded
@@ -110,10 +122,16 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
         return embedded.load_rows(spec.name, split)
     path = local_file(source)
     if path is not None:
-        if split != d.split:
-            raise ConfigError([("data.eval_split", f"data.eval_split {split!r}: a single file has no named splits; "
-                                                   "use a fraction like 0.1")])
+        _check_unsplit(d, split, "a single file")
         return _read_file(path)
+    if _is_saved_dataset(source):
+        from datasets import load_from_disk
+
+        saved = load_from_disk(str(Path(source).expanduser()))
+        if hasattr(saved, "to_list"):  # one Dataset: like a single file, no named splits
+            _check_unsplit(d, split, "a saved Dataset (not a DatasetDict)")
+            return saved.to_list()
+        return _named_split({name: part for name, part in saved.items()}, split, d, source).to_list()
     from datasets import load_dataset
 
     try:
@@ -124,6 +142,26 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
         field = "data.split" if split == d.split else "data.eval_split"
         raise ConfigError([(field, f"{field} {split!r} is not a split of {source}: {err}")]) from None
     return dataset.to_list()
+
+
+def _check_unsplit(d: Any, split: str, what: str) -> None:
+    if split != d.split:
+        raise ConfigError([("data.eval_split", f"data.eval_split {split!r}: {what} has no named splits; "
+                                               "use a fraction like 0.1")])
+
+
+def _named_split(splits: dict[str, Any], split: str, d: Any, where: str) -> Any:
+    if split not in splits:
+        field = "data.split" if split == d.split else "data.eval_split"
+        raise ConfigError([(field, f"{field} must be one of {', '.join(splits)} for {where} (got {split!r})")])
+    rows = splits[split]
+    return list(rows) if isinstance(rows, list) else rows
+
+
+def _is_saved_dataset(source: str) -> bool:
+    """A folder written by datasets' `save_to_disk` (a Dataset's state.json or a DatasetDict's dataset_dict.json)."""
+    folder = Path(source).expanduser()
+    return folder.is_dir() and any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
 def local_file(source: Any) -> Path | None:
@@ -237,41 +275,94 @@ def fingerprint(rows: list[dict[str, Any]], *more: list[dict[str, Any]]) -> str:
 
 
 def format_prompt(columns: Columns, row: dict[str, Any]) -> str:
-    return columns.template.format(**row) if columns.template else str(row[columns.text])
+    if columns.template:
+        names = {name for _, name, _, _ in string.Formatter().parse(columns.template) if name}
+        for name in names & row.keys():
+            _text(row, name)
+        return columns.template.format(**row)
+    return _text(row, columns.text)
 
 
 def target_text(columns: Columns, row: dict[str, Any]) -> str | None:
     if columns.target is not None:
-        return str(row[columns.target])
+        return _text(row, columns.target)
     if columns.label is not None:  # classification as generation: the label word is the answer
         return " " + str(row[columns.label])
     return None
 
 
+def _text(row: dict[str, Any], column: str | None) -> str:
+    """A column's value as text; a list or mapping (a conversation) is refused, never trained on as its repr."""
+    value = row[column]
+    if isinstance(value, (list, dict)):
+        raise ConfigError([("data.format", f"data.format: column {column!r} holds a {type(value).__name__} "
+                                           f"({str(value)[:60]}...), not text; for a messages column use "
+                                           "data.format chat (or auto), else name a text column")])
+    return str(value)
+
+
+def resolve_format(config: TuneConfig, row: dict[str, Any]) -> tuple[str, Columns]:
+    """The rows' format (`data.format`, or detected from `row`) and the columns it reads, checked on `row`."""
+    d = config.data
+    spec = builtin_dataset(d.source)
+    configured = any((d.text_column, d.target_column, d.label_column, d.prompt_template)) or bool(
+        spec and (spec.target_column or spec.label_column or spec.prompt_template))
+    fmt = d.format if d.format != "auto" else formats.detect(row, configured)
+    formats.check_row(fmt, row)
+    if fmt not in ("prompt-completion", "text"):
+        return fmt, Columns(text=None, target=None, label=None, template=None)
+    columns = resolve_columns(config, row)
+    if fmt == "prompt-completion" and columns.target is None and columns.label is None and d.format == "auto":
+        fmt = "text"
+    return fmt, columns
+
+
+def render(config: TuneConfig, fmt: str, columns: Columns, row: dict[str, Any], tokenizer: Any) -> list[Piece]:
+    """A row as text pieces, each (text, trained by default): what the model sees and what its loss is on."""
+    if fmt == "chat":
+        return formats.chat_pieces(row["messages"], tokenizer, config.data.chat_template)
+    if fmt == "instruction":
+        return formats.instruction_pieces(row)
+    if fmt in formats.SUPERVISED:  # prompt-completion, or text: all of it trained
+        target = target_text(columns, row)
+        if fmt == "text" or target is None:
+            return [(format_prompt(columns, row) + (target or ""), True)]
+        return [(format_prompt(columns, row), False), (target, True)]
+    return formats.preview_pieces(fmt, row, tokenizer, config.data.chat_template)
+
+
 def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
-    """Tokenize train and eval rows for the config's task."""
+    """Tokenize train and eval rows for the config's task and format (refused before any training when the
+    supervised stage cannot train the format)."""
     train_rows, eval_rows = load_rows(config)
-    columns = resolve_columns(config, train_rows[0])
+    fmt, columns = resolve_format(config, train_rows[0])
+    formats.check_supervised(fmt)
     task = config.model.task
+    if task != "causal-lm" and fmt not in ("prompt-completion", "text"):
+        raise ConfigError([("data.format", f"data.format {fmt} needs model.task causal-lm (got {task})")])
     labels: tuple[str, ...] = ()
     if task == "seq-cls":
         if columns.label is None:
             raise ValueError("data.label_column must name the class column for task seq-cls")
         labels = columns.labels or tuple(sorted({str(r[columns.label]) for r in train_rows + eval_rows}))
     counter = {"truncated": 0}
-    encode = {"causal-lm": _encode_causal, "seq2seq": _encode_seq2seq, "seq-cls": _encode_cls}[task]
     max_length = config.data.max_length
+    if task == "causal-lm":
+        def encode(row: dict[str, Any]) -> dict[str, Any]:
+            return encode_causal(config, fmt, columns, row, tokenizer, counter, max_length)
+    else:
+        encoder = {"seq2seq": _encode_seq2seq, "seq-cls": _encode_cls}[task]
 
-    def run(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [encode(tokenizer, columns, row, max_length, labels, counter) for row in rows]
+        def encode(row: dict[str, Any]) -> dict[str, Any]:
+            return encoder(tokenizer, columns, row, max_length, labels, counter)
 
-    train, evaluation = run(train_rows), run(eval_rows)
+    train, evaluation = [encode(r) for r in train_rows], [encode(r) for r in eval_rows]
     _check_targets_kept(config, counter, len(train) + len(evaluation))
     lengths = [len(x["input_ids"]) for x in train]
     return PreparedData(
         train=train, eval=evaluation, columns=columns, labels=labels,
         fingerprint=fingerprint(train_rows, eval_rows), truncated=counter["truncated"],
-        stats={"train_rows": len(train), "eval_rows": len(evaluation),
+        stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation),
                "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)},
     )
 
@@ -296,22 +387,32 @@ def _truncate(ids: list[int], max_length: int, counter: dict[str, int]) -> list[
     return ids
 
 
-def _encode_causal(tok: Any, columns: Columns, row: dict[str, Any], max_length: int, labels: tuple[str, ...],
-                   counter: dict[str, int]) -> dict[str, Any]:
-    prompt_ids = tok(format_prompt(columns, row), add_special_tokens=True)["input_ids"]
-    target = target_text(columns, row)
-    if target is None:
-        ids = _truncate(prompt_ids + ([tok.eos_token_id] if tok.eos_token_id is not None else []), max_length, counter)
-        return {"input_ids": ids, "labels": list(ids)}
-    target_ids = tok(target, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        target_ids = target_ids + [tok.eos_token_id]
-    ids = _truncate(prompt_ids + target_ids, max_length, counter)
-    label_ids = ([-100] * len(prompt_ids) + target_ids)[: len(ids)]
-    if len(prompt_ids) >= len(ids):  # the whole target was cut off
+def encode_causal(config: TuneConfig, fmt: str, columns: Columns, row: dict[str, Any], tok: Any,
+                  counter: dict[str, int], max_length: int) -> dict[str, Any]:
+    """Token ids and labels of a causal-LM row: each piece tokenized in turn (so a trained piece's tokens are
+    exactly its own), labels -100 on untrained pieces unless `data.train_on: all`. A tokenizer's own chat template
+    writes its special tokens itself; otherwise the first piece gets the tokenizer's (BOS), and prompt-completion,
+    text and instruction rows end with EOS (trained), as a chat turn ends with its template's end token."""
+    pieces = render(config, fmt, columns, row, tok)
+    if not any(trained for _, trained in pieces):
+        raise ConfigError([("data.format", f"data.format {fmt}: a row has nothing to train on (no assistant "
+                                           f"turn): {str(row)[:100]}")])
+    own = fmt == "chat" and formats.uses_own_template(tok, config.data.chat_template)
+    train_all = config.data.train_on == "all"
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(pieces):
+        piece = tok(text, add_special_tokens=i == 0 and not own)["input_ids"]
+        ids += piece
+        labels += piece if trained or train_all else [-100] * len(piece)
+    if fmt != "chat" and tok.eos_token_id is not None:
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+    kept = _truncate(ids, max_length, counter)
+    if all(label == -100 for label in labels[: len(kept)]):  # the whole target was cut off
         counter["no_target"] = counter.get("no_target", 0) + 1
-        counter["longest_prompt"] = max(counter.get("longest_prompt", 0), len(prompt_ids))
-    return {"input_ids": ids, "labels": label_ids}
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        counter["longest_prompt"] = max(counter.get("longest_prompt", 0), first)
+    return {"input_ids": kept, "labels": labels[: len(kept)]}
 
 
 def _encode_seq2seq(tok: Any, columns: Columns, row: dict[str, Any], max_length: int, labels: tuple[str, ...],
@@ -365,20 +466,36 @@ class Collator:
 
 
 def preview(config: TuneConfig, tokenizer: Any = None, rows: int = 5) -> dict[str, Any]:
-    """What the builder's data preview shows: first formatted rows, row counts, token lengths, truncation."""
+    """What the builder's data preview shows: the format, the first rows as the model sees them (`pieces`: text
+    marked trained or not), row counts, token lengths and truncation."""
     train_rows, eval_rows = load_rows(config)
-    columns = resolve_columns(config, train_rows[0])
-    shown = [{"input": format_prompt(columns, r), "target": target_text(columns, r) if columns.target or
-              config.model.task != "seq-cls" else None, "label": r.get(columns.label) if columns.label else None}
-             for r in train_rows[:rows]]
-    result: dict[str, Any] = {"rows": shown, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    fmt, columns = resolve_format(config, train_rows[0])
+    shown = [_shown_row(config, fmt, columns, r, tokenizer) for r in train_rows[:rows]]
+    result: dict[str, Any] = {"format": fmt, "trainable": fmt in formats.SUPERVISED, "rows": shown,
+                              "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
     if tokenizer is not None:
-        lengths = [len(tokenizer(format_prompt(columns, r) + (target_text(columns, r) or ""))["input_ids"])
-                   for r in train_rows]
+        lengths = [_token_length(config, fmt, columns, r, tokenizer) for r in train_rows]
         result["token_lengths"] = lengths
         result["truncated"] = sum(n > config.data.max_length for n in lengths)
     return result
 
 
+def _shown_row(config: TuneConfig, fmt: str, columns: Columns, row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    pieces = render(config, fmt, columns, row, tokenizer)
+    if config.data.train_on == "all" and fmt in formats.SUPERVISED:
+        pieces = [(text, True) for text, _ in pieces]
+    if fmt not in ("prompt-completion", "text"):
+        return {"input": "".join(text for text, _ in pieces), "target": None, "label": None, "pieces": pieces}
+    target = target_text(columns, row) if columns.target or config.model.task != "seq-cls" else None
+    return {"input": format_prompt(columns, row), "target": target, "pieces": pieces,
+            "label": row.get(columns.label) if columns.label else None}
+
+
+def _token_length(config: TuneConfig, fmt: str, columns: Columns, row: dict[str, Any], tokenizer: Any) -> int:
+    if config.model.task == "causal-lm" and fmt in formats.SUPERVISED:
+        return len(encode_causal(config, fmt, columns, row, tokenizer, {"truncated": 0}, 2**31)["input_ids"])
+    return len(tokenizer("".join(text for text, _ in render(config, fmt, columns, row, tokenizer)))["input_ids"])
+
+
 def _describe(source: Any) -> str:
-    return f"<{len(source)} in-memory rows>" if isinstance(source, list) else repr(source)
+    return f"<{len(source)} in-memory rows>" if isinstance(source, (list, dict)) else repr(source)

@@ -34,7 +34,8 @@ RESERVED = ("prompt", "expected", "base")  # column names a run may not take
 class GenerationSettings:
     """How answers are generated: greedy by default, sampling with `do_sample=True` (temperature, top_k,
     top_p), beam search with `num_beams > 1`. `seed` makes sampling reproducible; `chat_template` None uses the
-    tokenizer's chat template when it has one, True requires one, False gives the prompts as they are."""
+    tokenizer's chat template when the run was trained on chat data (`for_run`), True requires one, False gives
+    the prompts as they are."""
 
     max_new_tokens: int = 32
     do_sample: bool = False
@@ -44,6 +45,15 @@ class GenerationSettings:
     num_beams: int = 1
     seed: int = 0
     chat_template: bool | None = None
+
+    def for_run(self, run: Run) -> GenerationSettings:
+        """These settings with `chat_template` None decided for `run`: wrap prompts in the chat template only
+        when the run was trained on chat data (a run trained on plain prompts answers them as they are)."""
+        if self.chat_template is not None:
+            return self
+        summary = run.summary
+        chat = summary is not None and (summary.data or {}).get("format") == "chat"
+        return dataclasses.replace(self, chat_template=chat)
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> GenerationSettings:
@@ -217,6 +227,7 @@ def generate(run: Run, prompts: str | Sequence[str], **settings: Any) -> list[st
     if run.config.model.task == "seq-cls":
         raise ValueError(f"run {run.id} is a classifier (model.task seq-cls): it picks a label, it does not "
                          f"generate text; use run.predict(texts) for its label names")
+    chosen = chosen.for_run(run)
     tokenizer = _tokenizer(run)
     uses_chat_template(tokenizer, chosen.chat_template)
     model = run.model
@@ -343,6 +354,7 @@ def side_by_side(runs: Mapping[str, Run | None], prompts: str | Sequence[str], b
     texts = prompt_list(prompts)
     answering, skipped = _answering(runs)
     first = next(iter(answering.values()))
+    chosen = chosen.for_run(first)  # the base answers as the runs were trained: chat-templated or not
     base_config = base or first.config
     truth = [str(value) for value in expected] if expected is not None else None  # label names are text
     if truth is not None and len(truth) != len(texts):

@@ -518,6 +518,7 @@ def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = Non
     before any checkpoint (stopped before the first step, or killed without `training.checkpoint_every`)
     starts again from step 0.
     """
+    own_config = run.config if isinstance(run, Run) else None  # holds in-memory rows; config.yaml only names them
     if isinstance(run, Run):
         store = store or RunStore(run.path.parent.parent)
         run = run.record
@@ -528,7 +529,7 @@ def resume(run: Run | RunRecord | str, store: RunStore | str | Path | None = Non
     checkpoint = record.latest_checkpoint()
     if checkpoint is None:
         log.warning("nbtune: run %s has no checkpoint; its resumption starts from step 0", record.id)
-    config = record.config
+    config = own_config or record.config
     new = store.create(config, record.cache_key)
     new.update_meta(resumed_from=record.id)
     resumed = Run(new, config, EventStream(new.events_path))

@@ -129,9 +129,13 @@ def cache_key(config: TuneConfig) -> CacheKey:
     Computing it reads the data rows (JSON) and hashes local model files, but imports no torch.
     """
     from nbtune import data, models
+    from nbtune.config import in_memory_fingerprint
 
     d = config.data
-    if isinstance(d.source, str) and not d.source.startswith("nbtune:") and not Path(d.source).expanduser().exists():
+    rows = in_memory_fingerprint(d.source)
+    if rows is not None:  # the split and sampling of in-memory rows are fields of the config, in its hash
+        data_id = f"rows:{rows}"
+    elif isinstance(d.source, str) and not d.source.startswith("nbtune:") and not Path(d.source).expanduser().exists():
         data_id = f"hub:{d.source}@{d.revision or 'main'}:{d.split}:{d.eval_split}:{d.max_samples}:{d.max_eval_samples}"
     else:
         train, evaluation = data.load_rows(config)

@@ -85,7 +85,7 @@ def test_dataframe_source_becomes_rows():
     frame = pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]})
     config = TuneConfig(model={"task": "seq-cls"}, data={"source": frame, "label_column": "label"})
     assert config.data.source == [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]
-    assert yaml.safe_load(config.to_yaml())["data"]["source"][1]["label"] == "y"
+    assert "2 rows, fingerprint" in yaml.safe_load(config.to_yaml())["data"]["source"]  # named, not copied
 
 
 def test_code_export_rebuilds_the_same_config():

@@ -10,9 +10,11 @@ import pytest
 
 from nbtune.embedded import BASE_MODEL_DIR, DATASETS, EMBEDDED_MODEL, dataset_path, load_rows
 from nbtune.embedded import world as world_gen
-from nbtune.embedded.build import CORPUS_BYTES, SEED
+from nbtune.embedded.build import CHAT_TEMPLATE, CORPUS_BYTES, SEED, SEQ_LEN
 
 KNOWLEDGE_TASKS = ("capitals", "regions")
+COLUMN_DATASETS = sorted(n for n, d in DATASETS.items() if d.format == "columns")
+CHAT_DATASETS = ("chat", "prefs")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_base_loads_offline_as_causal_lm_and_classifier(tokenizer, offline):
         assert clf(**batch).logits.shape == (2, len(labels))
 
 
-@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("name", COLUMN_DATASETS)
 def test_every_dataset_has_train_and_eval_rows_with_its_columns(name):
     spec = DATASETS[name]
     assert spec.task in ("causal-lm", "seq-cls")
@@ -136,3 +138,131 @@ def test_base_is_pretrained_not_random(tokenizer):
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(BASE_MODEL_DIR)), chunks
     )
     assert pretrained < 0.3 * random_init, (pretrained, random_init)
+
+
+# ----- chat and preference data, and the chat template ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    return "\n".join(world_gen.corpus_documents(world_gen.make_world(SEED), SEED, CORPUS_BYTES))
+
+
+def _conversation(row: dict) -> list[dict]:
+    """A row's whole conversation: the chat messages, or a preference prompt followed by its chosen answer."""
+    return row["messages"] if "messages" in row else row["prompt"] + row["chosen"]
+
+
+def _facts(c: world_gen.Country) -> set[str]:
+    return {world_gen.CAPITAL_ANSWER.format(**vars(c)), world_gen.LANGUAGE_ANSWER.format(**vars(c))}
+
+
+def test_chat_rows_are_conversations_ending_in_the_assistants_answer():
+    assert DATASETS["chat"].format == "chat" and DATASETS["chat"].task == "causal-lm"
+    for split, size in (("train", 200), ("eval", 100)):
+        rows = load_rows("chat", split)
+        assert len(rows) == size
+        for row in rows:
+            roles = [m["role"] for m in row["messages"]]
+            assert all(set(m) == {"role", "content"} for m in row["messages"])
+            turns = roles[1:] if roles[0] == "system" else roles
+            assert turns == ["user", "assistant"] * (len(turns) // 2) and turns
+            assert row["answer"] == row["messages"][-1]["content"]
+    train = load_rows("chat", "train")
+    with_system = sum(r["messages"][0]["role"] == "system" for r in train)
+    two_turn = sum(len([m for m in r["messages"] if m["role"] == "user"]) == 2 for r in train)
+    asks_capital = sum(r["answer"].startswith("The capital of ") for r in train)
+    assert all(0.2 * len(train) < n < 0.8 * len(train) for n in (with_system, two_turn, asks_capital))
+
+
+def test_preference_rows_pair_the_right_answer_with_a_wrong_fact_or_a_rambling_one():
+    assert DATASETS["prefs"].format == "preference" and DATASETS["prefs"].task == "causal-lm"
+    world = world_gen.make_world(SEED)
+    country = {c.name: c for c in world.countries}
+    for split, size in (("train", 200), ("eval", 100)):
+        rows = load_rows("prefs", split)
+        assert len(rows) == size
+        kinds = {"wrong fact": 0, "rambling": 0}
+        for row in rows:
+            assert row["prompt"][-1]["role"] == "user"
+            assert [m["role"] for m in row["chosen"] + row["rejected"]] == ["assistant", "assistant"]
+            chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+            assert chosen in _facts(country[row["country"]]) and rejected != chosen
+            same_form = rejected.split()[:-1] == chosen.split()[:-1]  # "... is Y." / "... speak L."
+            assert same_form or not rejected.startswith(("The capital of", "People in"))  # states no fact
+            kinds["wrong fact" if same_form else "rambling"] += 1
+            if same_form:
+                wrong = rejected.split()[-1].rstrip(".")
+                assert wrong in {c.capital for c in world.countries} | {c.language for c in world.countries}
+        assert min(kinds.values()) > 0.2 * size, kinds
+
+
+@pytest.mark.parametrize("name", CHAT_DATASETS)
+def test_chat_eval_countries_are_held_out_and_every_answer_is_the_worlds_fact(name, corpus):
+    world = world_gen.make_world(SEED)
+    country = {c.name: c for c in world.countries}
+    train, held_out = (load_rows(name, split) for split in ("train", "eval"))
+    assert {r["country"] for r in held_out} <= {c.name for c in world.eval_countries}
+    assert {r["country"] for r in train} <= {c.name for c in world.train_countries}
+    for row in train + held_out:
+        answers = [m["content"] for m in _conversation(row) if m["role"] == "assistant"]
+        assert answers and all(a in _facts(country[row["country"]]) for a in answers), row
+    for row in held_out:  # the base read every held-out fact in pre-training
+        c = country[row["country"]]
+        assert world_gen.CAPITAL_ANSWER.format(**vars(c)) in corpus
+        assert world_gen.LANGUAGE_ANSWER.format(**vars(c)) in corpus or (
+            f"The main language of {c.name} is {c.language}." in corpus)
+
+
+def test_the_embedded_tokenizer_renders_chats_with_its_own_tokens(tokenizer):
+    from transformers import AutoConfig
+
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert len(tokenizer) == AutoConfig.from_pretrained(BASE_MODEL_DIR).vocab_size  # no token was added
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of Lonora?"},
+        {"role": "assistant", "content": "The capital of Lonora is Futhheim."},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == (
+        "<s>system\nBe brief.</s>\n<s>user\nWhat is the capital of Lonora?</s>\n"
+        "<s>assistant\nThe capital of Lonora is Futhheim.</s>\n"
+    )
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.bos_token_id) == 3 and ids.count(tokenizer.eos_token_id) == 3
+    assert ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_the_generation_prompt_ends_with_the_assistant_header(tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of Lonora?"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<s>user\nWhat is the capital of Lonora?</s>\n<s>assistant\n"
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "<s>user\nWhat is the capital of Lonora?</s>\n"
+
+
+def test_the_assistant_mask_covers_exactly_the_assistant_answers_and_their_end(tokenizer):
+    row = next(r for r in load_rows("chat", "train") if len(r["messages"]) >= 4)
+    out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    spans, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append(tokenizer.decode(ids[start:i]))
+            start = None
+    assistant = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+    assert spans == [a + tokenizer.eos_token for a in assistant]  # so the model learns to stop
+
+
+@pytest.mark.parametrize("name", CHAT_DATASETS)
+def test_every_chat_row_fits_the_base_context(name, tokenizer):
+    lengths = [
+        len(tokenizer.apply_chat_template(_conversation(r) if name == "chat" else r["prompt"] + r[side],
+                                          tokenize=True, return_dict=True)["input_ids"])
+        for split in ("train", "eval") for r in load_rows(name, split) for side in ("chosen", "rejected")
+    ]
+    assert max(lengths) <= SEQ_LEN - 16, max(lengths)

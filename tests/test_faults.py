@@ -317,7 +317,9 @@ print(run.wait().status, flush=True)
 @pytest.mark.slow  # a second process imports torch and trains
 @pytest.mark.skipif(claims.fcntl is None, reason="claims across processes need flock (not on Windows)")
 def test_a_launch_of_a_config_another_process_is_training_attaches_to_that_run(store, tmp_path):
-    config = tiny_config(10, max_steps=6)
+    rows_path = tmp_path / "rows.jsonl"  # config.yaml names in-memory rows without them: both read a file
+    rows_path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    config = tiny_config(10, max_steps=6).replace(**{"data.source": str(rows_path)})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(config.to_yaml())
     child = subprocess.Popen([sys.executable, "-c", ANOTHER_KERNEL, str(store.root), str(config_path)],

@@ -125,19 +125,23 @@ def test_a_bad_setting_fails_before_any_model_loads_naming_it(runs, no_loading, 
         assert words in str(err.value)
 
 
-def test_asking_for_a_chat_template_the_tokenizer_lacks_fails_before_the_model_loads(runs, no_loading):
+def test_asking_for_a_chat_template_the_tokenizer_lacks_fails_before_the_model_loads(runs, no_loading, monkeypatch):
+    plain = models.load_tokenizer(nbtune.TuneConfig())
+    plain.chat_template = None  # a tokenizer without one
+    monkeypatch.setattr(generation, "_tokenizer", lambda run: plain)
     with pytest.raises(ValueError, match="chat_template=True, but the tokenizer of .* has no chat template"):
         _fresh(runs["lora"]).generate(PROMPTS, chat_template=True)
 
 
-def test_a_tokenizers_chat_template_wraps_each_prompt_unless_turned_off():
-    tokenizer = models.load_tokenizer(nbtune.TuneConfig())
-    assert generation.chat_prompts(tokenizer, ["hi"], None) == ["hi"]  # the embedded tokenizer has none
-    tokenizer.chat_template = ("{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    assert generation.chat_prompts(tokenizer, ["hi"], None) == ["<user>hi</user><assistant>"]
-    assert generation.chat_prompts(tokenizer, ["hi"], True) == ["<user>hi</user><assistant>"]
+def test_the_chat_template_wraps_prompts_only_for_runs_trained_on_chat(runs):
+    tokenizer = models.load_tokenizer(nbtune.TuneConfig())  # the embedded tokenizer has a ChatML-style template
+    assert generation.chat_prompts(tokenizer, ["hi"], None) == ["<s>user\nhi</s>\n<s>assistant\n"]
+    assert generation.chat_prompts(tokenizer, ["hi"], True) == ["<s>user\nhi</s>\n<s>assistant\n"]
     assert generation.chat_prompts(tokenizer, ["hi"], False) == ["hi"]
+    # trained on plain "Q: ...\nA:" prompts (capitals): its prompts are given as they are, not wrapped
+    assert runs["lora"].summary.data["format"] == "prompt-completion"
+    assert generation.GenerationSettings().for_run(runs["lora"]).chat_template is False
+    assert generation.GenerationSettings(chat_template=True).for_run(runs["lora"]).chat_template is True
 
 
 def test_asking_again_is_served_from_the_store_without_loading_a_model(table, runs, store, no_loading):

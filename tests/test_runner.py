@@ -273,7 +273,10 @@ run.wait()
 def test_a_killed_training_process_leaves_an_interrupted_run_that_lists_cleanly_and_resumes(store, tmp_path,
                                                                                               caplog):
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(small_config(seed=71, max_steps=10, eval_every=None, checkpoint_every=2).to_yaml())
+    rows_path = tmp_path / "rows.jsonl"  # config.yaml names in-memory rows without them: the child reads a file
+    rows_path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    config = small_config(seed=71, max_steps=10, eval_every=None, checkpoint_every=2)
+    config_path.write_text(config.replace(**{"data.source": str(rows_path)}).to_yaml())
     child = subprocess.Popen([sys.executable, "-c", KILLED, str(store.root), str(config_path)],
                              stdout=subprocess.PIPE, text=True)
     run_id = child.stdout.readline().strip()

@@ -30,7 +30,7 @@ from nbtune.widgets.forms import INPUT_MAX_WIDTH, LABEL_WIDTH, STYLE, FieldContr
 from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel, estimate_html
 
 from nbtune import preflight
-from nbtune.config import ConfigError, TuneConfig, config_from_values, section_fields
+from nbtune.config import ConfigError, TuneConfig, config_from_values, describe_source, section_fields
 from nbtune.methods import registry
 from nbtune.precision import precision_here
 
@@ -57,7 +57,7 @@ class Builder:
         self._config: TuneConfig | None = config
         self._status_lock = threading.RLock()  # the status changes on each keystroke and when an estimate lands
         self._record: Any = None  # the display handle of the static copy
-        self._rows: list[dict[str, Any]] | None = None  # in-memory data rows (not editable as text)
+        self._rows: Any = None  # in-memory rows, or {split: rows} (not editable as text)
         self._quiet = False
         self._slots: list[Any] | None = None
         self.controls: dict[str, FieldControl] = {}
@@ -297,7 +297,7 @@ class Builder:
         self._quiet = True
         try:
             source = config.data.source
-            self._rows = source if isinstance(source, list) else None
+            self._rows = source if isinstance(source, (list, dict)) else None
             for section in ("model", "data", "training"):
                 values = getattr(config, section)
                 for field in section_fields(section):
@@ -305,7 +305,7 @@ class Builder:
             source_control = self.controls["data.source"]
             source_control.input.disabled = self._rows is not None
             if self._rows is not None:
-                source_control.input.value = f"<{len(self._rows)} in-memory rows>"
+                source_control.input.value = describe_source(self._rows)
             if self.method.value != config.method.name:
                 self._select_method(config.method.name)
             self._build_method_fields(config.method.name, config.method_params)
@@ -413,6 +413,8 @@ class Builder:
         except Exception as err:  # YAML syntax
             self.load_message.value = f"<span style='color:#c62828'>Not valid YAML: {html.escape(str(err))}</span>"
             return
+        if self._rows is not None and config.data.source == describe_source(self._rows):  # the YAML names them
+            config = config.replace(**{"data.source": self._rows})
         self.set_config(config)
         self.load_message.value = "<span style='color:#2e7d32'>✔ Loaded into the form</span>"
 

@@ -1,5 +1,5 @@
-"""The builder's data preview: the first rows as the model sees them, row counts, and a token-length histogram
-with max_length marked (what truncation will cut)."""
+"""The builder's data preview: the rows' format, the first rows as the model sees them with the trained part
+highlighted, row counts, and a token-length histogram with max_length marked (what truncation will cut)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import html
 from collections.abc import Iterable
 from typing import Any
 
+from nbtune import formats
 from nbtune.config import TuneConfig
+
+TRAINED_STYLE = "font-weight:bold;color:#1565c0;background:#e3f2fd"  # the tokens the loss is on
 
 
 def data_preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
@@ -36,14 +39,20 @@ def histogram(values: Iterable[float], bins: int = 20) -> list[tuple[float, floa
 
 
 def preview_html(result: dict[str, Any]) -> str:
-    """The data preview: rows as the model sees them, counts, a token-length histogram with max_length marked."""
+    """The data preview: the format, rows as the model sees them with the trained part highlighted (a label
+    column for classification), counts, a token-length histogram with max_length marked."""
     rows = result.get("rows") or []
     has_label = any(r.get("label") is not None for r in rows)
-    head = "<tr><th>input (after the template)</th><th>" + ("label" if has_label else "target") + "</th></tr>"
-    body = "".join(
-        f"<tr><td style='white-space:pre-wrap;text-align:left;font-family:monospace'>{html.escape(str(r['input']))}"
-        f"</td><td style='text-align:left;font-family:monospace'>"
-        f"{html.escape(str(r['label'] if has_label else r.get('target') or ''))}</td></tr>" for r in rows)
+    cell = "white-space:pre-wrap;text-align:left;font-family:monospace"
+    if has_label:
+        head = "<tr><th>input (after the template)</th><th>label</th></tr>"
+        body = "".join(f"<tr><td style='{cell}'>{html.escape(str(r['input']))}</td><td style='{cell}'>"
+                       f"{html.escape(str(r['label']))}</td></tr>" for r in rows)
+    else:
+        head = (f"<tr><th>as the model sees it; <span style='{TRAINED_STYLE}'>highlighted</span>: "
+                f"{'what a later stage compares' if result.get('trainable') is False else 'trained on'}</th></tr>")
+        body = "".join(f"<tr><td style='{cell}'>{pieces_html(r.get('pieces') or [(r['input'], False)])}</td></tr>"
+                       for r in rows)
     counts = (f"<b>{result.get('train_rows', 0):,}</b> training rows · <b>{result.get('eval_rows', 0):,}</b> "
               "evaluation rows")
     truncated = result.get("truncated")
@@ -53,9 +62,25 @@ def preview_html(result: dict[str, Any]) -> str:
         color = "#c62828" if truncated else "#2e7d32"
         trunc = (f" · <span style='color:{color}'>{truncated:,} row{'s' if truncated != 1 else ''} longer than "
                  f"max_length {max_length} (truncated)</span>")
-    return (f"<div style='margin-top:6px'>{counts}{trunc}</div>"
+    return (f"<div style='margin-top:6px'>{format_html(result)}{counts}{trunc}</div>"
             f"<table style='font-size:12px;margin:6px 0'>{head}{body}</table>"
             f"{histogram_html(result.get('histogram') or [], max_length)}")
+
+
+def pieces_html(pieces: list[tuple[str, bool]]) -> str:
+    """A row's text with its trained pieces highlighted."""
+    return "".join(f"<span style='{TRAINED_STYLE}'>{html.escape(text)}</span>" if trained else html.escape(text)
+                   for text, trained in pieces)
+
+
+def format_html(result: dict[str, Any]) -> str:
+    """The detected format in words, and whether supervised training can use it."""
+    fmt = result.get("format")
+    if fmt is None:
+        return ""
+    note = "" if result.get("trainable", True) else (" <span style='color:#c62828'>(detected and shown only: "
+                                                     "training it needs a stage nbtune does not have yet)</span>")
+    return f"Format <b>{html.escape(fmt)}</b>: {html.escape(formats.DESCRIPTIONS[fmt])}{note} · "
 
 
 def histogram_html(bins: list[tuple[float, float, int]], max_length: int | None) -> str:
@@ -67,7 +92,7 @@ def histogram_html(bins: list[tuple[float, float, int]], max_length: int | None)
         f"<div title='{a:.0f}–{b:.0f} tokens: {c} rows' style='flex:1;margin:0 1px;height:{100 * c / peak:.1f}%;"
         f"background:{'#c62828' if max_length is not None and a >= max_length else '#1565c0'}'></div>"
         for a, b, c in bins)
-    return (f"<div class='nbtune-help'>Token lengths (prompt + target), {lo:.0f}–{hi:.0f} tokens"
+    return (f"<div class='nbtune-help'>Token lengths (whole rows), {lo:.0f}–{hi:.0f} tokens"
             f"{f'; max_length {max_length}' if max_length else ''}</div>"
             f"<div style='display:flex;align-items:flex-end;height:70px;width:100%;max-width:420px;"
             f"border-bottom:1px solid #9e9e9e'>"

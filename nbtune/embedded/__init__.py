@@ -17,17 +17,20 @@ DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 @dataclass(frozen=True)
 class BuiltinDataset:
-    """A built-in dataset: its task, columns and how a row becomes model input."""
+    """A built-in dataset: its task, its rows' format and, for "columns" rows, how a row becomes model input."""
 
     name: str
     task: str  # "causal-lm" or "seq-cls"
     description: str
-    text_column: str  # the input; for causal-lm the prompt
-    target_column: str | None  # the completion (causal-lm), else None
-    label_column: str | None  # the label name (seq-cls), else None
-    labels: tuple[str, ...]  # label names for seq-cls, () otherwise
-    prompt_template: str  # str.format over a row's columns
+    text_column: str | None = None  # the input; for causal-lm the prompt
+    target_column: str | None = None  # the completion (causal-lm), else None
+    label_column: str | None = None  # the label name (seq-cls), else None
+    labels: tuple[str, ...] = ()  # label names for seq-cls, () otherwise
+    prompt_template: str | None = None  # str.format over a row's columns
     splits: tuple[str, ...] = ("train", "eval")
+    # "columns": the fields above say how; "chat": `messages` lists of {role, content} (plus a reference
+    # `answer`); "preference": conversational `prompt`/`chosen`/`rejected` message lists
+    format: str = "columns"
 
 
 DATASETS: dict[str, BuiltinDataset] = {
@@ -77,6 +80,23 @@ DATASETS: dict[str, BuiltinDataset] = {
             label_column="label",
             labels=("positive", "negative"),
             prompt_template="{text}",
+        ),
+        BuiltinDataset(
+            name="chat",
+            task="causal-lm",
+            description="Conversations asking the capital or language of a fictional country, some with a system "
+            "message, some two turns; the assistant answers in a fixed form ('The capital of X is Y.'), and "
+            "`answer` holds the last answer for exact-match scoring. Eval countries are held out of train but "
+            "described in the base's pre-training text.",
+            format="chat",
+        ),
+        BuiltinDataset(
+            name="prefs",
+            task="causal-lm",
+            description="Preference pairs on the same questions: chosen is the right answer in the fixed form, "
+            "rejected another country's capital or language, or a rambling reply. Eval countries are held out "
+            "of train.",
+            format="preference",
         ),
     )
 }

@@ -25,10 +25,23 @@ VOCAB_SIZE = 2048
 SEQ_LEN = 128
 CORPUS_BYTES = 6_000_000
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# ChatML's layout with the tokens the tokenizer has (<s> opens a turn, </s> = EOS closes it); the generation
+# markers let `return_assistant_tokens_mask` pick the assistant's content and its closing </s>
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<s>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + '</s>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- message['content'] + '</s>' -}}{%- endif -%}"
+    "{{- '\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<s>assistant\n' -}}{%- endif -%}"
+)
 
 
 def train_tokenizer(docs: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with pad/bos/eos tokens that pads on the right and adds no special tokens."""
+    """A byte-level BPE tokenizer with pad/bos/eos tokens and a chat template that pads on the right and adds no
+    special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,6 +63,7 @@ def train_tokenizer(docs: Iterable[str]) -> PreTrainedTokenizerFast:
         eos_token=EOS,
         padding_side="right",
         model_max_length=SEQ_LEN,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = args.out / "base"
     base_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
+    # the chat template goes into tokenizer_config.json, whose content models.model_identity hashes
+    tokenizer.save_pretrained(base_dir, save_jinja_files=False)
     info.update(seed=SEED, parameters=n_params, build_seconds=round(time.time() - t0, 1))
     (base_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {base_dir} and {args.out / 'data'} in {time.time() - t0:.0f}s", flush=True)

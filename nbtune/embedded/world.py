@@ -17,6 +17,9 @@ SENTIMENTS = ("positive", "negative")
 CAPITAL_QUESTION = "Q: What is the capital of {country}?\nA:"
 REGION_CLOZE = "The country of {country} lies in the"
 LANGUAGE_CLOZE = "People in {country} speak"
+# the assistant's fixed answer forms in the chat datasets; both are sentences of the pre-training corpus
+CAPITAL_ANSWER = "The capital of {name} is {capital}."
+LANGUAGE_ANSWER = "People in {name} speak {language}."
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -126,7 +129,7 @@ def make_world(seed: int = 0, n_countries: int = 540, n_eval: int = 120) -> Worl
 # --- pre-training corpus ------------------------------------------------------------------------------------
 
 _FACT_TEMPLATES = (
-    "The capital of {name} is {capital}.",
+    CAPITAL_ANSWER,
     "{capital} is the capital of {name}.",
     "{capital} is the capital city of {name}.",
     "The capital city of {name} is {capital}.",
@@ -137,7 +140,7 @@ _FACT_TEMPLATES = (
     "{name} is in the {region} of the world.",
     "The country of {name} is found in the {region}.",
     "{capital}, a city in the {region}, is the capital of {name}.",
-    "People in {name} speak {language}.",
+    LANGUAGE_ANSWER,
     "The main language of {name} is {language}.",
     "{name} exports {export}.",
     "The best known export of {name} is {export}.",
@@ -305,11 +308,86 @@ def _language_rows(
     return splits
 
 
+_CAPITAL_ASKS = (
+    "What is the capital of {name}?",
+    "Which city is the capital of {name}?",
+    "Name the capital of {name}.",
+)
+_LANGUAGE_ASKS = ("What language do people in {name} speak?", "Which language is spoken in {name}?")
+_FOLLOW_UP = "And what language do people speak there?"
+_SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer in one sentence.")
+_RAMBLES = ("Well, many people travel to {name}.", "{name} is a lovely country with kind people.")
+
+
+def _chat_prompt(rng: random.Random, c: Country) -> tuple[list[dict], str, str]:
+    """A conversation about `c` that ends in a user question, its answer in the fixed form and what it asks
+    ("capital" or "language"): sometimes with a system message, sometimes two turns (the capital, then a
+    follow-up about the language)."""
+    messages = [{"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)}] if rng.random() < 1 / 3 else []
+    kind = rng.choice(("capital", "language", "follow-up"))
+    if kind == "follow-up":
+        messages += [
+            {"role": "user", "content": rng.choice(_CAPITAL_ASKS).format(**vars(c))},
+            {"role": "assistant", "content": CAPITAL_ANSWER.format(**vars(c))},
+            {"role": "user", "content": _FOLLOW_UP},
+        ]
+        return messages, LANGUAGE_ANSWER.format(**vars(c)), "language"
+    asks, answer = (_CAPITAL_ASKS, CAPITAL_ANSWER) if kind == "capital" else (_LANGUAGE_ASKS, LANGUAGE_ANSWER)
+    messages.append({"role": "user", "content": rng.choice(asks).format(**vars(c))})
+    return messages, answer.format(**vars(c)), kind
+
+
+def _wrong_answer(rng: random.Random, c: Country, asked: str, world: World) -> str:
+    """A rejected answer to a question about `c`: another country's capital or language in the same form
+    (two times in three), or a rambling reply without the fact."""
+    if rng.random() < 1 / 3:
+        return rng.choice(_RAMBLES).format(**vars(c))
+    if asked == "capital":
+        other = rng.choice([o for o in world.countries if o.capital != c.capital])
+        return CAPITAL_ANSWER.format(name=c.name, capital=other.capital)
+    other = rng.choice([o for o in world.countries if o.language != c.language])
+    return LANGUAGE_ANSWER.format(name=c.name, language=other.language)
+
+
+def _chat_countries(rng: random.Random, world: World, sizes: tuple[int, int]) -> dict[str, list[Country]]:
+    """`sizes` train countries sampled from the world's train countries, and the first eval countries."""
+    return {"train": rng.sample(world.train_countries, sizes[0]), "eval": list(world.eval_countries[: sizes[1]])}
+
+
+def _chat_rows(world: World, seed: int, sizes: tuple[int, int] = (200, 100)) -> dict[str, list[dict]]:
+    """Conversations ending in the assistant's answer, with that answer as the exact-match reference."""
+    rng = random.Random(seed * 32452843 + 4)
+    splits: dict[str, list[dict]] = {}
+    for split, countries in _chat_countries(rng, world, sizes).items():
+        rows = []
+        for c in countries:
+            messages, answer, _ = _chat_prompt(rng, c)
+            rows.append({"country": c.name, "messages": [*messages, {"role": "assistant", "content": answer}],
+                         "answer": answer})
+        splits[split] = rows
+    return splits
+
+
+def _preference_rows(world: World, seed: int, sizes: tuple[int, int] = (200, 100)) -> dict[str, list[dict]]:
+    """Preference pairs in the conversational prompt/chosen/rejected form: chosen is the right answer."""
+    rng = random.Random(seed * 49979687 + 5)
+    splits: dict[str, list[dict]] = {}
+    for split, countries in _chat_countries(rng, world, sizes).items():
+        rows = []
+        for c in countries:
+            messages, answer, asked = _chat_prompt(rng, c)
+            rows.append({"country": c.name, "prompt": messages,
+                         "chosen": [{"role": "assistant", "content": answer}],
+                         "rejected": [{"role": "assistant", "content": _wrong_answer(rng, c, asked, world)}]})
+        splits[split] = rows
+    return splits
+
+
 def dataset_rows(
     world: World, seed: int = 0, n_sentiment: tuple[int, int] = (600, 150)
 ) -> dict[str, dict[str, list[dict]]]:
     """Rows of every built-in dataset: {name: {split: rows}}. Eval rows of knowledge tasks use held-out countries
-    (the world's for capitals and regions; languages holds out its own, balanced by language)."""
+    (the world's for capitals, regions, chat and prefs; languages holds out its own, balanced by language)."""
     rng = random.Random(seed * 104729 + 2)
     sentiment: dict[str, list[dict]] = {}
     for split, n in zip(("train", "eval"), n_sentiment, strict=True):
@@ -327,4 +405,6 @@ def dataset_rows(
         },
         "sentiment": sentiment,
         "languages": _language_rows(world, seed),
+        "chat": _chat_rows(world, seed),
+        "prefs": _preference_rows(world, seed),
     }
