@@ -280,7 +280,7 @@ class Comparison:
         if self.target_model is None or self.gpu is None:
             return {}
         if self._projections is None:
-            self._projections = _project_all(self.configs, self.target_model, self.gpu)
+            self._projections = self._estimates.projections(self.configs, self.target_model, self.gpu)
         return self._projections
 
     def rows(self) -> list[dict[str, Any]]:
@@ -677,6 +677,20 @@ class StoredEstimates:
             self._write()
         return cache[key]
 
+    def projections(self, configs: Mapping[str, TuneConfig], target_model: str, gpu: str) -> dict[str, Any]:
+        """Each config's projection to the target, kept here too: those not kept yet are projected together
+        (one import of the estimator), the rest are read back without torch."""
+        from nbtune import __version__
+
+        keys = {name: f"projection:{__version__}:{target_model}:{gpu}:{c.content_hash}" for name, c in configs.items()}
+        cache = self._read()
+        missing = {name: configs[name] for name, key in keys.items() if key not in cache}
+        if missing:
+            for name, projection in _project_all(missing, target_model, gpu).items():
+                cache[keys[name]] = {**projection.to_dict(), "config": None}  # the config is the variant's own
+            self._write()
+        return {name: _stored_projection(cache[key]) for name, key in keys.items() if key in cache}
+
     def _read(self) -> dict[str, Any]:
         if self._cache is None:
             try:
@@ -703,6 +717,12 @@ def _estimate(config: TuneConfig) -> dict[str, Any] | None:
         return None
     return {"total_bytes": int(estimate.total_bytes),
             "breakdown": [[LABELS.get(k, k), int(v)] for k, v in estimate.breakdown.items()]}
+
+
+def _stored_projection(data: dict[str, Any]) -> Any:
+    from nbtune.projection import Projection
+
+    return Projection(**data)
 
 
 def _project_all(configs: Mapping[str, TuneConfig], target_model: str, gpu: str) -> dict[str, Any]:

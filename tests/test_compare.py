@@ -8,7 +8,6 @@ import re
 import statistics
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +16,7 @@ from nbtune import comparison as comparison_module
 from nbtune import report, training
 from nbtune.comparison import Comparison, Table, Target, pareto_front
 from nbtune.methods import registry
+from nbtune.projection import Projection
 
 METHODS = ["lora", "bitfit", "prompt-tuning"]
 
@@ -344,8 +344,8 @@ def test_a_projection_to_the_target_decides_fit_memory_and_the_charts(trained, b
 
     def fake_project_all(configs, target_model, gpu):
         asked.append((sorted(configs), target_model, gpu))
-        return {n: SimpleNamespace(peak_bytes=peaks[n], fits=peaks[n] < 15 * gib, step_time_s=0.5, tokens_per_s=900.0,
-                                   error=None) for n in configs}
+        return {n: Projection(target_model, gpu, peak_bytes=peaks[n], fits=peaks[n] < 15 * gib, step_time_s=0.5,
+                              tokens_per_s=900.0) for n in configs}
 
     monkeypatch.setattr(comparison_module, "_project_all", fake_project_all)
     comparison = Comparison.from_store(base, methods=METHODS, store=store, target_model="Qwen/Qwen2.5-7B", gpu="t4")
@@ -362,6 +362,8 @@ def test_a_projection_to_the_target_decides_fit_memory_and_the_charts(trained, b
     memory = comparison.memory_chart()
     assert list(memory.data[0].y) == [9, 30, 8] and "Qwen/Qwen2.5-7B on NVIDIA T4" in memory.layout.title.text
     assert comparison.table().cost_column("memory") == "projected_peak_bytes"
+    again = Comparison.from_store(base, methods=METHODS, store=store, target_model="Qwen/Qwen2.5-7B", gpu="t4")
+    assert list(again.to_pandas()["fits"]) == [True, False, True] and len(asked) == 1  # kept in the store
 
 
 def test_failed_variants_keep_their_row_with_the_reason_and_are_named_in_every_chart(trained):
