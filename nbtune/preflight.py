@@ -50,7 +50,19 @@ def readiness(config: TuneConfig, gpu: str | int | float | None = None, estimate
     """
     model = model_blockers(config)
     shape = [] if model else shape_blockers(config)
-    return [*precision_blockers(config, gpu, estimate), *model, *shape, *memory_blockers(estimate, gpu)]
+    return [*data_blockers(config), *precision_blockers(config, gpu, estimate), *model, *shape,
+            *memory_blockers(estimate, gpu)]
+
+
+def data_blockers(config: TuneConfig) -> list[Blocker]:
+    """Data that cannot be had: config.yaml's "<in-memory: ...>" names rows it does not keep."""
+    from nbtune.config import IN_MEMORY
+
+    source = config.data.source
+    if isinstance(source, str) and source.startswith(IN_MEMORY):
+        return [Blocker("data.source", f"data.source {source} names in-memory rows that a config file does not "
+                                       "keep: pass the rows (a list, DataFrame or Dataset) as data.source")]
+    return []
 
 
 def shape_blockers(config: TuneConfig) -> list[Blocker]:

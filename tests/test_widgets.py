@@ -332,6 +332,17 @@ def test_readiness_says_why_in_plain_words_and_never_raises_for_a_bad_hub_id(mon
     assert "no such model folder" in missing[0].message
 
 
+def test_a_config_read_back_without_its_in_memory_rows_is_not_ready():
+    from nbtune import preflight
+
+    rows = [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(20)]
+    written = tiny(**{"data.source": rows}).to_yaml()
+    assert "in-memory: 20 rows" in written and "Q7" not in written  # the rows are not copied into the YAML
+    back = TuneConfig.from_yaml(written)
+    assert [b.field for b in preflight.readiness(back)] == ["data.source"]
+    assert preflight.readiness(tiny(**{"data.source": rows})) == []
+
+
 def test_fp16_loss_scaling_over_fp16_weights_of_full_fine_tuning_is_not_ready():
     from nbtune import preflight
 
