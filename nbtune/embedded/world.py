@@ -8,7 +8,7 @@ pre-trained base knows them for held-out countries while a random one cannot.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 REGIONS = ("north", "south", "east", "west")
@@ -349,38 +349,36 @@ def _wrong_answer(rng: random.Random, c: Country, asked: str, world: World) -> s
     return LANGUAGE_ANSWER.format(name=c.name, language=other.language)
 
 
-def _chat_countries(rng: random.Random, world: World, sizes: tuple[int, int]) -> dict[str, list[Country]]:
-    """`sizes` train countries sampled from the world's train countries, and the first eval countries."""
-    return {"train": rng.sample(world.train_countries, sizes[0]), "eval": list(world.eval_countries[: sizes[1]])}
+def _conversations(world: World, rng: random.Random, sizes: tuple[int, int],
+                   row: Callable[[Country], dict]) -> dict[str, list[dict]]:
+    """{split: rows}: `row(country)` for `sizes` train countries sampled from the world's train countries, and
+    for the first eval countries (held out)."""
+    countries = {"train": rng.sample(world.train_countries, sizes[0]), "eval": list(world.eval_countries[: sizes[1]])}
+    return {split: [row(c) for c in chosen] for split, chosen in countries.items()}
 
 
 def _chat_rows(world: World, seed: int, sizes: tuple[int, int] = (200, 100)) -> dict[str, list[dict]]:
     """Conversations ending in the assistant's answer, with that answer as the exact-match reference."""
     rng = random.Random(seed * 32452843 + 4)
-    splits: dict[str, list[dict]] = {}
-    for split, countries in _chat_countries(rng, world, sizes).items():
-        rows = []
-        for c in countries:
-            messages, answer, _ = _chat_prompt(rng, c)
-            rows.append({"country": c.name, "messages": [*messages, {"role": "assistant", "content": answer}],
-                         "answer": answer})
-        splits[split] = rows
-    return splits
+
+    def row(c: Country) -> dict:
+        messages, answer, _ = _chat_prompt(rng, c)
+        return {"country": c.name, "messages": [*messages, {"role": "assistant", "content": answer}],
+                "answer": answer}
+
+    return _conversations(world, rng, sizes, row)
 
 
 def _preference_rows(world: World, seed: int, sizes: tuple[int, int] = (200, 100)) -> dict[str, list[dict]]:
     """Preference pairs in the conversational prompt/chosen/rejected form: chosen is the right answer."""
     rng = random.Random(seed * 49979687 + 5)
-    splits: dict[str, list[dict]] = {}
-    for split, countries in _chat_countries(rng, world, sizes).items():
-        rows = []
-        for c in countries:
-            messages, answer, asked = _chat_prompt(rng, c)
-            rows.append({"country": c.name, "prompt": messages,
-                         "chosen": [{"role": "assistant", "content": answer}],
-                         "rejected": [{"role": "assistant", "content": _wrong_answer(rng, c, asked, world)}]})
-        splits[split] = rows
-    return splits
+
+    def row(c: Country) -> dict:
+        messages, answer, asked = _chat_prompt(rng, c)
+        return {"country": c.name, "prompt": messages, "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": _wrong_answer(rng, c, asked, world)}]}
+
+    return _conversations(world, rng, sizes, row)
 
 
 def dataset_rows(
