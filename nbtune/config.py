@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune import chat_templates, dtypes, formats, optimizers, tasks
+from nbtune import chat_templates, dtypes, formats, optimizers, stages, tasks
 
 if TYPE_CHECKING:
     from nbtune.methods.registry import Field
@@ -172,8 +172,20 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    """Optimisation settings. `learning_rate=None` takes the method's recommended rate from the registry."""
+    """The stage and its optimisation settings. `learning_rate=None` takes the method's recommended rate from
+    the registry. Fields a stage alone reads are listed in its `reads` (nbtune/stages.py)."""
 
+    stage: str = field(default="sft", metadata=_about(
+        "What kind of training: " + "; ".join(f"{s.name}: {s.title}" for s in stages.STAGES.values()) + ".",
+        choices=stages.NAMES))
+    beta: float = field(default=0.1, metadata=_about(
+        "How strongly training stays near the reference model (DPO's beta; GRPO's KL weight, 0: no reference).",
+        range=Range(0)))
+    num_generations: int = field(default=4, metadata=_about(
+        "Completions sampled per prompt; their rewards are compared within the group.", range=Range(low=2),
+        unit="completions"))
+    max_completion_length: int = field(default=32, metadata=_about(
+        "Tokens generated per completion at most.", range=COUNT, unit="tokens"))
     learning_rate: float | None = field(default=None, metadata=_about(
         "Peak learning rate (empty: the method's recommended rate).", range=Range(0, 1, low_open=True)))
     epochs: float = field(default=1.0, metadata=_about(
@@ -255,6 +267,7 @@ class TuneConfig:
             out.append(_bad("model.name_or_path", self.model.name_or_path, "a hub id, a local path or 'nbtune:tiny'"))
         out.extend(_field_problems("model", self.model))
         out.extend(self._method_problems())
+        out.extend(self._stage_problems())
         out.extend(_data_problems(self.data, self.model.task))
         out.extend(_field_problems("data", self.data))
         out.extend(_field_problems("training", self.training))
@@ -268,6 +281,22 @@ class TuneConfig:
         if method is None:
             return [_bad("method.name", self.method.name, f"one of: {', '.join(registry.names())}")]
         return list(method.check(self.method.params, task=self.model.task))
+
+    def _stage_problems(self) -> list[tuple[str, str]]:
+        """The stage against the method, the task and an explicit data format (nbtune/stages.py)."""
+        from nbtune.methods import registry
+
+        stage, method = stages.STAGES.get(self.training.stage), registry.find(str(self.method.name))
+        if stage is None or method is None:
+            return []  # named by the field checks
+        out = []
+        why = stage.unsupported(method, self.model.task)
+        if why:
+            out.append(("training.stage", f"training.stage {stage.name} with method {method.name}: {why}"))
+        if self.data.format in formats.FORMATS and self.data.format not in stage.formats:
+            out.append(("data.format", f"data.format {self.data.format} cannot train with training.stage "
+                                       f"{stage.name}, which trains {', '.join(stage.formats)}"))
+        return out
 
     # ----- derived values ---------------------------------------------------------------------------------
     @property
@@ -291,6 +320,12 @@ class TuneConfig:
         """A stable 16-hex-digit hash of what this config means (independent of key order and of defaults)."""
         resolved = self.to_dict(resolved=True)
         resolved["data"]["source"] = describe_source(self.data.source)  # what config.yaml keeps of it
+        stage = stages.STAGES.get(self.training.stage)
+        for name in stages.ONLY_SOME_READ:  # a field the stage does not read cannot change its result
+            if stage is None or name not in stage.reads:
+                resolved["training"].pop(name, None)
+        if self.training.stage == "sft":  # as before stages existed: stores keep their supervised runs
+            resolved["training"].pop("stage")
         canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

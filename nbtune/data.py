@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbtune import formats
+from nbtune import formats, stages
 from nbtune.chat_templates import Piece
 from nbtune.config import EMBEDDED_PREFIX, IN_MEMORY, ConfigError, TuneConfig
 
@@ -336,7 +336,7 @@ def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
     supervised stage cannot train the format)."""
     train_rows, eval_rows = load_rows(config)
     fmt, columns = resolve_format(config, train_rows[0])
-    formats.check_supervised(fmt)
+    stages.check_format(stages.STAGES["sft"], fmt)
     task = config.model.task
     if task != "causal-lm" and fmt not in ("prompt-completion", "text"):
         raise ConfigError([("data.format", f"data.format {fmt} needs model.task causal-lm (got {task})")])
@@ -471,7 +471,7 @@ def preview(config: TuneConfig, tokenizer: Any = None, rows: int = 5) -> dict[st
     train_rows, eval_rows = load_rows(config)
     fmt, columns = resolve_format(config, train_rows[0])
     shown = [_shown_row(config, fmt, columns, r, tokenizer) for r in train_rows[:rows]]
-    result: dict[str, Any] = {"format": fmt, "trainable": fmt in formats.SUPERVISED, "rows": shown,
+    result: dict[str, Any] = {"format": fmt, "trainable": fmt in stages.for_config(config).formats, "rows": shown,
                               "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
     if tokenizer is not None:
         lengths = [_token_length(config, fmt, columns, r, tokenizer) for r in train_rows]

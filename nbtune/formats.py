@@ -84,16 +84,6 @@ def check_row(fmt: str, row: dict[str, Any]) -> None:
                                     f"(got {str(row['messages'])[:80]!r})")
 
 
-def check_supervised(fmt: str) -> None:
-    """The supervised stage trains chat, instruction, prompt-completion and text rows, nothing else."""
-    if fmt in SUPERVISED:
-        return
-    needs = "a preference stage (DPO)" if fmt == "preference" else "a reward-based RL stage (GRPO)"
-    raise _error("data.format", f"data.format {fmt} ({DESCRIPTIONS[fmt]}) cannot train with supervised "
-                                f"fine-tuning: it needs {needs}, which this nbtune does not have yet; use rows of "
-                                f"a supervised format ({', '.join(SUPERVISED)})")
-
-
 def instruction_pieces(row: dict[str, Any]) -> list[Piece]:
     """Alpaca: the input section only when the row's input is non-empty; the output is trained."""
     given = str(row.get("input") or "").strip()

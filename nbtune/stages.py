@@ -1,20 +1,21 @@
 """Training stages: what one kind of training needs beyond the model and its method.
 
-A stage says how a config's rows become training examples, how examples are batched, which transformers
-Trainer runs the loss, which metrics an evaluation reports, and how the result is saved. `training.execute`
-reads the stage and nothing else about it, so a new stage (SFT with chat templates, preference tuning such as
-DPO with TRL's trainers) is one entry here; a new task family (image classification) is one entry in
-nbtune/tasks.py plus its encoder in nbtune/data.py, and a stage only where its loss or metrics differ.
+A stage says which data formats and tasks it trains, which methods compose with it (and why not, where not),
+how a config's rows become training examples, which Trainer runs the loss (transformers' or one of TRL's), the
+names of the metrics it logs, and what the memory estimator must count beyond a supervised step (a reference
+model, two sequences per example, generation). `training.execute` reads the stage and nothing else about it;
+the config's validation, the builder's forms, the estimator and the docs read this same registry.
 See ARCHITECTURE.md. Importing this module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune import formats
 from nbtune.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -22,39 +23,71 @@ if TYPE_CHECKING:
     from nbtune.data import PreparedData
     from nbtune.methods.registry import Method, MethodContext
 
+CAUSAL_ONLY = ("causal-lm",)
+
 
 @dataclass(frozen=True)
 class Stage:
-    """One kind of training, as `training.execute` runs it."""
+    """One kind of training, as `training.execute` runs it and the estimator counts it."""
 
     name: str
+    title: str
     description: str
-    prepare_data: Callable[[TuneConfig, Any], PreparedData]  # (config, tokenizer) -> tokenized train/eval examples
-    collator: Callable[[Any, str], Callable[[list[dict[str, Any]]], dict[str, Any]]]  # (tokenizer, task) -> batcher
-    trainer_class: Callable[[], type]  # -> the Trainer subclass (a function: transformers loads when training starts)
-    metrics: Callable[[str], Callable[[Any], dict[str, float]] | None]  # (task) -> Trainer compute_metrics, or None
-    save_artifact: Callable[[Any, Method, Path, MethodContext, TuneConfig], Any]  # (model, method, folder, ctx, config)
+    trainer: str  # the library class that trains it, in words (docs, tooltips)
+    formats: tuple[str, ...]  # the data formats it trains (nbtune/formats.py)
+    tasks: tuple[str, ...]
+    prepare_data: Callable[[TuneConfig, Any], PreparedData]  # (config, tokenizer) -> train/eval examples
+    arguments: Callable[[TuneConfig, dict[str, Any]], Any]  # (config, common TrainingArguments kwargs) -> args
+    build_trainer: Callable[..., Any]  # (prepared run, args, callbacks) -> the Trainer
+    save_artifact: Callable[[Any, Method, Path, MethodContext, TuneConfig], Any]  # (model, method, folder, ctx, cfg)
+    reads: tuple[str, ...] = ()  # training.* fields only this stage reads (forms show them only for it)
+    logged: Mapping[str, str] = field(default_factory=dict)  # the trainer's log name -> the event's metric name
+    sequences_per_example: int = 1  # DPO runs the chosen and the rejected answer of each pair
+    reference_model: bool = False  # scores against a frozen reference (the base: adapter disabled, or a copy)
+    generates: bool = False  # samples completions while training (KV cache, num_generations)
+    accuracy_means: str = "held-out accuracy"  # what its eval "accuracy" measures, in words
+    language_model_loss: bool = True  # its loss is a token cross-entropy (so exp(loss) is a perplexity)
+
+    def unsupported(self, method: Method, task: str) -> str | None:
+        """Why `method` cannot train with this stage on `task`, in words; None when it can."""
+        if task not in self.tasks:
+            return f"{self.name} trains {', '.join(self.tasks)} models, not {task}"
+        if self.name != "sft" and method.compute_loss is not None:
+            return f"{method.name} brings its own loss, which replaces the stage's; it trains only with sft"
+        return None
+
+    def uses_reference(self, config: TuneConfig) -> bool:
+        """Whether a run of `config` holds a reference model (GRPO only with a KL penalty, beta > 0)."""
+        return self.reference_model and (not self.generates or config.training.beta > 0)
 
 
+# ----- sft: the supervised stage (transformers' Trainer) -------------------------------------------------
 def _prepare_rows(config: TuneConfig, tokenizer: Any) -> PreparedData:
     from nbtune import data
 
     return data.prepare(config, tokenizer)
 
 
-def _pad_to_longest(tokenizer: Any, task: str) -> Any:
+def _training_arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**common)
+
+
+def _supervised_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     from nbtune import data
-
-    return data.Collator(tokenizer.pad_token_id, task)
-
-
-def _method_trainer() -> type:
     from nbtune.training import MethodTrainer
 
-    return MethodTrainer
+    built, task = prepared.built, prepared.built.ctx.task
+    return MethodTrainer(
+        model=built.model, args=args, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval or None,
+        data_collator=data.Collator(prepared.tokenizer.pad_token_id, task), compute_metrics=task_metric(task),
+        callbacks=callbacks, method_loss=built.method.compute_loss, method_context=built.ctx,
+    )
 
 
-def _task_metric(task: str) -> Callable[[Any], dict[str, float]] | None:
+def task_metric(task: str) -> Callable[[Any], dict[str, float]] | None:
+    """The Trainer's compute_metrics for a task: accuracy for classification, None (loss only) otherwise."""
     return _accuracy if TASKS[task].metric == "accuracy" else None
 
 
@@ -73,14 +106,54 @@ def _save_with_method(model: Any, method: Method, directory: Path, ctx: MethodCo
     return save_trained(model, method, directory, ctx, config=config)
 
 
+# ----- dpo: preference pairs (TRL's DPOTrainer) ------------------------------------------------------------
+def _dpo(name: str) -> Callable[..., Any]:
+    """A hook of nbtune/stage_dpo.py, imported when a DPO run starts (it imports TRL)."""
+    def hook(*args: Any) -> Any:
+        from nbtune import stage_dpo
+
+        return getattr(stage_dpo, name)(*args)
+    return hook
+
+
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("supervised", "supervised fine-tuning: the task's loss on prompt/target or text/label rows",
-          prepare_data=_prepare_rows, collator=_pad_to_longest, trainer_class=_method_trainer,
-          metrics=_task_metric, save_artifact=_save_with_method),
+    Stage("sft", "Supervised fine-tuning (SFT)",
+          "the task's loss on the answer: chat (assistant turns), instruction, prompt/completion and text rows; "
+          "classification and seq2seq rows", "transformers Trainer",
+          formats=formats.SUPERVISED, tasks=tuple(TASKS), prepare_data=_prepare_rows,
+          arguments=_training_arguments, build_trainer=_supervised_trainer, save_artifact=_save_with_method),
+    Stage("dpo", "Direct preference optimisation (DPO)",
+          "prefer each pair's chosen answer over its rejected one, relative to a frozen reference: the base "
+          "with the adapter disabled for PEFT methods, a copy of the model otherwise", "TRL DPOTrainer",
+          formats=("preference",), tasks=CAUSAL_ONLY, prepare_data=_dpo("prepare"), arguments=_dpo("arguments"),
+          build_trainer=_dpo("build_trainer"), save_artifact=_save_with_method, reads=("beta",),
+          logged={"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+                  "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy"},
+          sequences_per_example=2, reference_model=True, language_model_loss=False,
+          accuracy_means="held-out preference accuracy: the chosen answer scored above the rejected one"),
 )}
+NAMES = tuple(STAGES)
+ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length")  # training.* fields read per stage
 
 
 def for_config(config: TuneConfig) -> Stage:
-    """The stage a config trains with: "supervised", the one stage so far (a `training.stage` field, when a
-    second stage exists, is read here and nowhere else)."""
-    return STAGES["supervised"]
+    """The stage a config trains with (`training.stage`)."""
+    return STAGES[config.training.stage]
+
+
+def check_format(stage: Stage, fmt: str) -> None:
+    """Refuse rows of a format the stage cannot train, naming data.format and the stages that can."""
+    if fmt in stage.formats:
+        return
+    from nbtune.config import ConfigError
+
+    able = [s.name for s in STAGES.values() if fmt in s.formats]
+    fix = f"set training.stage to {' or '.join(able)}" if able else "no stage trains it yet"
+    raise ConfigError([("data.format", (
+        f"data.format {fmt} ({formats.DESCRIPTIONS[fmt]}) cannot train with training.stage {stage.name}, which "
+        f"trains {', '.join(stage.formats)}; {fix}, or give rows of one of those formats"))])
+
+
+def supported_combinations(methods: Mapping[str, Method], task: str = "causal-lm") -> dict[tuple[str, str], str | None]:
+    """{(stage, method): None if supported, else why not}: the stage × method table the docs show."""
+    return {(s.name, m.name): s.unsupported(m, task) for s in STAGES.values() for m in methods.values()}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbtune import disk
+from nbtune import disk, stages
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import Suggestion
@@ -68,8 +68,11 @@ def memory_now() -> dict[str, float]:
 class EventCallback(TrainerCallback):
     """Turns the Trainer's logs into step/eval events and honours the stop flag at step boundaries."""
 
-    def __init__(self, events: EventStream, stop: threading.Event, total_steps: int):
+    def __init__(self, events: EventStream, stop: threading.Event, total_steps: int,
+                 logged: dict[str, str] | None = None, perplexity: bool = True):
         self.events = events
+        self.perplexity = perplexity  # exp(eval loss) means something: the loss is a token cross-entropy
+        self.logged = logged or {}  # the stage's own log names -> event metric names (DPO's rewards/margins)
         self.stop = stop
         self.total_steps = total_steps
         self.last_time = time.perf_counter()
@@ -109,6 +112,7 @@ class EventCallback(TrainerCallback):
             learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
             tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed,
             tokens_seen=state.num_input_tokens_seen, elapsed_s=now - self.started, memory=memory_now(),
+            **{ours: float(logs[theirs]) for theirs, ours in self.logged.items() if theirs in logs},
         )
         if not math.isfinite(loss):
             raise LossNotFinite(f"the training loss became {loss} at step {state.global_step}")
@@ -116,20 +120,17 @@ class EventCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001
         metrics = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()
                    if not k.endswith(("_runtime", "_per_second")) and k not in ("epoch", "step")}
-        if "loss" in metrics and metrics["loss"] is not None and math.isfinite(metrics["loss"]):
+        metrics = {self.logged.get(k, k): v for k, v in metrics.items()}
+        loss = metrics.get("loss")
+        if self.perplexity and loss is not None and math.isfinite(loss):
             metrics.setdefault("perplexity", math.exp(min(metrics["loss"], 50.0)))
         self.events.emit("eval", step=state.global_step, epoch=state.epoch, **metrics)
 
 
-class MethodTrainer(Trainer):
-    """A Trainer whose training loss may come from the method (e.g. distillation), and which never
-    saves a checkpoint whose trainable weights are NaN or infinite (so the last one kept is good), nor leaves
-    a half-written one (a full disk): the previous checkpoint is only rotated away after a complete save."""
-
-    def __init__(self, *args: Any, method_loss: Any = None, method_context: Any = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.method_loss = method_loss  # (model, inputs, ctx) -> (loss, outputs), or None: the model's own loss
-        self.method_context = method_context
+class GuardedCheckpoints:
+    """Mixed into every stage's Trainer: never save a checkpoint whose trainable weights are NaN or infinite (so
+    the last one kept is good), nor leave a half-written one (a full disk): the previous checkpoint is only
+    rotated away after a complete save."""
 
     def _save_checkpoint(self, model, trial):  # noqa: ANN001
         import torch
@@ -146,6 +147,15 @@ class MethodTrainer(Trainer):
             if not existed:  # a torn trainer_state.json would pass for a complete checkpoint
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+
+
+class MethodTrainer(GuardedCheckpoints, Trainer):
+    """The supervised stage's Trainer: its training loss may come from the method (e.g. distillation)."""
+
+    def __init__(self, *args: Any, method_loss: Any = None, method_context: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.method_loss = method_loss  # (model, inputs, ctx) -> (loss, outputs), or None: the model's own loss
+        self.method_context = method_context
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         if self.method_loss is not None and model.training:
@@ -222,7 +232,9 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     set_seed(config.training.seed)
     prepared = _prepare(config, events)
     args = _training_arguments(config, prepared, run_dir)
-    trainer = _build_trainer(prepared, args, EventCallback(events, stop, prepared.total_steps), extra_callbacks or [])
+    stage = prepared.stage
+    callback = EventCallback(events, stop, prepared.total_steps, dict(stage.logged), stage.language_model_loss)
+    trainer = _build_trainer(prepared, args, callback, extra_callbacks or [])
     _announce_start(events, config, prepared, resume_from)
     outcome = _train(trainer, prepared, stop, resume_from)
     _finish(trainer, config, prepared, outcome, events)
@@ -261,7 +273,7 @@ def _prepare(config: TuneConfig, events: EventStream) -> _Prepared:
     concrete, _, dtype = precision_module.resolve(config, device)
     events.emit("phase", phase="loading weights")  # after the data: a classifier's head needs its labels
     built = models.build(concrete, tokenizer=tokenizer, labels=data.labels, dtype=dtype.value,
-                         extras={"total_steps": total_steps})
+                         extras={"total_steps": total_steps, "data_format": data.stats.get("format")})
     trainable, total = count_parameters(built.model)
     if trainable == 0:
         raise ValueError(f"method {built.method.name} left no trainable parameters on this model")
@@ -278,11 +290,12 @@ def _total_steps(config: TuneConfig, train_rows: int) -> int:
 
 
 def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) -> Any:
-    from transformers import TrainingArguments
+    """The stage's TrainingArguments (or TRL config) from what every stage shares."""
+    from transformers import TrainingArguments  # the checkpointing argument's name is read from it
 
     t = config.training
     evaluates = bool(prepared.data.eval)
-    return TrainingArguments(
+    common = dict(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=max(t.micro_batch_size, 16),
@@ -316,22 +329,18 @@ def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) 
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataloader_pin_memory=prepared.on_gpu,
-        prediction_loss_only=prepared.stage.metrics(config.model.task) is None,  # logits only for a metric
+        prediction_loss_only=stages.task_metric(config.model.task) is None,  # logits only for a metric
     )
+    return prepared.stage.arguments(config, common)
 
 
 def _build_trainer(prepared: _Prepared, args: Any, event_callback: Any, extra_callbacks: list[Any]) -> Any:
-    """The stage's Trainer over the prepared data, with the method's loss and callbacks; no progress bars."""
+    """The stage's Trainer over the prepared data, with the method's callbacks; no progress bars."""
     import transformers
 
-    built, data, stage, task = prepared.built, prepared.data, prepared.stage, prepared.built.ctx.task
+    built = prepared.built
     method_callbacks = built.method.callbacks(built.model, built.params, built.ctx) if built.method.callbacks else []
-    trainer = stage.trainer_class()(
-        model=built.model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
-        data_collator=stage.collator(prepared.tokenizer, task), compute_metrics=stage.metrics(task),
-        callbacks=[event_callback, *method_callbacks, *extra_callbacks],
-        method_loss=built.method.compute_loss, method_context=built.ctx,
-    )
+    trainer = prepared.stage.build_trainer(prepared, args, [event_callback, *method_callbacks, *extra_callbacks])
     for name in ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback"):
         cls = getattr(transformers.trainer_callback, name, None) or getattr(transformers, name, None)
         if cls is not None:

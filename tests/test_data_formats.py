@@ -187,10 +187,11 @@ def test_preference_rows_fail_on_the_supervised_stage_before_training_naming_dat
     config = TuneConfig(data={"source": rows, "eval_split": 0.25})
     with pytest.raises(ConfigError) as err:
         stages.for_config(config).prepare_data(config, tokenizer)
-    assert "preference stage" in err.value.for_field("data.format")
+    assert "set training.stage to dpo" in err.value.for_field("data.format")
     shown = data.preview(config, tokenizer)
     assert shown["format"] == "preference" and shown["trainable"] is False
     assert "[chosen] hi" in shown["rows"][0]["input"]
+    assert data.preview(config.replace(**{"training.stage": "dpo"}), tokenizer)["trainable"] is True
 
 
 def test_the_preview_names_the_format_and_highlights_the_trained_part(tokenizer):

@@ -320,7 +320,7 @@ def test_training_takes_its_data_metrics_and_artifact_from_the_stage(tmp_path, m
     from nbtune import stages
     from nbtune.training import execute
 
-    supervised = stages.STAGES["supervised"]
+    supervised = stages.STAGES["sft"]
     saved = []
 
     def top_token_share(prediction: Any) -> dict[str, float]:
@@ -331,7 +331,14 @@ def test_training_takes_its_data_metrics_and_artifact_from_the_stage(tmp_path, m
         saved.append(method.name)
         return supervised.save_artifact(model, method, directory, ctx, config)
 
-    stage = dataclasses.replace(supervised, metrics=lambda task: top_token_share, save_artifact=save_and_note)
+    def with_metric(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
+        trainer = supervised.build_trainer(prepared, args, callbacks)
+        trainer.compute_metrics = top_token_share
+        return trainer
+
+    stage = dataclasses.replace(
+        supervised, save_artifact=save_and_note, build_trainer=with_metric,
+        arguments=lambda config, common: supervised.arguments(config, {**common, "prediction_loss_only": False}))
     monkeypatch.setattr(stages, "for_config", lambda config: stage)
     events = EventStream()
     summary = execute(small_config(max_steps=2, eval_every=None), tmp_path / "run", events)

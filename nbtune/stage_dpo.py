@@ -1,0 +1,85 @@
+"""The DPO stage: preference pairs trained with TRL's DPOTrainer (the hooks `nbtune/stages.py` names).
+
+The reference model is TRL's choice, which is the one the issue asks for: a PEFT model is its own reference
+with the adapter disabled (no second copy in memory); any other method gets a frozen copy of the base, loaded
+from the same checkpoint (the estimator counts it). TRL renders conversational pairs with the tokenizer's chat
+template; a template named in `data.chat_template` replaces it. Each evaluation adds the held-out preference
+accuracy, the share of eval pairs whose chosen answer the model scores above the rejected one
+(`nbtune.preference.score_pairs`), as `accuracy`. Importing this module imports TRL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtune import chat_templates, formats, stages
+from nbtune.config import TuneConfig
+from nbtune.training import GuardedCheckpoints
+
+PAIR = ("prompt", "chosen", "rejected")
+
+from trl import DPOConfig, DPOTrainer  # noqa: E402  (after nbtune.training: transformers is loaded there)
+
+
+def prepare(config: TuneConfig, tokenizer: Any) -> Any:
+    """The pairs as TRL reads them (prompt, chosen, rejected; chat or plain), checked, and what the run records."""
+    from nbtune import data
+
+    train_rows, eval_rows = data.load_rows(config)
+    fmt, columns = data.resolve_format(config, train_rows[0])
+    stages.check_format(stages.STAGES["dpo"], fmt)
+    for row in train_rows + eval_rows:
+        formats.check_row(fmt, row)
+    _use_chat_template(config, tokenizer, train_rows[0])
+    train, evaluation = ([{k: r[k] for k in PAIR} for r in rows] for rows in (train_rows, eval_rows))
+    return data.PreparedData(
+        train=train, eval=evaluation, columns=columns, labels=(), fingerprint=data.fingerprint(train_rows, eval_rows),
+        stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation)})
+
+
+def _use_chat_template(config: TuneConfig, tokenizer: Any, row: dict[str, Any]) -> None:
+    """Conversational pairs render with the tokenizer's own template, or the one `data.chat_template` names."""
+    if not formats.is_conversation(row["prompt"]):
+        return
+    name = config.data.chat_template
+    if name == "auto" and getattr(tokenizer, "chat_template", None):
+        return
+    tokenizer.chat_template = chat_templates.JINJA[chat_templates.NAMES[0] if name == "auto" else name]
+
+
+def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
+    """DPOConfig: the shared arguments, beta, and the config's token limit for prompt + answer."""
+    return DPOConfig(**common, beta=config.training.beta, max_length=config.data.max_length)
+
+
+def build_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
+    """TRL's DPOTrainer over the pairs, with the run's model as it was built (method applied)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # TRL tokenizes with datasets.map; its bars would reach the cell
+    data = prepared.data
+    trainer = PreferenceTrainer(
+        model=prepared.built.model, args=args, train_dataset=datasets.Dataset.from_list(data.train),
+        eval_dataset=datasets.Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=prepared.tokenizer, callbacks=callbacks)
+    trainer.held_out_pairs = data.eval
+    return trainer
+
+
+class PreferenceTrainer(GuardedCheckpoints, DPOTrainer):
+    """DPOTrainer whose evaluations also report the held-out preference accuracy (chosen scored above
+    rejected by the model itself, summed log-probabilities), and whose checkpoints are guarded."""
+
+    held_out_pairs: list[dict[str, Any]] = []
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        from nbtune.preference import score_pairs
+
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self.held_out_pairs:
+            scores = score_pairs(self.model, self.processing_class, self.held_out_pairs,
+                                 max_length=self.args.max_length)
+            output.metrics[f"{prefix}_accuracy"] = scores.accuracy
+            output.metrics[f"{prefix}_preference_margin"] = scores.mean_margin
+        return output
