@@ -458,7 +458,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("nbtune", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+    for name in ("nbtune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
