@@ -175,26 +175,32 @@ def test_chat_rows_are_conversations_ending_in_the_assistants_answer():
     assert all(0.2 * len(train) < n < 0.8 * len(train) for n in (with_system, two_turn, asks_capital))
 
 
-def test_preference_rows_pair_the_right_answer_with_a_wrong_fact_or_a_rambling_one():
+def _names(c: world_gen.Country) -> set[str]:
+    """The facts about `c` as just the name, the short reply form of the preference pairs."""
+    return {f"{c.capital}.", f"{c.language}."}
+
+
+def test_preference_rows_ask_for_a_reply_form_and_prefer_it_both_answers_stating_the_right_fact():
     assert DATASETS["prefs"].format == "preference" and DATASETS["prefs"].task == "causal-lm"
-    world = world_gen.make_world(SEED)
-    country = {c.name: c for c in world.countries}
+    country = {c.name: c for c in world_gen.make_world(SEED).countries}
+    requests = {"Reply with just the name.": "name", "Reply in a full sentence.": "sentence"}
     for split, size in (("train", 200), ("eval", 100)):
         rows = load_rows("prefs", split)
         assert len(rows) == size
-        kinds = {"wrong fact": 0, "rambling": 0}
+        asked = {"name": 0, "sentence": 0}
         for row in rows:
-            assert row["prompt"][-1]["role"] == "user"
-            assert [m["role"] for m in row["chosen"] + row["rejected"]] == ["assistant", "assistant"]
+            c, last = country[row["country"]], row["prompt"][-1]
+            assert last["role"] == "user" and [m["role"] for m in row["chosen"] + row["rejected"]] == ["assistant"] * 2
+            form = next(f for request, f in requests.items() if last["content"].endswith(" " + request))
+            asked[form] += 1
             chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-            assert chosen in _facts(country[row["country"]]) and rejected != chosen
-            same_form = rejected.split()[:-1] == chosen.split()[:-1]  # "... is Y." / "... speak L."
-            assert same_form or not rejected.startswith(("The capital of", "People in"))  # states no fact
-            kinds["wrong fact" if same_form else "rambling"] += 1
-            if same_form:
-                wrong = rejected.split()[-1].rstrip(".")
-                assert wrong in {c.capital for c in world.countries} | {c.language for c in world.countries}
-        assert min(kinds.values()) > 0.2 * size, kinds
+            name, sentence = (chosen, rejected) if form == "name" else (rejected, chosen)
+            assert name in _names(c) and sentence in _facts(c), row
+            assert sentence.endswith(" " + name)  # the same fact in both forms
+        assert asked == {"name": size // 2, "sentence": size // 2}
+        with_system = sum(r["prompt"][0]["role"] == "system" for r in rows)
+        two_turn = sum(len([m for m in r["prompt"] if m["role"] == "user"]) == 2 for r in rows)
+        assert all(0.15 * size < n < 0.85 * size for n in (with_system, two_turn)), (with_system, two_turn)
 
 
 @pytest.mark.parametrize("name", CHAT_DATASETS)
@@ -205,8 +211,10 @@ def test_chat_eval_countries_are_held_out_and_every_answer_is_the_worlds_fact(na
     assert {r["country"] for r in held_out} <= {c.name for c in world.eval_countries}
     assert {r["country"] for r in train} <= {c.name for c in world.train_countries}
     for row in train + held_out:
+        c = country[row["country"]]
         answers = [m["content"] for m in _conversation(row) if m["role"] == "assistant"]
-        assert answers and all(a in _facts(country[row["country"]]) for a in answers), row
+        stated = _facts(c) | (_names(c) if name == "prefs" else set())  # prefs also answer with just the name
+        assert answers and all(a in stated for a in answers), row
     for row in held_out:  # the base read every held-out fact in pre-training
         c = country[row["country"]]
         assert world_gen.CAPITAL_ANSWER.format(**vars(c)) in corpus

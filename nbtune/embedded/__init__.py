@@ -93,9 +93,9 @@ DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset(
             name="prefs",
             task="causal-lm",
-            description="Preference pairs on the same questions: chosen is the right answer in the fixed form, "
-            "rejected another country's capital or language, or a rambling reply. Eval countries are held out "
-            "of train.",
+            description="Preference pairs on the same questions, each ending in a request for just the name or a "
+            "full sentence (half the rows each): chosen answers in the form asked for, rejected in the other, "
+            "both stating the right fact, so the base has no prior on them. Eval countries are held out of train.",
             format="preference",
         ),
     )

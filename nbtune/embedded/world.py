@@ -316,7 +316,8 @@ _CAPITAL_ASKS = (
 _LANGUAGE_ASKS = ("What language do people in {name} speak?", "Which language is spoken in {name}?")
 _FOLLOW_UP = "And what language do people speak there?"
 _SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer in one sentence.")
-_RAMBLES = ("Well, many people travel to {name}.", "{name} is a lovely country with kind people.")
+_REPLY_REQUESTS = {"name": "Reply with just the name.", "sentence": "Reply in a full sentence."}  # prefs
+_REPLY_FORMS = tuple(_REPLY_REQUESTS)
 
 
 def _chat_prompt(rng: random.Random, c: Country) -> tuple[list[dict], str, str]:
@@ -337,16 +338,9 @@ def _chat_prompt(rng: random.Random, c: Country) -> tuple[list[dict], str, str]:
     return messages, answer.format(**vars(c)), kind
 
 
-def _wrong_answer(rng: random.Random, c: Country, asked: str, world: World) -> str:
-    """A rejected answer to a question about `c`: another country's capital or language in the same form
-    (two times in three), or a rambling reply without the fact."""
-    if rng.random() < 1 / 3:
-        return rng.choice(_RAMBLES).format(**vars(c))
-    if asked == "capital":
-        other = rng.choice([o for o in world.countries if o.capital != c.capital])
-        return CAPITAL_ANSWER.format(name=c.name, capital=other.capital)
-    other = rng.choice([o for o in world.countries if o.language != c.language])
-    return LANGUAGE_ANSWER.format(name=c.name, language=other.language)
+def _bare_answer(c: Country, asked: str) -> str:
+    """The fact asked about `c`, as just the name: "Futhheim." (the full sentence is CAPITAL_ANSWER's or LANGUAGE_ANSWER's)."""
+    return f"{c.capital if asked == 'capital' else c.language}."
 
 
 def _conversations(world: World, rng: random.Random, sizes: tuple[int, int],
@@ -370,13 +364,24 @@ def _chat_rows(world: World, seed: int, sizes: tuple[int, int] = (200, 100)) -> 
 
 
 def _preference_rows(world: World, seed: int, sizes: tuple[int, int] = (200, 100)) -> dict[str, list[dict]]:
-    """Preference pairs in the conversational prompt/chosen/rejected form: chosen is the right answer."""
+    """Preference pairs in the conversational prompt/chosen/rejected form, both answers stating the right fact:
+    the last user turn asks for a reply form (just the name, or a full sentence; half the rows of each split
+    each), chosen follows it and rejected follows the other. A base's leaning towards either form counts for
+    as many rows as it counts against, so only a model that reads the request prefers chosen."""
     rng = random.Random(seed * 49979687 + 5)
+    # _conversations makes the train rows, then the eval rows: one balanced, shuffled list of forms for each
+    forms = iter([form for n in sizes for form in rng.sample(_REPLY_FORMS * (n // 2) + _REPLY_FORMS[: n % 2], n)])
 
     def row(c: Country) -> dict:
-        messages, answer, asked = _chat_prompt(rng, c)
-        return {"country": c.name, "prompt": messages, "chosen": [{"role": "assistant", "content": answer}],
-                "rejected": [{"role": "assistant", "content": _wrong_answer(rng, c, asked, world)}]}
+        messages, sentence, asked = _chat_prompt(rng, c)
+        if messages[0]["role"] == "system":  # "Answer in one sentence." would contradict half the requests
+            messages[0]["content"] = _SYSTEM_PROMPTS[0]
+        form = next(forms)
+        messages[-1]["content"] += " " + _REPLY_REQUESTS[form]
+        answers = {"name": _bare_answer(c, asked), "sentence": sentence}
+        other = next(f for f in _REPLY_FORMS if f != form)
+        return {"country": c.name, "prompt": messages, "chosen": [{"role": "assistant", "content": answers[form]}],
+                "rejected": [{"role": "assistant", "content": answers[other]}]}
 
     return _conversations(world, rng, sizes, row)
 
