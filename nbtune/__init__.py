@@ -35,6 +35,7 @@ _LAZY = {
     "compare": "nbtune.comparison",
     "Comparison": "nbtune.comparison",
     "show_figure": "nbtune.static_image",
+    "try_it": "nbtune.widgets.try_it",
 }
 
 __all__ = ["ConfigError", "TuneConfig", "__version__", "load_ipython_extension", *_LAZY]

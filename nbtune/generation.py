@@ -1,5 +1,6 @@
 """What trained runs answer: `Run.generate` (greedy, sampling, beam search) and `Run.predict` (classification),
-and `side_by_side`, the same prompts answered by the untuned base and by every run, kept in the store.
+`stream` (one answer piece by piece, as it is generated), and `side_by_side`, the same prompts answered by the
+untuned base and by every run, kept in the store.
 
 A side-by-side table is saved as `<store root>/generations/<key>.json`, the key hashing the runs (names, ids,
 cache keys), the base model, the prompts and the settings, so asking the same question again loads no model.
@@ -7,13 +8,16 @@ cache keys), the base model, the prompts and the settings, so asking the same qu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import html
 import json
 import logging
+import queue
+import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,15 +228,19 @@ def generate(run: Run, prompts: str | Sequence[str], **settings: Any) -> list[st
     chat template looked up, before its model loads."""
     chosen = GenerationSettings.of(settings)
     texts = prompt_list(prompts)
-    if run.config.model.task == "seq-cls":
-        raise ValueError(f"run {run.id} is a classifier (model.task seq-cls): it picks a label, it does not "
-                         f"generate text; use run.predict(texts) for its label names")
+    _refuse_classifier(run)
     chosen = chosen.for_run(run)
     tokenizer = _tokenizer(run)
     uses_chat_template(tokenizer, chosen.chat_template)
     model = run.model
     with _quiet(run):
         return answers(model, tokenizer, texts, chosen)
+
+
+def _refuse_classifier(run: Run) -> None:
+    if run.config.model.task == "seq-cls":
+        raise ValueError(f"run {run.id} is a classifier (model.task seq-cls): it picks a label, it does not "
+                         f"generate text; use run.predict(texts) for its label names")
 
 
 def _quiet(run: Run) -> Any:
@@ -276,6 +284,117 @@ def count_confusion(true: Sequence[str], predicted: Sequence[str], names: Sequen
     for t, p in zip(true, predicted, strict=True):
         counts[str(t)][p] += 1
     return counts
+
+
+# ----- streaming ------------------------------------------------------------------------------------------
+PIECE_TIMEOUT_S = 300.0  # the longest wait for the next piece: a stuck generate ends the stream, not the kernel
+
+
+def streaming_settings(prompt: str, **settings: Any) -> GenerationSettings:
+    """The settings of `stream`, checked with its prompt as `generate` checks them; beam search is refused (it
+    settles on its answer only at the end). A bad one is a ValueError naming it."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty text (got {prompt!r})")
+    chosen = GenerationSettings.of(settings)
+    if chosen.num_beams > 1:
+        raise ValueError(f"num_beams must be 1 when streaming (got {chosen.num_beams}): beam search settles on "
+                         f"its answer only at the end; use generate for it")
+    return chosen
+
+
+def stream(answerer: Run | TuneConfig, prompt: str, **settings: Any) -> Iterator[str]:
+    """The answer to `prompt` piece by piece as it is generated, by a run or by the untuned base model of a
+    TuneConfig. Settings as in `generate` (greedy by default; `chat_template` None follows `for_run`, and for
+    a base the config's `data.format` chat); they are checked, and the model loaded once, before this returns.
+    An error in generation is raised from the iterator; closing it early stops the generation."""
+    chosen = streaming_settings(prompt, **settings)
+    if isinstance(answerer, TuneConfig):
+        model, tokenizer, chosen, log_path = _base_for_stream(answerer, chosen)
+    else:
+        model, tokenizer, chosen, log_path = _run_for_stream(answerer, chosen)
+    return _pieces(model, tokenizer, prompt, chosen, log_path)
+
+
+def _run_for_stream(run: Run, settings: GenerationSettings) -> tuple[Any, Any, GenerationSettings, Path]:
+    """A run's model (kept by the run, as for `generate`), tokenizer and settings, checked as `generate` does."""
+    _refuse_classifier(run)
+    chosen = settings.for_run(run)
+    tokenizer = _tokenizer(run)
+    uses_chat_template(tokenizer, chosen.chat_template)
+    return run.model, tokenizer, chosen, run.record.log_path
+
+
+def _base_for_stream(config: TuneConfig, settings: GenerationSettings) -> tuple[Any, Any, GenerationSettings, None]:
+    """The untuned base model of `config` (loaded for this stream, then let go) with its tokenizer."""
+    from nbtune import models
+
+    if config.model.task == "seq-cls":
+        raise ValueError("the base of a classifier (model.task seq-cls) has an untuned head: it does not "
+                         "generate text")
+    if settings.chat_template is None:
+        settings = dataclasses.replace(settings, chat_template=config.data.format == "chat")
+    tokenizer = models.load_tokenizer(config)
+    uses_chat_template(tokenizer, settings.chat_template)
+    return models.load_model(config, tokenizer=tokenizer).eval(), tokenizer, settings, None
+
+
+def _pieces(model: Any, tokenizer: Any, prompt: str, settings: GenerationSettings,
+            log_path: Path | None) -> Iterator[str]:
+    """Run `model.generate` on a thread feeding transformers' TextIteratorStreamer, and yield its pieces; the
+    thread is joined, its error re-raised here, and a wait past PIECE_TIMEOUT_S is a TimeoutError."""
+    from transformers import TextIteratorStreamer
+
+    templated = uses_chat_template(tokenizer, settings.chat_template)
+    text = chat_prompts(tokenizer, [prompt], settings.chat_template)[0]
+    inputs = tokenizer([text], return_tensors="pt", add_special_tokens=not templated).to(model.device)
+    _check_fits(model, inputs["input_ids"].shape[1], settings.max_new_tokens)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=PIECE_TIMEOUT_S, skip_special_tokens=True)
+    cancelled, failure = threading.Event(), []
+    worker = threading.Thread(target=_generate_into, name="nbtune-stream", daemon=True,
+                              args=(model, inputs, settings, streamer, cancelled, failure, log_path))
+    worker.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    except queue.Empty:
+        raise TimeoutError(f"the model gave no new text for {PIECE_TIMEOUT_S:g} s; generation stopped") from None
+    finally:
+        cancelled.set()  # a consumer that stops early (or timed out) ends the generation at the next token
+        worker.join(PIECE_TIMEOUT_S)
+    if failure:
+        raise failure[0]
+
+
+def _generate_into(model: Any, inputs: Any, settings: GenerationSettings, streamer: Any,
+                   cancelled: threading.Event, failure: list[BaseException], log_path: Path | None) -> None:
+    """The stream's thread: generate into `streamer`; an error is kept in `failure` and the stream ended."""
+    import torch
+
+    from nbtune import noise
+
+    devices = [model.device] if model.device.type == "cuda" else []
+    quiet = noise.captured(log_path) if log_path is not None else contextlib.nullcontext()  # warnings: the run's log
+    try:
+        with quiet, torch.random.fork_rng(devices=devices), torch.no_grad():  # the user's random state is kept
+            torch.manual_seed(settings.seed)
+            model.generate(**inputs, generation_config=settings.generation_config(streamer.tokenizer),
+                           streamer=streamer, stopping_criteria=_until(cancelled))
+    except BaseException as err:  # re-raised on the consumer's thread
+        failure.append(err)
+        streamer.end()
+
+
+def _until(cancelled: threading.Event) -> Any:
+    """transformers' stopping criteria that end generation once `cancelled` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
 
 
 # ----- side by side ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""nbtune's notebook UI: the config builder, the memory panel and the live training dashboard.
+"""nbtune's notebook UI: the config builder, the memory panel, the live training dashboard and Try it.
 
 Widgets are thin views over engine objects (a TuneConfig, a Run, a MemoryEstimate); all logic lives in nbtune/.
 Importing this package is light; ipywidgets and plotly load with the first widget.
@@ -12,6 +12,7 @@ _LAZY = {
     "Builder": "nbtune.widgets.builder",
     "Dashboard": "nbtune.widgets.dashboard",
     "MemoryPanel": "nbtune.widgets.memory_panel",
+    "TryIt": "nbtune.widgets.try_it",
 }
 
 __all__ = list(_LAZY)
