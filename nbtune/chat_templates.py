@@ -29,5 +29,13 @@ def chatml(messages: list[dict[str, Any]], add_generation_prompt: bool = False) 
     return pieces
 
 
+# The same templates in Jinja, for a saved tokenizer's `chat_template` (an artifact chats as its run trained);
+# `{% generation %}` marks what `chatml` trains. tests/test_artifacts.py checks both render the same text.
+JINJA: dict[str, str] = {"chatml": (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}{{- message['content'] + '<|im_end|>' -}}"
+    "{%- endgeneration -%}{{- '\\n' -}}{%- else -%}{{- message['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")}
+
 TEMPLATES: dict[str, Callable[..., list[Piece]]] = {"chatml": chatml}
 NAMES = tuple(TEMPLATES)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbtune import chat_templates, formats, stages
+from nbtune import formats, stages
 from nbtune.config import TuneConfig
 from nbtune.training import GuardedCheckpoints
 
@@ -30,21 +30,23 @@ def prepare(config: TuneConfig, tokenizer: Any) -> Any:
     stages.check_format(stages.STAGES["dpo"], fmt)
     for row in train_rows + eval_rows:
         formats.check_row(fmt, row)
-    _use_chat_template(config, tokenizer, train_rows[0])
+    conversational = use_chat_template(config, tokenizer, train_rows[0])
     train, evaluation = ([{k: r[k] for k in PAIR} for r in rows] for rows in (train_rows, eval_rows))
     return data.PreparedData(
         train=train, eval=evaluation, columns=columns, labels=(), fingerprint=data.fingerprint(train_rows, eval_rows),
-        stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation)})
+        stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation),
+               "conversational": conversational})  # its answers use the chat template
 
 
-def _use_chat_template(config: TuneConfig, tokenizer: Any, row: dict[str, Any]) -> None:
-    """Conversational pairs render with the tokenizer's own template, or the one `data.chat_template` names."""
+def use_chat_template(config: TuneConfig, tokenizer: Any, row: dict[str, Any]) -> bool:
+    """Whether the rows are conversations; if so the tokenizer renders them as SFT would: its own template, or
+    the one `data.chat_template` names (as the artifact saves it)."""
+    from nbtune.methods.artifacts import chat_template_of_run
+
     if not formats.is_conversation(row["prompt"]):
-        return
-    name = config.data.chat_template
-    if name == "auto" and getattr(tokenizer, "chat_template", None):
-        return
-    tokenizer.chat_template = chat_templates.JINJA[chat_templates.NAMES[0] if name == "auto" else name]
+        return False
+    tokenizer.chat_template = chat_template_of_run(config, tokenizer, "chat")[1]
+    return True
 
 
 def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:

@@ -273,7 +273,8 @@ def _prepare(config: TuneConfig, events: EventStream) -> _Prepared:
     concrete, _, dtype = precision_module.resolve(config, device)
     events.emit("phase", phase="loading weights")  # after the data: a classifier's head needs its labels
     built = models.build(concrete, tokenizer=tokenizer, labels=data.labels, dtype=dtype.value,
-                         extras={"total_steps": total_steps, "data_format": data.stats.get("format")})
+                         extras={"total_steps": total_steps, "data_format": data.stats.get("format"),
+                                 "conversational": data.stats.get("conversational", False)})
     trainable, total = count_parameters(built.model)
     if trainable == 0:
         raise ValueError(f"method {built.method.name} left no trainable parameters on this model")

@@ -19,7 +19,7 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 import nbtune
-from nbtune import cli, models
+from nbtune import cli, data, generation, models
 from nbtune.embedded import BASE_MODEL_DIR
 from nbtune.methods import artifacts, registry
 from nbtune.methods.registry import MethodContext
@@ -247,3 +247,133 @@ def test_export_merged_on_the_command_line_takes_one_run_and_never_overwrites(ru
     prompt = runs["causal-lm:prompt-tuning"].id
     assert cli.main(["export", prompt, "--merged", str(tmp_path / "p"), "--store", str(store.root)]) == 1
     assert "cannot be merged" in capsys.readouterr().err
+
+
+# ----- a chat run's artifact chats without nbtune, with the template it trained with ---------------------------
+# Runs the artifact's own how_to_load snippet (BASE: the embedded base's folder), then renders and answers each
+# conversation with the tokenizer's apply_chat_template(add_generation_prompt=True) and greedy generation.
+CHATTER = r'''
+import json, sys
+sys.modules["nbtune"] = None  # any import of nbtune, direct or indirect, raises ImportError
+spec = json.load(open(sys.argv[1]))
+out = {}
+for name, folder in spec["folders"].items():
+    record = json.load(open(f"{folder}/nbtune_run.json"))
+    scope = {"BASE": spec["embedded_base"]}
+    exec(record["how_to_load"].replace("ARTIFACT", folder), scope)  # loads, and answers "Hello!" as it shows
+    model, tokenizer = scope["model"], scope["tokenizer"]
+    prompts, answers = [], []
+    for messages in spec["conversations"]:
+        prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                               return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=spec["max_new_tokens"], do_sample=False)
+        answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    out[name] = {"prompts": prompts, "answers": answers, "record": record}
+loaded = sorted(m for m, module in sys.modules.items() if m.split(".")[0] == "nbtune" and module is not None)
+assert not loaded, loaded
+json.dump(out, open(spec["out"], "w"))
+'''
+CHAT_METHODS = {"lora": (20, 3e-3), "full": (6, 1e-3)}  # steps and learning rate that change its answers
+
+
+def held_out_conversations(count: int = 4) -> list[list[dict[str, str]]]:
+    """Held-out nbtune:chat conversations, single- and multi-turn, each ending with its assistant turn."""
+    rows, _ = data.load_rows(nbtune.TuneConfig(data={"source": "nbtune:chat", "split": "eval"}))
+    single = [r["messages"] for r in rows if len(r["messages"]) == 2][:count - 1]
+    return [*single, next(r["messages"] for r in rows if len(r["messages"]) > 2)]
+
+
+def training_prompt(messages: list[dict[str, str]], tokenizer: Any, template: str) -> str:
+    """What training showed the model before the conversation's last answer (the pieces before it)."""
+    from nbtune import formats
+
+    pieces = formats.chat_pieces(messages, tokenizer, template)
+    last = max(i for i, (_, trained) in enumerate(pieces) if trained)
+    return "".join(text for text, _ in pieces[:last])
+
+
+@pytest.fixture(scope="module")
+def chat_runs(store: RunStore) -> dict[str, nbtune.Run]:
+    launched = {method: nbtune.launch(nbtune.TuneConfig(
+        model={"dtype": "fp32"}, method=method, data={"source": "nbtune:chat", "max_samples": 64},
+        training={"max_steps": steps, "micro_batch_size": 8, "eval_every": None, "learning_rate": rate,
+                  "precision": "fp32"}), store=store) for method, (steps, rate) in CHAT_METHODS.items()}
+    for method, run in launched.items():
+        assert run.wait(timeout=600).status == "finished", (method, run.error)
+    return launched
+
+
+@pytest.fixture(scope="module")
+def chatted_without_nbtune(chat_runs, tmp_path_factory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("chat")
+    folders = {m: str(shutil.copytree(run.artifact_path, work / m)) for m, run in chat_runs.items()}
+    folders["merged:lora"] = str(chat_runs["lora"].merge(work / "merged-lora"))
+    spec = {"folders": folders, "embedded_base": str(BASE_MODEL_DIR), "out": str(work / "out.json"),
+            "conversations": [c[:-1] for c in held_out_conversations()], "max_new_tokens": 32}
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", CHATTER, str(work / "spec.json")], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((work / "out.json").read_text())
+
+
+@pytest.mark.parametrize("folder", [*CHAT_METHODS, "merged:lora"])
+def test_a_chat_run_s_artifact_chats_without_nbtune_as_it_trained_and_answers_as_run_generate(
+        folder, chat_runs, chatted_without_nbtune):
+    run, plain = chat_runs[folder.removeprefix("merged:")], chatted_without_nbtune[folder]
+    tokenizer = models.load_tokenizer(run.config)
+    conversations = held_out_conversations()
+    assert plain["prompts"] == [training_prompt(c, tokenizer, "auto") for c in conversations]
+    single = [i for i, c in enumerate(conversations) if len(c) == 2]
+    questions = [conversations[i][0]["content"] for i in single]
+    expected = [run.generate(question)[0] for question in questions]  # greedy, 32 new tokens, chat-templated
+    assert [plain["answers"][i] for i in single] == expected
+    base = generation.answers(models.load_model(run.config), tokenizer, questions,
+                              generation.GenerationSettings(chat_template=True))
+    assert expected != base and all(expected), (expected, base)  # the trained model answers, and not as the base
+    assert plain["record"]["chat_template"] == "the tokenizer's own"  # the embedded tokenizer has one
+    assert "apply_chat_template(messages, add_generation_prompt=True" in plain["record"]["how_to_load"]
+
+
+def test_a_chat_adapter_names_its_embedded_base_as_nbtune_tiny_and_says_where_that_folder_is(chat_runs):
+    artifact = chat_runs["lora"].artifact_path
+    adapter_config = json.loads((artifact / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "nbtune:tiny"  # never this machine's path
+    how = json.loads((artifact / "nbtune_run.json").read_text())["how_to_load"]
+    assert artifacts.EMBEDDED_BASE_HINT in how and "from_pretrained(BASE)" in how
+    assert (artifact / "tokenizer.json").exists() and (artifact / "chat_template.jinja").exists()
+
+
+@pytest.mark.parametrize(("template", "adds_bos"), [("chatml", False), ("auto", False), ("chatml", True)])
+def test_a_named_template_is_saved_as_jinja_that_renders_exactly_what_training_saw(template, adds_bos, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    config = nbtune.TuneConfig(data={"source": "nbtune:chat", "chat_template": template})
+    tokenizer = models.load_tokenizer(config)
+    tokenizer.chat_template = None  # a tokenizer without a template of its own: chatml renders its rows
+    if adds_bos:  # as Llama's: training's encoder gives the first piece a BOS, so the template must write it
+        tokenizer._tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    bos = tokenizer.bos_token if adds_bos else ""
+    chat = artifacts.chat_template_of_run(config, tokenizer, "chat")
+    assert chat is not None and chat[0] == "chatml"
+    artifacts.save_tokenizer(tokenizer, tmp_path, chat)
+    assert tokenizer.chat_template is None  # the run's own tokenizer is left as it was
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    columns = data.Columns(text=None, target=None, label=None, template=None)
+    for messages in held_out_conversations():
+        trained = formats_text(messages, tokenizer, template)
+        assert saved.apply_chat_template(messages, tokenize=False) == bos + trained
+        assert saved.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) \
+            == bos + training_prompt(messages, tokenizer, template)
+        trained_ids = data.encode_causal(config, "chat", columns, {"messages": messages}, tokenizer, {}, 512)
+        assert saved.apply_chat_template(messages, return_dict=True)["input_ids"] == trained_ids["input_ids"]
+    assert artifacts.chat_template_of_run(config, tokenizer, "prompt-completion") is None
+
+
+def formats_text(messages: list[dict[str, str]], tokenizer: Any, template: str) -> str:
+    from nbtune import formats
+
+    return "".join(text for text, _ in formats.chat_pieces(messages, tokenizer, template))

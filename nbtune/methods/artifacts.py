@@ -2,21 +2,25 @@
 
 An artifact travels: PEFT methods save a peft adapter folder (plain `peft.PeftModel.from_pretrained`) whose
 adapter_config.json names the base as the config did ("nbtune:tiny", a hub id with its revision, or a folder),
-not this machine's path; full fine-tuning, freezing, BitFit and distillation save the whole (student) model with
-its tokenizer (plain `AutoModelFor*.from_pretrained`); bottleneck adapters save their own weights (`save` /
-`load_trained` hooks in the registry). Every artifact also holds `nbtune_run.json` (base, task, method, labels,
-how to load it) and a README.md saying the same. `export_merged` writes one plain transformers folder:
+not this machine's path; full fine-tuning, freezing, BitFit and distillation save the whole (student) model
+(plain `AutoModelFor*.from_pretrained`); bottleneck adapters save their own weights (`save` /
+`load_trained` hooks in the registry). Every artifact also holds the tokenizer the run trained with, carrying the
+chat template its chat rows were rendered with (the tokenizer's own, or a named template written as Jinja), so
+`apply_chat_template` gives what training saw; and `nbtune_run.json` (base, task, method, labels, chat template,
+how to load and chat with it) and a README.md saying the same. `export_merged` writes one plain transformers folder:
 adapters folded into the weights (LoRA, DoRA, IA3, AdaLoRA; QLoRA onto the full-precision base), the whole model
 for full-model methods, or the model with its bottleneck adapters and their modeling file.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from nbtune import chat_templates, formats
 from nbtune.methods.registry import Method, MethodContext
 from nbtune.tasks import TASKS
 
@@ -28,7 +32,8 @@ def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodC
                  config: Any = None) -> Path:
     """Write the artifact of `model`, trained with `method`, into `directory`.
 
-    With the run's `config` (a TuneConfig) the artifact also records where it came from and how to load it.
+    With the run's `config` (a TuneConfig) the artifact also records where it came from and how to load it;
+    `ctx.extras["data_format"]` (set by training) says whether its rows were chat, rendered with a chat template.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,10 +41,13 @@ def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodC
         method.save(model, directory, ctx)
     else:
         model.save_pretrained(str(directory))
-        if not method.is_peft and ctx.tokenizer is not None:  # a whole model: carry its tokenizer too
-            ctx.tokenizer.save_pretrained(str(directory))
+    chat = None
+    if ctx.tokenizer is not None:
+        chat = chat_template_of_run(config, ctx.tokenizer, ctx.extras.get("data_format"),
+                                    ctx.extras.get("conversational", False))
+        save_tokenizer(ctx.tokenizer, directory, chat)
     if config is not None:
-        record = describe(config, method, ctx, artifact_format(method))
+        record = describe(config, method, ctx, artifact_format(method), chat)
         if method.is_peft:
             _name_the_base(directory, record)
         write_record(directory, record)
@@ -52,8 +60,35 @@ def artifact_format(method: Method) -> str:
     return "nbtune-adapters" if method.save is not None else "transformers-model"
 
 
-def describe(config: Any, method: Method, ctx: MethodContext, fmt: str) -> dict[str, Any]:
-    """What an artifact records about itself: base, task, method, labels, and how to load it."""
+def chat_template_of_run(config: Any, tokenizer: Any, data_format: str | None,
+                         conversational: bool = False) -> tuple[str, str] | None:
+    """(name, Jinja) of the chat template a run's rows were rendered with; None unless they were chat (or
+    `conversational` preference / prompt-reference rows, which TRL's stages render with the same template).
+
+    The tokenizer's own, or the named one (`data.chat_template`; auto without an own template is the first
+    name, as in formats.chat_pieces) led by the BOS token that training's encoder gave the first piece."""
+    if config is None or not (data_format == "chat" or conversational):
+        return None
+    if formats.uses_own_template(tokenizer, config.data.chat_template):
+        return "the tokenizer's own", tokenizer.chat_template
+    name = chat_templates.NAMES[0] if config.data.chat_template == "auto" else config.data.chat_template
+    plain, marked = (tokenizer("x", add_special_tokens=add)["input_ids"] for add in (False, True))
+    starts_with_bos = tokenizer.bos_token_id is not None and marked == [tokenizer.bos_token_id, *plain]
+    return name, ("{{- bos_token -}}" if starts_with_bos else "") + chat_templates.JINJA[name]
+
+
+def save_tokenizer(tokenizer: Any, directory: Path, chat: tuple[str, str] | None) -> None:
+    """The run's tokenizer, carrying the chat template its chat rows were rendered with (the run's own copy
+    of the tokenizer keeps its template)."""
+    if chat is not None and tokenizer.chat_template != chat[1]:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = chat[1]
+    tokenizer.save_pretrained(str(directory))
+
+
+def describe(config: Any, method: Method, ctx: MethodContext, fmt: str,
+             chat: tuple[str, str] | None = None) -> dict[str, Any]:
+    """What an artifact records about itself: base, task, method, labels, chat template, and how to load it."""
     model_config = ctx.model_config
     labels = []
     if config.model.task == "seq-cls" and getattr(model_config, "id2label", None):
@@ -69,12 +104,27 @@ def describe(config: Any, method: Method, ctx: MethodContext, fmt: str) -> dict[
     load_kwargs = method.load_kwargs(config.method_params, ctx) if method.load_kwargs else {}
     if fmt == "peft-adapter" and "quantization_config" in load_kwargs:  # QLoRA: how the base was quantized under the adapter
         record["base_quantization"] = load_kwargs["quantization_config"].to_dict()
+    if chat is not None:
+        record["chat_template"] = chat[0]
     record["how_to_load"] = how_to_load(record)
     return record
 
 
 def how_to_load(record: dict[str, Any]) -> str:
-    """Python that loads the artifact with transformers (and peft) alone; ARTIFACT stands for its folder."""
+    """Python that loads the artifact with transformers (and peft) alone, and for a run trained on chat, answers
+    a conversation with its chat template; ARTIFACT stands for its folder."""
+    code = _loading_code(record)
+    if record.get("chat_template") and record["format"] != "nbtune-adapters":
+        code += ("\n# chat as it trained: the tokenizer carries its chat template\n"
+                 'messages = [{"role": "user", "content": "Hello!"}]\n'
+                 "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+                 'return_tensors="pt")\n'
+                 "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+                 'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))')
+    return code
+
+
+def _loading_code(record: dict[str, Any]) -> str:
     auto = record["auto_class"]
     if record["format"] == "transformers-model":
         return (f"from transformers import {auto}, AutoTokenizer\n"
@@ -107,7 +157,7 @@ def how_to_load(record: dict[str, Any]) -> str:
         options += ", quantization_config=quantization"
     lines.append(f"base = {auto}.from_pretrained({where}{options})\n"
                  'model = PeftModel.from_pretrained(base, "ARTIFACT")\n'
-                 f"tokenizer = AutoTokenizer.from_pretrained({where})")
+                 'tokenizer = AutoTokenizer.from_pretrained("ARTIFACT")  # the one it trained with')
     return "\n".join(lines)
 
 
@@ -129,6 +179,8 @@ def write_record(directory: Path, record: dict[str, Any]) -> None:
             ("task", record["task"]), ("method", record["method"]), ("format", record["format"])]
     if record.get("labels"):
         rows.append(("labels", ", ".join(record["labels"])))
+    if record.get("chat_template"):
+        rows.append(("chat template", record["chat_template"]))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     (directory / "README.md").write_text(
         f"# {record['method']} on {record['base_model']}, trained with nbtune\n\n| | |\n| --- | --- |\n{table}\n\n"
@@ -172,6 +224,7 @@ def export_merged(run: Any, directory: str | Path) -> Path:
     if method.is_peft:
         _refuse_prompt_learning(method, artifact)
     labels = run.summary.labels if run.summary is not None else []
+    data_format = (run.summary.data or {}).get("format") if run.summary is not None else None
     tokenizer = models.load_tokenizer(config)
     ctx = MethodContext(task=config.model.task, tokenizer=tokenizer, num_labels=len(labels) or None,
                         dtype=config.model.dtype)
@@ -180,9 +233,10 @@ def export_merged(run: Any, directory: str | Path) -> Path:
     partial.mkdir(parents=True)
     try:
         model, fmt = _write_model(run, method, artifact, ctx, partial)
-        tokenizer.save_pretrained(str(partial))
+        chat = chat_template_of_run(config, tokenizer, data_format)
+        save_tokenizer(tokenizer, partial, chat)
         ctx.model_config = model.config
-        write_record(partial, {**describe(config, method, ctx, fmt), "merged_from_run": run.id})
+        write_record(partial, {**describe(config, method, ctx, fmt, chat), "merged_from_run": run.id})
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
