@@ -12,6 +12,7 @@ the builder shows before it offers Launch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nbtune.config import ConfigError, TuneConfig
@@ -62,6 +63,25 @@ def data_blockers(config: TuneConfig) -> list[Blocker]:
     if isinstance(source, str) and source.startswith(IN_MEMORY):
         return [Blocker("data.source", f"data.source {source} names in-memory rows that a config file does not "
                                        "keep: pass the rows (a list, DataFrame or Dataset) as data.source")]
+    return _format_blockers(config)
+
+
+def _format_blockers(config: TuneConfig) -> list[Blocker]:
+    """Rows whose detected format (`data.format: auto`) the stage cannot train, read from built-in, local or
+    in-memory data (a hub dataset is not downloaded for this; its rows are checked when the run starts)."""
+    from nbtune import data, stages
+
+    source = config.data.source
+    on_hub = isinstance(source, str) and not source.startswith("nbtune:") and not Path(source).expanduser().exists()
+    if config.data.format != "auto" or on_hub:  # an explicit format is checked by the config itself
+        return []
+    try:
+        rows, _ = data.load_rows(config)
+        stages.check_format(stages.for_config(config), data.resolve_format(config, rows[0])[0])
+    except ConfigError as err:
+        return [Blocker(field, message) for field, message in err.problems]
+    except Exception:  # rows that cannot be read fail where the run starts, with their own message
+        return []
     return []
 
 

@@ -1,8 +1,10 @@
 """The live dashboard: honest states while a run starts, one step axis for every chart, a log loss scale and the
-best eval, a live chart changed in place (never re-created), Resume, and library noise kept in the run's log."""
+best eval, a live chart changed in place (never re-created), the stage's own charts (DPO rewards, GRPO reward),
+Resume, and library noise kept in the run's log."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -15,14 +17,15 @@ import pytest
 from transformers import TrainerCallback
 
 import nbtune
-from nbtune import TuneConfig, noise
+from nbtune import TuneConfig, noise, stages
 from nbtune.events import PHASES, Event, EventStream
+from nbtune.records import RunSummary
 
 pytest.importorskip("ipywidgets")
 
 from nbtune.widgets import charts  # noqa: E402
 from nbtune.widgets.dashboard import Dashboard  # noqa: E402
-from nbtune.widgets.progress import RunProgress, state_words  # noqa: E402
+from nbtune.widgets.progress import RunProgress, state_words, summary_rows  # noqa: E402
 
 
 def tiny(**changes: object) -> TuneConfig:
@@ -289,3 +292,129 @@ def test_a_warning_on_the_training_thread_goes_to_the_log_and_one_on_the_main_th
     assert shown == ["the user's own warning", "after the run"]
     text = (tmp_path / "log.txt").read_text()
     assert "FutureWarning [warnings]" in text and "a FutureWarning of the library" in text
+
+
+# ----- the stage's own charts (DPO rewards, GRPO reward) -----------------------------------------------------
+
+# Recorded from a 20-step DPO run with LoRA on nbtune:prefs (the embedded base, CPU, 2026-12-02): the metrics
+# its step and eval events carry, the untuned model evaluated at step 0.
+DPO_EVENTS = [
+    ("started", {"total_steps": 20}),
+    ("eval", {"step": 0, "loss": 0.693, "accuracy": 0.55, "preference_margin": 0.643, "reward_chosen": 0.0,
+              "reward_rejected": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}),
+    *(("step", {"step": n, "total_steps": 20, "loss": loss, "learning_rate": lr, "grad_norm": 1.0,
+                "tokens_per_s": 800.0, "elapsed_s": float(n), "reward_chosen": chosen, "reward_rejected": rejected,
+                "reward_margin": margin, "reward_accuracy": accuracy})
+      for n, loss, lr, chosen, rejected, margin, accuracy in (
+          (5, 0.694, 0.003, -0.038, -0.046, 0.008, 0.35), (10, 0.701, 0.002, -0.064, -0.092, 0.027, 0.525),
+          (15, 0.685, 0.001, 0.024, -0.018, 0.042, 0.525), (20, 0.635, 0.0, 0.131, 0.0, 0.131, 0.675))),
+    ("eval", {"step": 20, "loss": 0.644, "accuracy": 0.55, "preference_margin": 1.761, "reward_chosen": 0.122,
+              "reward_rejected": -0.011, "reward_accuracy": 0.741, "reward_margin": 0.133}),
+]
+
+
+def folded(events: list[tuple[str, dict[str, Any]]], stage: str) -> RunProgress:
+    progress = RunProgress(stage=stages.STAGES[stage])
+    for kind, data in events:
+        progress.apply(kind, data)
+    return progress
+
+
+def traces_by_name(figure: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in figure["data"]}
+
+
+def panel_titles(figure: dict[str, Any]) -> list[str]:
+    return [note["text"].removeprefix("<b>").removesuffix("</b>") for note in figure["layout"]["annotations"]]
+
+
+def test_a_dpo_run_draws_its_rewards_in_a_panel_of_their_own_on_the_shared_step_axis():
+    figure = charts.training_figure(folded(DPO_EVENTS, "dpo"), "run", final=True)
+    traces, layout = traces_by_name(figure), figure["layout"]
+    assert panel_titles(figure)[6:] == ["DPO rewards", "Reward accuracy"]
+    assert traces["reward chosen"]["x"] == [5, 10, 15, 20]
+    assert traces["reward chosen"]["y"] == [-0.038, -0.064, 0.024, 0.131]
+    assert traces["reward rejected"]["y"] == [-0.046, -0.092, -0.018, 0.0]
+    assert traces["reward margin"]["y"] == [0.008, 0.027, 0.042, 0.131]
+    assert traces["eval reward margin"]["x"] == [0, 20] and traces["eval reward margin"]["y"] == [0.0, 0.133]
+    assert {traces[n]["xaxis"] for n in ("reward chosen", "reward rejected", "reward margin")} == {"x7"}
+    assert traces["reward accuracy"]["xaxis"] == "x8" and traces["reward accuracy"]["y"][-1] == 0.675
+    assert layout["yaxis8"]["range"] == [0, 1] and layout["yaxis8"]["autorange"] is False  # a share: 0 to 1
+    assert layout["xaxis7"]["matches"] == "x" and layout["xaxis8"]["matches"] == "x"
+    assert layout["height"] > 470  # a third row, the six panels keep their height
+
+
+def test_a_dpo_runs_eval_accuracy_says_what_it_measures_and_it_shows_no_perplexity():
+    events = [*DPO_EVENTS, ("eval", {"step": 21, "loss": 0.6, "perplexity": 1.8})]  # exp(DPO loss) means nothing
+    figure = charts.training_figure(folded(events, "dpo"), "run")
+    eval_panel = figure["layout"]["annotations"][5]
+    assert panel_titles(figure)[5] == "Held-out preference accuracy"
+    assert eval_panel["hovertext"] == stages.STAGES["dpo"].accuracy_means
+    assert "eval perplexity" not in traces_by_name(figure)
+    assert traces_by_name(figure)["eval accuracy"]["y"] == [0.55, 0.55]
+
+
+def test_an_sft_run_has_no_stage_panel_even_when_an_event_carries_a_reward_like_number():
+    progress = RunProgress()  # sft: what a run without a stage trains with
+    for event in (step(1), step(2), evaluation(2, 1.5)):
+        progress.apply(event.kind, {**event.data, "reward_margin": 0.5})
+    figure = charts.training_figure(progress, "run", final=True)
+    assert progress.stage_series == {} and len(panel_titles(figure)) == 6 and "xaxis7" not in figure["layout"]
+    assert figure["layout"]["height"] == 470 and panel_titles(figure)[5] == "Eval perplexity"
+
+
+def test_a_grpo_run_draws_its_reward_with_its_spread_the_completion_length_and_the_kl():
+    events = [("step", {"step": n, "loss": 0.01, "reward": r, "reward_std": s, "completion_length": length,
+                        "kl": kl}) for n, r, s, length, kl in ((1, 0.25, 0.5, 20.0, 0.0), (2, 0.5, 0.25, 12.0, 0.01))]
+    figure = charts.training_figure(folded(events, "grpo"), "run")
+    traces = traces_by_name(figure)
+    assert panel_titles(figure)[6:] == ["GRPO reward", "Completion length (tokens)", "KL to the reference"]
+    assert traces["reward"]["y"] == [0.25, 0.5]
+    assert traces["reward + reward std"]["y"] == [0.75, 0.75] and traces["reward − reward std"]["y"] == [-0.25, 0.25]
+    assert traces["reward + reward std"]["xaxis"] == traces["reward"]["xaxis"] == "x7"
+    assert traces["completion length"]["y"] == [20.0, 12.0] and traces["kl"]["xaxis"] == "x9"
+
+
+def test_the_saved_record_of_a_dpo_run_keeps_its_reward_panel_in_the_json_and_the_png():
+    pil = pytest.importorskip("PIL.Image")
+    import io
+
+    dpo = charts.final_bundle(charts.training_figure(folded(DPO_EVENTS, "dpo"), "run", final=True), png=True)
+    sft = charts.final_bundle(charts.training_figure(folded(DPO_EVENTS, "sft"), "run", final=True), png=True)
+    assert "reward margin" in traces_by_name(dpo[charts.PLOTLY_MIME])
+    assert "reward margin" not in traces_by_name(sft[charts.PLOTLY_MIME])
+    heights = [pil.open(io.BytesIO(base64.b64decode(b["image/png"]))).size[1] for b in (dpo, sft)]
+    assert heights[0] > heights[1]  # the PNG draws the third row too
+
+
+def test_the_summary_names_the_stage_and_its_accuracy_in_words_without_a_perplexity_for_dpo():
+    summary = RunSummary(state="finished", method="lora", final_eval_accuracy=0.95, final_perplexity=1.9)
+    dpo = dict(summary_rows(summary, stages.STAGES["dpo"]))
+    assert dpo["stage"] == "Direct preference optimisation (DPO)"
+    assert dpo["final held-out preference accuracy"] == "0.95" and "final perplexity" not in dpo
+    sft = dict(summary_rows(summary))
+    assert sft["stage"] == "Supervised fine-tuning (SFT)" and sft["final perplexity"] == "1.9"
+
+
+def test_the_live_figure_widget_gains_the_reward_panel_in_place_and_then_only_restyles_it():
+    run = fake_run()
+    run.config = TuneConfig().replace(**{"training.stage": "dpo", "data.source": "nbtune:prefs"})
+    dash = shown(Dashboard(run, clock=FakeClock(), trailing=False, widgets=True))
+    widget = dash.chart.widget
+    sent: list[tuple[str, Any]] = []
+    widget._send_addTraces_msg = lambda traces: sent.append(("add", [t["name"] for t in traces]))
+    widget._send_update_msg = lambda restyle_data, relayout_data, trace_indexes=None, **_: sent.append(
+        ("update", (sorted(restyle_data), sorted(relayout_data), trace_indexes)))
+    for kind, data in DPO_EVENTS[:3]:
+        dash._on_event(Event(kind, 0.0, data))
+    added = [name for what, names in sent if what == "add" for name in names]
+    assert {"reward chosen", "reward rejected", "reward margin", "reward accuracy"} <= set(added)
+    assert widget.layout.xaxis7.matches == "x" and list(widget.layout.yaxis8.range) == [0, 1]
+    assert "DPO rewards" in str(widget.layout.annotations[6].text) and widget is dash.chart.widget
+
+    sent.clear()
+    dash._on_event(Event(DPO_EVENTS[3][0], 1.0, DPO_EVENTS[3][1]))  # the next step: the same traces get their points, nothing is added
+    assert sent and all(what == "update" for what, _ in sent)
+    names = [t.name for t in widget.data]
+    assert list(widget.data[names.index("reward margin")].y) == [0.008, 0.027]
+    assert charts.point_counts(dash.figure)["reward margin"] == 2 and dash.figure["layout"]["height"] > 470

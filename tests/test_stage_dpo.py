@@ -98,3 +98,11 @@ def tokenizer():
     from nbtune import models
 
     return models.load_tokenizer(TuneConfig())
+
+
+def test_a_detected_format_the_stage_cannot_train_keeps_the_builder_from_ready():
+    from nbtune import preflight
+
+    blockers = preflight.readiness(dpo(source="nbtune:chat"))  # data.format auto: known only from the rows
+    assert [b.field for b in blockers] == ["data.format"] and "set training.stage to sft" in blockers[0].message
+    assert not preflight.readiness(dpo())

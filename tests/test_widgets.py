@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from nbtune.widgets import progress
 
-from nbtune import TuneConfig
+from nbtune import TuneConfig, stages
 from nbtune.config import section_fields
 from nbtune.events import Event, EventStream
 from nbtune.methods import registry
@@ -19,9 +19,10 @@ from nbtune.units import format_bytes
 
 pytest.importorskip("ipywidgets")
 
-from nbtune.widgets import charts  # noqa: E402
-from nbtune.widgets.builder import Builder  # noqa: E402
+from nbtune.widgets import charts, status  # noqa: E402
+from nbtune.widgets.builder import SECTION_TITLES, Builder  # noqa: E402
 from nbtune.widgets.dashboard import Dashboard  # noqa: E402
+from nbtune.widgets.data_preview import TRAINED_STYLE  # noqa: E402
 from nbtune.widgets.forms import STYLE, parse_value  # noqa: E402
 from nbtune.widgets.memory_panel import MAX_SUGGESTIONS  # noqa: E402
 
@@ -110,6 +111,8 @@ def test_config_fields_show_their_stated_help_and_the_prompt_template_is_multi_l
     b = Builder(debounce_s=NEVER)
     for section in ("model", "data", "training"):
         for f in section_fields(section):
+            if f"{section}.{f.name}" == "training.stage":
+                continue  # its tooltip describes the chosen stage (below)
             control = b.controls[f"{section}.{f.name}"].input
             tip = control.tooltip if control.has_trait("tooltip") else control.description_tooltip
             assert tip == f.help, f.name
@@ -129,6 +132,66 @@ def test_shared_method_fields_keep_their_value_across_a_switch():
 def tooltip(widget) -> str:  # noqa: ANN001
     """A control's hover help under ipywidgets 8 (`tooltip`) and 7 (`description_tooltip`)."""
     return widget.tooltip if widget.has_trait("tooltip") else widget.description_tooltip
+
+
+def test_the_stage_is_the_first_training_choice_labelled_by_title_with_its_description_and_trainer():
+    b = Builder(tiny(), debounce_s=NEVER)
+    stage = b.controls["training.stage"]
+    assert b.sections.children[SECTION_TITLES.index("Training")].children[0] is stage.box
+    assert list(stage.input.options) == [(s.title, s.name) for s in stages.STAGES.values()]
+    stage.input.value = "dpo"
+    dpo = stages.STAGES["dpo"]
+    assert dpo.description in tooltip(stage.input) and dpo.trainer in tooltip(stage.input)
+    assert "TRL DPOTrainer" in b.stage_note.value and b.config.training.stage == "dpo"
+    assert "dpo with lora on nbtune:tiny" in status.ready_html(b.config)  # what Ready says it will run
+
+
+def test_fields_only_some_stages_read_show_only_for_them():
+    b = Builder(tiny(), debounce_s=NEVER)
+
+    def visible() -> set[str]:
+        return {n for n in stages.ONLY_SOME_READ if b.controls[f"training.{n}"].box.layout.display != "none"}
+
+    assert visible() == set()  # a user of SFT never sees beta
+    b.controls["training.stage"].input.value = "dpo"
+    assert visible() == {"beta"} and not b.controls["training.beta"].input.disabled
+    b.controls["training.beta"].input.value = 0.3
+    assert b.config.training.beta == 0.3
+    b.controls["training.stage"].input.value = "grpo"
+    assert visible() == set(stages.STAGES["grpo"].reads)
+    b.set_config(tiny())
+    assert visible() == set()
+
+
+def test_dpo_with_chat_data_marks_the_format_with_the_configs_message_in_the_forms_words():
+    b = Builder(tiny(**{"data.source": "nbtune:chat", "data.format": "chat"}), debounce_s=NEVER)
+    assert b.controls["data.format"].problem is None
+    b.controls["training.stage"].input.value = "dpo"
+    fmt = b.controls["data.format"]
+    assert fmt.problem == "data.format chat cannot train with training.stage dpo, which trains preference"
+    assert "format chat cannot train with stage dpo, which trains preference" in fmt.message.value
+    assert "nbtune-invalid" in fmt.input._dom_classes and b.launch_button.disabled
+    assert "1 problem to fix: format (Data tab)" in b.status.value
+
+
+def test_a_problem_of_a_field_the_stage_hides_is_said_in_full_in_the_status_line():
+    b = Builder(tiny(**{"training.stage": "dpo"}), debounce_s=NEVER)
+    b.controls["training.beta"].input.value = -1
+    b.controls["training.stage"].input.value = "sft"  # beta hides with its bad value; the status says it all
+    assert b.controls["training.beta"].box.layout.display == "none" and b.launch_button.disabled
+    assert "beta must be" in b.status.value
+
+
+def test_the_preview_of_preference_pairs_highlights_the_chosen_answer_and_names_the_stage_that_trains_them():
+    b = Builder(tiny(**{"data.source": "nbtune:prefs", "training.stage": "dpo"}), debounce_s=NEVER)
+    result = b.preview()
+    assert result is not None and result["format"] == "preference" and result["trainable"]
+    chosen = [text for text, trained in result["rows"][0]["pieces"] if trained]
+    assert chosen and f"<span style='{TRAINED_STYLE}'>{html.escape(chosen[0])}</span>" in b.preview_out.value
+    assert "the chosen answer" in b.preview_out.value and "cannot train it" not in b.preview_out.value
+    b.controls["training.stage"].input.value = "sft"
+    b.preview()
+    assert "stage sft cannot train it: choose stage dpo (Training tab)" in b.preview_out.value
 
 
 def test_a_bad_value_marks_its_field_with_the_message_and_disables_launch():

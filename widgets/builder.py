@@ -29,7 +29,7 @@ from nbtune.widgets.data_preview import data_preview, preview_html
 from nbtune.widgets.forms import INPUT_MAX_WIDTH, LABEL_WIDTH, STYLE, FieldControl
 from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel, estimate_html
 
-from nbtune import preflight
+from nbtune import preflight, stages
 from nbtune.config import ConfigError, TuneConfig, config_from_values, describe_source, section_fields
 from nbtune.methods import registry
 from nbtune.precision import precision_here
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 SECTION_TITLES = status.TABS
 LAUNCH_HELP = "Start training this config; its dashboard opens right below."
+OPTION_LABELS = {"training.stage": {s.name: s.title for s in stages.STAGES.values()}}  # dropdowns in words
 PLAIN = "nbtune builder (the live form needs a running kernel; a static copy of its config follows)"
 
 
@@ -98,6 +99,8 @@ class Builder:
         training = self._section("training")
         self.precision_note = w.HTML("")  # what precision auto (or the choice) becomes on this machine, and why
         training.insert(training.index(self.controls["training.precision"].box) + 1, self.precision_note)
+        self.stage_note = w.HTML("")  # the chosen stage in words: what it does and which trainer runs it
+        training.insert(training.index(self.controls["training.stage"].box) + 1, self.stage_note)
 
         self.preview_button = w.Button(description="Preview data", icon="table", layout=w.Layout(width="150px"))
         environment.set_tooltip(self.preview_button, "Load the first rows, apply the template and tokenize.")
@@ -234,7 +237,7 @@ class Builder:
             if (only and field.name not in only) or field.name in exclude:
                 continue
             dotted = f"{section}.{field.name}"
-            control = FieldControl(dotted, field, field.default, self._changed)
+            control = FieldControl(dotted, field, field.default, self._changed, OPTION_LABELS.get(dotted))
             self.controls[dotted] = control
             boxes.append(control.box)
         return boxes
@@ -331,11 +334,26 @@ class Builder:
             self._quiet = False
         self._changed()
 
+    def _show_stage(self) -> None:
+        """The chosen stage in words (note and tooltip), and only the fields it reads of those some stages read:
+        hidden, not disabled, so a user of SFT never sees beta."""
+        stage = stages.STAGES.get(self.controls["training.stage"].value) or stages.STAGES["sft"]
+        words = f"{stage.title}: {stage.description}. Trained by {stage.trainer}."
+        environment.set_tooltip(self.controls["training.stage"].input, words)
+        self.stage_note.value = (f"<div class='nbtune-section-note nbtune-indented'>{html.escape(stage.description)}"
+                                 f"<br>Trained by {html.escape(stage.trainer)} · data formats: "
+                                 f"{html.escape(', '.join(stage.formats))}</div>")
+        for name in stages.ONLY_SOME_READ:
+            control = self.controls.get(f"training.{name}")
+            if control is not None:
+                control.box.layout.display = None if name in stage.reads else "none"
+
     def _changed(self) -> None:
         """Validate the whole form, mark every problem at its field and tab, say whether it can run, refresh the
         code and the estimate. Runs on each keystroke: what reads files or the hub waits for the estimate."""
         if self._quiet:
             return
+        self._show_stage()
         config, problems = config_from_values(self.values())
         with self._status_lock:
             self._config, self.problems = config, problems
@@ -369,7 +387,8 @@ class Builder:
         for i, title in enumerate(status.tab_titles(problems)):
             if self.sections.get_title(i) != title:
                 self.sections.set_title(i, title)
-        return [name for name in by_field if name not in self.controls and name != "method.name"]
+        shown = {d for d, c in self.controls.items() if c.box.layout.display != "none"}  # the stage hides some
+        return [name for name in by_field if name not in shown and name != "method.name"]
 
     def _estimated(self, config: TuneConfig, estimate: MemoryEstimate | None) -> None:
         """The estimate of `config` landed (on its thread): judge everything that stands in the way of a run,

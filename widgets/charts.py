@@ -16,7 +16,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbtune.widgets.progress import EVAL_TRACES, PANELS, TRACES, RunProgress
+from nbtune.widgets.progress import (
+    EVAL_TRACES,
+    PANELS,
+    TRACES,
+    RunProgress,
+    accuracy_words,
+    stage_metric,
+    stage_trace_name,
+)
 
 log = logging.getLogger("nbtune")
 
@@ -32,69 +40,134 @@ def _round(values: list[Any]) -> list[Any]:
     return [None if v is None else float(f"{v:.6g}") for v in values]
 
 
-def _layout(title: str, eval_panel: str, total_steps: int | None, log_loss: bool) -> dict[str, Any]:
-    """Six panels on one step axis (xaxis2..6 match xaxis), from 0 to the run's total steps once known, so
-    every panel agrees from the first point (a lone point would otherwise autorange to -1..1)."""
-    cols, rows, gap_x, gap_y = 3, 2, 0.07, 0.17
+ROW_PX, GAP_PX, MARGIN_PX = 153.5, 63.0, 100  # one panel row, the gap between rows, the top and bottom margins
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the chart: its title (with what it means on hover) and its y axis's own settings."""
+
+    title: str
+    yaxis: dict[str, Any] = field(default_factory=dict)
+    hover: str | None = None
+
+
+def _layout(title: str, panels: list[Panel], total_steps: int | None, log_loss: bool) -> dict[str, Any]:
+    """Panels three a row on one step axis (xaxis2.. match xaxis), from 0 to the run's total steps once known,
+    so every panel agrees from the first point (a lone point would otherwise autorange to -1..1). Each row
+    keeps its height in pixels: a stage's third row makes the figure taller, not the panels flatter."""
+    cols, rows = 3, -(-len(panels) // 3)
+    plot_px = rows * ROW_PX + (rows - 1) * GAP_PX
+    gap_x, gap_y, height = 0.07, GAP_PX / plot_px, ROW_PX / plot_px
     width = (1 - gap_x * (cols - 1)) / cols
-    height = (1 - gap_y) / rows
     layout: dict[str, Any] = {
         "title": {"text": title, "x": 0.01, "font": {"size": 14}},
-        "height": 470, "margin": {"l": 50, "r": 20, "t": 60, "b": 40},
+        "height": round(plot_px + MARGIN_PX), "margin": {"l": 50, "r": 20, "t": 60, "b": 40},
         "paper_bgcolor": "white", "plot_bgcolor": "white", "hovermode": "x unified", "uirevision": "nbtune",
         "font": {"family": "Arial, sans-serif", "size": 11, "color": "#2a3f5f"},
-        "legend": {"orientation": "h", "y": -0.12, "x": 0, "font": {"size": 11}},
+        "legend": {"orientation": "h", "y": round(-44 / plot_px, 4), "x": 0, "font": {"size": 11}},
         "annotations": [],
     }
-    for i, name in enumerate(PANELS):
+    for i, panel in enumerate(panels):
         r, c = divmod(i, cols)
         x0 = c * (width + gap_x)
         y1 = 1 - r * (height + gap_y)
         n = "" if i == 0 else str(i + 1)
         layout[f"xaxis{n}"] = {"domain": [x0, x0 + width], "anchor": f"y{n}", "showgrid": True, **_AXIS,
-                               "title": {"text": "step", "font": {"size": 10}} if r == 1 else None}
+                               "title": {"text": "step", "font": {"size": 10}} if i + cols >= len(panels) else None}
         if i:
             layout[f"xaxis{n}"]["matches"] = "x"
-        layout[f"yaxis{n}"] = {"domain": [y1 - height, y1], "anchor": f"x{n}", **_AXIS, "rangemode": "tozero"
-                               if name in ("Tokens / s", "Memory (GiB)") else "normal"}
-        label = eval_panel if name == "Eval" else name
-        layout["annotations"].append({"text": f"<b>{label}</b>", "x": x0 + width / 2, "y": y1 + 0.02,
-                                      "xref": "paper", "yref": "paper", "showarrow": False,
-                                      "xanchor": "center", "yanchor": "bottom", "font": {"size": 12}})
+        layout[f"yaxis{n}"] = {"domain": [max(round(y1 - height, 6), 0.0), round(y1, 6)], "anchor": f"x{n}", **_AXIS, "rangemode": "normal",
+                               **panel.yaxis}
+        note = {"text": f"<b>{panel.title}</b>", "x": x0 + width / 2, "y": y1 + 0.02 * 370 / plot_px,
+                "xref": "paper", "yref": "paper", "showarrow": False, "xanchor": "center", "yanchor": "bottom",
+                "font": {"size": 12}}
+        layout["annotations"].append({**note, "hovertext": panel.hover} if panel.hover else note)
     layout["yaxis2"]["exponentformat"] = "e"
     layout["xaxis"].update({"range": [0, total_steps], "autorange": False} if total_steps else {"autorange": True})
     layout["yaxis"]["type"] = "log" if log_loss else "linear"  # a log loss axis shows overfitting late in a run
     return layout
 
 
+def _axis_names(panel: int) -> tuple[str, str]:
+    n = "" if panel == 0 else str(panel + 1)
+    return f"x{n}", f"y{n}"
+
+
 def training_figure(progress: RunProgress, title: str, final: bool = False, log_loss: bool = False) -> dict[str, Any]:
-    """The six-panel training chart of a run's progress as a plotly figure dict, the loss axis on a log scale
-    if `log_loss`.
+    """The training chart of a run's progress as a plotly figure dict: six panels, and a row of the stage's
+    own (DPO's rewards, GRPO's reward and KL) when it logs them; the loss axis on a log scale if `log_loss`.
 
     Live: each trace shows its bounded view (at most the series' max_points). Final: every point, up to
     FINAL_MAX_POINTS per trace.
     """
-    series = progress.series
-    shown_eval = next((name for name in EVAL_TRACES if len(series[name])), EVAL_TRACES[-1])
+    stage, series = progress.stage, progress.series
+    evals = [n for n in EVAL_TRACES if stage.language_model_loss or n != "eval perplexity"]
+    shown_eval = next((name for name in evals if len(series[name])), evals[-1])
+    points = (lambda s: s.full(FINAL_MAX_POINTS)) if final else (lambda s: s.view())
     data = []
     for trace in TRACES:
         if trace.name in EVAL_TRACES and trace.name != shown_eval:
             continue
-        xs, ys = series[trace.name].full(FINAL_MAX_POINTS) if final else series[trace.name].view()
+        xs, ys = points(series[trace.name])
         if not xs:  # plotly.js draws NaN paths for an empty trace beside a one-point trace; leave it out
             continue
-        panel = PANELS.index(trace.panel)
-        n = "" if panel == 0 else str(panel + 1)
+        x, y = _axis_names(PANELS.index(trace.panel))
         data.append({
-            "type": "scatter", "name": trace.name, "x": list(xs), "y": _round(ys), "xaxis": f"x{n}",
-            "yaxis": f"y{n}", "mode": "lines+markers" if trace.event == "eval" else "lines",
+            "type": "scatter", "name": trace.name, "x": list(xs), "y": _round(ys), "xaxis": x, "yaxis": y,
+            "mode": "lines+markers" if trace.event == "eval" else "lines",
             "line": {"color": trace.color, "width": 2}, "marker": {"size": 6},
             "showlegend": trace.panel == "Loss",
         })
     if progress.best_eval is not None:
         data.append(_best_eval_marker(*progress.best_eval))
-    layout = _layout(title, shown_eval.capitalize(), progress.total_steps, log_loss)
-    return {"data": data, "layout": layout}
+    accuracy = shown_eval == "eval accuracy"
+    eval_panel = Panel(accuracy_words(stage).capitalize() if accuracy else shown_eval.capitalize(),
+                       hover=stage.accuracy_means if accuracy else None)
+    panels = [eval_panel if name == "Eval" else Panel(name, {"rangemode": "tozero"} if name in (
+        "Tokens / s", "Memory (GiB)") else {}) for name in PANELS]
+    data += _stage_traces(progress, panels, points)
+    return {"data": data, "layout": _layout(title, panels, progress.total_steps, log_loss)}
+
+
+def _stage_traces(progress: RunProgress, panels: list[Panel], points: Any) -> list[dict[str, Any]]:
+    """The traces of the stage's own metrics (none for SFT), each in its panel, appended to `panels` as they
+    first hold a point: step values as lines, eval values as markers, a spread as dotted lines ± its mean."""
+    stage, out = progress.stage, []
+    for metric in stage.logged.values():
+        how = stage_metric(metric)
+        for kind in ("step", "eval"):
+            name = stage_trace_name(metric if how.spread_of is None else how.spread_of, kind)
+            mean = progress.stage_series.get(name)
+            spread = progress.stage_series.get(stage_trace_name(metric, kind)) if how.spread_of else None
+            if mean is None or not len(mean) or (how.spread_of and spread is None):
+                continue
+            title = how.panel.format(stage=stage.name.upper())
+            if all(p.title != title for p in panels):
+                panels.append(Panel(title, {"range": [0, 1], "autorange": False} if how.share else {}))
+            x, y = _axis_names(next(i for i, p in enumerate(panels) if p.title == title))
+            style = {"type": "scatter", "xaxis": x, "yaxis": y, "line": {"color": how.color, "width": 2},
+                     "marker": {"size": 7, "symbol": "diamond", "color": how.color}}
+            if spread is not None:
+                out += _spread(name, metric, points(mean), points(spread), style, kind)
+                continue
+            xs, ys = points(mean)
+            out.append({**style, "name": name, "x": list(xs), "y": _round(ys), "showlegend": kind == "step",
+                        "mode": "lines" if kind == "step" else "markers"})
+    return out
+
+
+def _spread(name: str, metric: str, mean: tuple[list[float], list[Any]], spread: tuple[list[float], list[Any]],
+            style: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """Two dotted lines at mean + spread and mean - spread, where both have a value at the same step."""
+    by_step = dict(zip(*spread, strict=True))
+    steps = [(x, m, by_step[x]) for x, m in zip(*mean, strict=True) if m is not None and by_step.get(x) is not None]
+    words = metric.replace("_", " ")
+    line = {**style["line"], "width": 1, "dash": "dot"}
+    return [{**style, "name": f"{name} {sign} {words}", "x": [x for x, _, _ in steps], "line": line,
+             "y": _round([m + s if sign == "+" else m - s for _, m, s in steps]), "legendgroup": f"{name} spread",
+             "showlegend": kind == "step" and sign == "+", "mode": "lines" if kind == "step" else "markers"}
+            for sign in ("+", "−")]
 
 
 def _best_eval_marker(step: int, loss: float) -> dict[str, Any]:

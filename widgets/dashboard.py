@@ -1,5 +1,5 @@
-"""The live training dashboard of one run: state, progress, Stop, Resume, six live charts and, at the end, a
-static record.
+"""The live training dashboard of one run: state, progress, Stop, Resume, six live charts (and a row of the
+stage's own, such as DPO's rewards) and, at the end, a static record.
 
 It is a view over a Run's events. The training thread only appends events; this dashboard receives them on the
 run's subscriber thread, folds each into a `RunProgress` in O(1), and redraws at most twice a second (an
@@ -24,6 +24,7 @@ from IPython.display import display
 from nbtune.widgets import charts, environment
 from nbtune.widgets.progress import ENDED, RunProgress, Throttle, format_duration, state_words, summary_rows
 
+from nbtune import stages
 from nbtune.events import TERMINAL, Event
 from nbtune.records import RunSummary
 
@@ -87,7 +88,8 @@ class Dashboard:
                  clock: Callable[[], float] = time.monotonic, trailing: bool = True, store: Any = None,
                  widgets: bool | None = None):
         self.run = _as_run(run, store)
-        self.progress = RunProgress(max_points)
+        self.stage = stages.for_config(self.run.config)
+        self.progress = RunProgress(max_points, self.stage)
         self.throttle = Throttle(interval, clock)
         self.interval = interval
         self.trailing = trailing
@@ -229,8 +231,8 @@ class Dashboard:
         parts = [
             (0, self._status_record),
             (1, lambda: charts.final_bundle(self.figure)),  # replaces the live chart widget
-            (2, lambda: {"text/html": summary_html(self.run.summary) + details_html(self.progress),
-                         "text/plain": summary_text(self.run.summary)}),
+            (2, lambda: {"text/html": summary_html(self.run.summary, self.stage) + details_html(self.progress),
+                         "text/plain": summary_text(self.run.summary, self.stage)}),
         ]
         for slot, bundle in parts:
             try:  # one part failing must not cost the others
@@ -374,7 +376,8 @@ class Dashboard:
 
     # ----- text -----------------------------------------------------------------------------------------------
     def _title(self) -> str:
-        return f"{self.run.config.method.name} · {self.run.config.model.name_or_path} · run {self.run.id}"
+        stage = "" if self.stage.name == "sft" else f" · {self.stage.name}"
+        return f"{self.run.config.method.name}{stage} · {self.run.config.model.name_or_path} · run {self.run.id}"
 
     def _progress_text(self) -> str:
         p = self.progress
@@ -421,8 +424,8 @@ def details_html(progress: RunProgress) -> str:
             f"{_messages_pre(progress)}</details>")
 
 
-def summary_html(summary: RunSummary | None) -> str:
-    rows = summary_rows(summary)
+def summary_html(summary: RunSummary | None, stage: stages.Stage | None = None) -> str:
+    rows = summary_rows(summary, stage)
     if not rows:
         return ""
     body = "".join(f"<tr><th style='text-align:left;padding:2px 12px 2px 0'>{html.escape(k)}</th>"
@@ -430,8 +433,8 @@ def summary_html(summary: RunSummary | None) -> str:
     return f"<table class='nbtune-summary'><caption style='text-align:left'><b>Run summary</b></caption>{body}</table>"
 
 
-def summary_text(summary: RunSummary | None) -> str:
-    rows = summary_rows(summary)
+def summary_text(summary: RunSummary | None, stage: stages.Stage | None = None) -> str:
+    rows = summary_rows(summary, stage)
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -1,5 +1,6 @@
 """The builder's data preview: the rows' format, the first rows as the model sees them with the trained part
-highlighted, row counts, and a token-length histogram with max_length marked (what truncation will cut)."""
+highlighted (a preference pair's chosen answer), row counts, and a token-length histogram with max_length
+marked (what truncation will cut)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import html
 from collections.abc import Iterable
 from typing import Any
 
-from nbtune import formats
+from nbtune import formats, stages
 from nbtune.config import TuneConfig
 
 TRAINED_STYLE = "font-weight:bold;color:#1565c0;background:#e3f2fd"  # the tokens the loss is on
+HIGHLIGHTED = {  # what the highlight marks in rows of a format that is not trained token by token
+    "preference": "the chosen answer, which a preference stage prefers over the rejected one",
+    "prompt-reference": "the reference answer the rewards compare completions against",
+}
 
 
 def data_preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
@@ -20,6 +25,7 @@ def data_preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
     result = data.preview(config, tokenizer=models.load_tokenizer(config), rows=rows)
     result["histogram"] = histogram(result.get("token_lengths") or [])
     result["max_length"] = config.data.max_length
+    result["stage"] = config.training.stage
     return result
 
 
@@ -50,7 +56,7 @@ def preview_html(result: dict[str, Any]) -> str:
                        f"{html.escape(str(r['label']))}</td></tr>" for r in rows)
     else:
         head = (f"<tr><th>as the model sees it; <span style='{TRAINED_STYLE}'>highlighted</span>: "
-                f"{'what a later stage compares' if result.get('trainable') is False else 'trained on'}</th></tr>")
+                f"{HIGHLIGHTED.get(result.get('format') or '', 'trained on')}</th></tr>")
         body = "".join(f"<tr><td style='{cell}'>{pieces_html(r.get('pieces') or [(r['input'], False)])}</td></tr>"
                        for r in rows)
     counts = (f"<b>{result.get('train_rows', 0):,}</b> training rows · <b>{result.get('eval_rows', 0):,}</b> "
@@ -74,12 +80,16 @@ def pieces_html(pieces: list[tuple[str, bool]]) -> str:
 
 
 def format_html(result: dict[str, Any]) -> str:
-    """The detected format in words, and whether supervised training can use it."""
+    """The detected format in words, and, when the config's stage cannot train it, the stages that can."""
     fmt = result.get("format")
     if fmt is None:
         return ""
-    note = "" if result.get("trainable", True) else (" <span style='color:#c62828'>(detected and shown only: "
-                                                     "training it needs a stage nbtune does not have yet)</span>")
+    note = ""
+    if not result.get("trainable", True):
+        able = [s.name for s in stages.STAGES.values() if fmt in s.formats]
+        fix = f"choose stage {' or '.join(able)} (Training tab)" if able else "no stage trains it yet"
+        note = (f" <span style='color:#c62828'>(stage {html.escape(str(result.get('stage', 'sft')))} cannot "
+                f"train it: {html.escape(fix)})</span>")
     return f"Format <b>{html.escape(fmt)}</b>: {html.escape(formats.DESCRIPTIONS[fmt])}{note} · "
 
 

@@ -1,13 +1,13 @@
 """Form controls generated from field descriptions (a method's registry fields, or a config section's fields).
 
-One `FieldControl` per field: the input that suits the field's kind, its help as the tooltip, and a message
-line that shows the field's validation problem. No form is ever written by hand for one method.
+One `FieldControl` per field: the input that suits the field's kind (a choice under the labels its caller
+gives, if any), its help as the tooltip, and a message line that shows the field's validation problem. No form is ever written by hand for one method.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ipywidgets as w
@@ -46,10 +46,11 @@ STYLE = """<style>
 class FieldControl:
     """The input for one field; `value` reads it as the config wants it, `show_problem` marks it."""
 
-    def __init__(self, dotted: str, field: Field, value: Any, on_change: Callable[[], None]):
+    def __init__(self, dotted: str, field: Field, value: Any, on_change: Callable[[], None],
+                 option_labels: Mapping[Any, str] | None = None):
         self.dotted = dotted
         self.field = field
-        self.input = _make_input(field, display_value(field, value))
+        self.input = _make_input(field, display_value(field, value), option_labels or {})
         self.input.description = field.name.replace("_", " ")
         self.input.style = {"description_width": LABEL_WIDTH}
         self.input.layout = w.Layout(width="100%", max_width=INPUT_MAX_WIDTH)
@@ -131,12 +132,12 @@ def display_value(field: Field, value: Any) -> Any:
     return value
 
 
-def _make_input(field: Field, value: Any) -> Any:
+def _make_input(field: Field, value: Any, option_labels: Mapping[Any, str]) -> Any:
     kind = field.kind
     if kind == "bool":
         return w.Checkbox(value=bool(value), indent=True)
-    if kind == "choice":
-        options = [(str(c), c) for c in field.choices]
+    if kind == "choice":  # each choice under its label where the caller gives one (a stage's title)
+        options = [(option_labels.get(c, str(c)), c) for c in field.choices]
         if field.optional:
             options.insert(0, (AUTO, AUTO))
         chosen = AUTO if value is None and field.optional else value

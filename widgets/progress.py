@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbtune.records import RunSummary
+from nbtune.stages import STAGES, Stage
 from nbtune.units import format_bytes
 
 
@@ -120,6 +121,47 @@ TRACES = (
 )
 
 
+# ----- the stage's own traces (DPO's rewards, GRPO's reward and KL) ------------------------------------------
+
+@dataclass(frozen=True)
+class StageMetric:
+    """How the chart draws one metric a stage logs (a value of `Stage.logged`): its panel ("{stage}" becomes
+    the stage's name, DPO), its colour, a 0-1 axis for shares, and a spread drawn as ± around another metric."""
+
+    panel: str
+    color: str = "#7f7f7f"
+    share: bool = False  # a fraction: drawn on a 0-1 axis
+    spread_of: str | None = None  # drawn as mean ± this around that metric's line, not as a line of its own
+
+
+STAGE_METRICS = {
+    "reward_chosen": StageMetric("{stage} rewards", "#2ca02c"),
+    "reward_rejected": StageMetric("{stage} rewards", "#d62728"),
+    "reward_margin": StageMetric("{stage} rewards", "#bcbd22"),
+    "reward_accuracy": StageMetric("Reward accuracy", "#9467bd", share=True),
+    "reward": StageMetric("{stage} reward", "#2ca02c"),
+    "reward_std": StageMetric("{stage} reward", "#2ca02c", spread_of="reward"),
+    "completion_length": StageMetric("Completion length (tokens)", "#8c564b"),
+    "kl": StageMetric("KL to the reference", "#17becf"),
+}
+
+
+def stage_metric(name: str) -> StageMetric:
+    """How `name` is drawn; a metric the table does not know gets a panel of its own under its name."""
+    return STAGE_METRICS.get(name) or StageMetric(name.replace("_", " ").capitalize())
+
+
+def stage_trace_name(metric: str, kind: str) -> str:
+    """The trace of a stage metric from step events ("reward margin") or eval events ("eval reward margin")."""
+    words = metric.replace("_", " ")
+    return words if kind == "step" else f"eval {words}"
+
+
+def accuracy_words(stage: Stage) -> str:
+    """What the stage's eval accuracy measures, short enough for a label ("held-out preference accuracy")."""
+    return stage.accuracy_means.split(":")[0]
+
+
 # ----- a run's progress ---------------------------------------------------------------------------------------
 
 ENDED = ("finished", "stopped", "failed", "interrupted")
@@ -130,11 +172,15 @@ class RunProgress:
     """Everything a dashboard shows about a run, folded from its events one at a time in O(1) each.
 
     States: "queued" (another run holds the kernel's runner), "starting" (with `phase`, one of
-    events.PHASES, or None before the first), "running", then one of ENDED.
+    events.PHASES, or None before the first), "running", then one of ENDED. `stage` is the run's stage (sft when
+    not given); each metric it logs (`Stage.logged`) gets a Series, named by `stage_trace_name`, once present.
     """
 
-    def __init__(self, max_points: int = 2000):
+    def __init__(self, max_points: int = 2000, stage: Stage | None = None):
+        self.max_points = max_points
+        self.stage = stage or STAGES["sft"]
         self.series = {trace.name: Series(max_points) for trace in TRACES}
+        self.stage_series: dict[str, Series] = {}  # the stage's own traces, in the order they first appear
         self.state = "queued"
         self.phase: str | None = None
         self.step = 0
@@ -190,6 +236,11 @@ class RunProgress:
                 value = trace.read(data)
                 if value is not None:
                     self.series[trace.name].append(step, value)
+        for metric in self.stage.logged.values():
+            value = data.get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = stage_trace_name(metric, kind)
+                self.stage_series.setdefault(name, Series(self.max_points)).append(step, value)
         loss = data.get("loss")  # the best eval: the base at step 0 is no checkpoint of this training
         if kind == "eval" and step > 0 and loss is not None and (not self.best_eval or loss < self.best_eval[1]):
             self.best_eval = (step, loss)
@@ -274,13 +325,19 @@ SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 )
 
 
-def summary_rows(summary: RunSummary | None) -> list[tuple[str, str]]:
-    """The run summary as (label, formatted value) rows, in the order a reader wants them."""
+def summary_rows(summary: RunSummary | None, stage: Stage | None = None) -> list[tuple[str, str]]:
+    """The run summary as (label, formatted value) rows, in the order a reader wants them: the stage's title
+    after the state, its eval accuracy in its own words, no perplexity where its loss is no language-model loss."""
     if summary is None:
         return []
-    rows = [("state", str(summary.state))]
-    rows += [(label, write(getattr(summary, key))) for label, key, write in SUMMARY_ROWS
-             if getattr(summary, key) is not None]
+    stage = stage or STAGES["sft"]
+    rows = [("state", str(summary.state)), ("stage", stage.title)]
+    for label, key, write in SUMMARY_ROWS:
+        if getattr(summary, key) is None or (key == "final_perplexity" and not stage.language_model_loss):
+            continue
+        if key == "final_eval_accuracy":
+            label = f"final {accuracy_words(stage)}"
+        rows.append((label, write(getattr(summary, key))))
     peak_bytes = summary.peak_memory.get("peak_allocated") or summary.peak_memory.get("peak_rss")
     if peak_bytes:
         rows.append(("peak memory", format_bytes(peak_bytes)))

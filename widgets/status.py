@@ -57,7 +57,8 @@ def checking_html() -> str:
 
 def ready_html(config: TuneConfig) -> str:
     return ("<span style='color:#2e7d32'>✔ Ready</span> <span class='nbtune-help'>"
-            f"{html.escape(config.method.name)} on {html.escape(config.model.name_or_path)}, "
+            f"{html.escape(config.training.stage)} with {html.escape(config.method.name)} on "
+            f"{html.escape(config.model.name_or_path)}, "
             f"lr {config.learning_rate:g}</span>")
 
 
