@@ -7,6 +7,11 @@ and the table reports the quality as mean ± sample std. A comparison re-opens f
 training or loading a model, and grows when a variant or a seed is added: only the new runs train. Its charts and
 HTML report are drawn by `nbtune.report` from one `Table` per render.
 
+Stages: variants may train different stages (`training.stage`: sft, dpo, grpo, ...). Each stage's runs are
+judged by their own measure (`stage_quality`); where stages differ, those measures are not comparable, so
+`best()` and the recommendation rank each stage's variants among themselves. Each stage's final metrics (its
+`Stage.logged`, e.g. DPO's reward margin) are columns, empty for runs of other stages.
+
 Ties: two variants tie when their mean qualities differ by no more than the larger of their spreads (the sample
 std over seeds; 0 with one seed, so only equal qualities tie then). `best()` names one variant only when it beats
 every other beyond that; otherwise it names the tied group.
@@ -19,7 +24,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +32,19 @@ from nbtune import report
 from nbtune.config import TuneConfig
 from nbtune.records import RunSummary
 from nbtune.runner import Run, open_run
+from nbtune.stages import STAGES, Stage
 from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
 from nbtune.tasks import task
 
 VariantSpec = TuneConfig | Mapping[str, Any] | str
 
 # Columns where a larger value is better; every other numeric column is better when smaller.
-HIGHER_IS_BETTER = ("eval_accuracy", "base_eval_accuracy", "tokens_per_s", "projected_tokens_per_s")
+# The last four are stages' metrics (Stage.logged names), whose direction the stage registry does not say.
+HIGHER_IS_BETTER = ("eval_accuracy", "base_eval_accuracy", "tokens_per_s", "projected_tokens_per_s",
+                    "reward_chosen", "reward_margin", "reward_accuracy", "reward")
+# Columns whose meaning depends on the stage (a DPO loss is no cross-entropy): never ranked across stages.
+STAGE_MEASURED = ("eval_accuracy", "base_eval_accuracy", "final_eval_loss", "best_eval_loss",
+                  "final_train_loss", "best_train_loss", "eval_perplexity")
 ESTIMATES_FILE = "estimates.json"  # memory estimates of compared configs, in the store root
 COST_AXES = {"memory": "peak memory (bytes)", "time": "wall time (s)"}
 # Run states that mean a variant produced no result, with the reason shown when the run recorded none.
@@ -231,9 +242,21 @@ class Comparison:
         return "eval_accuracy" if self.scores_accuracy else "eval_perplexity"
 
     @property
+    def stages(self) -> dict[str, Stage]:
+        """Each variant's stage (`training.stage`)."""
+        return {name: STAGES[config.training.stage] for name, config in self.configs.items()}
+
+    @property
+    def qualities(self) -> dict[str, str]:
+        """Each stage the variants train (in their order), with the column its variants are judged by."""
+        present = list(self.stages.values()) or [STAGES[self.base_config.training.stage]]
+        return {stage.name: stage_quality(self.task, stage) for stage in present}
+
+    @property
     def quality(self) -> str:
-        """The eval-quality column used by `best()` and the Pareto chart (higher accuracy, or lower eval loss)."""
-        return "eval_accuracy" if self.scores_accuracy else "final_eval_loss"
+        """The eval-quality column used by `best()` and the Pareto chart (higher accuracy, or lower eval
+        loss); where stages differ, the first variant's stage's (`qualities` holds each stage's)."""
+        return next(iter(self.qualities.values()))
 
     @property
     def target(self) -> Target | None:
@@ -254,10 +277,11 @@ class Comparison:
         summary = _summary(run)
         if summary.error:
             return f" ({summary.error})"
-        value = summary.final_eval_accuracy if self.scores_accuracy else summary.final_perplexity
+        accuracy = stage_quality(self.task, STAGES[run.config.training.stage]) == "eval_accuracy"
+        value = summary.final_eval_accuracy if accuracy else summary.final_perplexity
         if value is None:
             return ""
-        return f", eval accuracy {value:.3f}" if self.scores_accuracy else f", eval perplexity {value:.2f}"
+        return f", eval accuracy {value:.3f}" if accuracy else f", eval perplexity {value:.2f}"
 
     def failures(self) -> dict[str, str]:
         """The variants with a seed that failed or was interrupted, each with its reason (empty when none did)."""
@@ -292,12 +316,17 @@ class Comparison:
         configs = self.seed_configs(name)
         runs = list(self.seed_runs.get(name) or [])[:len(configs)]
         runs += [None] * (len(configs) - len(runs))
-        row = aggregate([self._seed_row(name, c, r) for c, r in zip(configs, runs, strict=True)], self.quality)
+        quality = stage_quality(self.task, STAGES[configs[0].training.stage])
+        metrics = stage_metrics(self.qualities)
+        seed_rows = [self._seed_row(name, c, r, metrics) for c, r in zip(configs, runs, strict=True)]
+        row = aggregate(seed_rows, quality, AVERAGED + tuple(metrics))
         row.update(self._target_columns(row, projection))
         return row
 
-    def _seed_row(self, name: str, config: TuneConfig, run: Run | None) -> dict[str, Any]:
-        """The numbers of one seed's run."""
+    def _seed_row(self, name: str, config: TuneConfig, run: Run | None,
+                  metrics: Sequence[str]) -> dict[str, Any]:
+        """The numbers of one seed's run, with the final value of each stage metric in `metrics` (None for a
+        metric of another stage)."""
         summary = _summary(run)
         train_losses = [e["loss"] for e in _with_loss(run, "step")]
         estimated = summary.estimated_peak_bytes
@@ -306,6 +335,7 @@ class Comparison:
         row = {
             "variant": name,
             "method": config.method.name,
+            "stage": config.training.stage,
             "state": "missing" if run is None else run.status,
             "served_from_store": run is not None and run.cached,
             "learning_rate": summary.learning_rate if summary.learning_rate is not None else config.learning_rate,
@@ -323,11 +353,13 @@ class Comparison:
             "final_eval_loss": summary.final_eval_loss,
             "best_eval_loss": summary.best_eval_loss,
         }
-        if self.scores_accuracy:
+        judged = set(self.qualities.values())
+        if "eval_accuracy" in judged:
             row["eval_accuracy"] = summary.final_eval_accuracy
             row["base_eval_accuracy"] = summary.base_eval_accuracy
-        else:
+        if "final_eval_loss" in judged:
             row["eval_perplexity"] = summary.final_perplexity
+        row.update(final_metrics(run, metrics))
         row["artifact_bytes"] = summary.artifact_bytes
         row["error"] = summary.error
         row["run_id"] = run.id if run is not None else None
@@ -351,17 +383,20 @@ class Comparison:
 
     def table(self) -> Table:
         """The rows as of now, with the quality they are judged by: what one render of charts and HTML reads."""
-        return Table(self.rows(), self.quality, self.target)
+        return Table(self.rows(), self.quality, self.target, self.qualities)
 
     def to_pandas(self) -> Any:
         """The comparison table as a pandas DataFrame, one row per variant (indexed by variant name)."""
         return _frame(self.rows())
 
-    def best(self, by: str | None = None) -> Best:
-        """The finished variant best by a table column (default: the task's eval quality), or the variants tied
-        for best when none beats the others beyond the spread: `.tied`, `.variants`, `.run`, `str()`."""
+    def best(self, by: str | None = None, stage: str | None = None) -> Best:
+        """The finished variant best by a table column (default: the eval quality), or the variants tied for
+        best when none beats the others beyond the spread: `.tied`, `.variants`, `.run`, `str()`. Where the
+        variants' stages differ, an eval measure ranks only within one: `stage` names it."""
         table = self.table()
-        by = by or self.quality
+        if stage is not None or (table.mixed_stages and (by is None or by in STAGE_MEASURED)):
+            table = table.of_stage(stage, by)
+        by = by or table.quality
         names = table.leaders(by)
         runs = self.runs
         return Best(names, [runs[n] for n in names], by, report.best_text(table, names, by))  # type: ignore[misc]
@@ -375,15 +410,17 @@ class Comparison:
                     **settings: Any) -> Any:
         """The same prompts answered by the base and by every variant's run side by side (classification: each
         run's predicted labels, with accuracy and confusion when `expected` holds the true labels), as a
-        `generation.SideBySide` kept in the store: asking again loads no model. The HTML report shows the
-        latest one asked for."""
+        `generation.SideBySide` kept in the store: asking again loads no model. Each run answers as it was
+        trained (runs of different stages too): chat-templated where it trained on conversations. The HTML
+        report shows the latest one asked for."""
         from nbtune.generation import side_by_side
 
         self.answers = side_by_side(self.runs, prompts, base=self.base_config, expected=expected, **settings)
         return self.answers
 
     def pareto(self, cost: str = "memory") -> dict[str, bool]:
-        """Which finished variants are non-dominated for `cost` ("memory" or "time") versus eval quality."""
+        """Which finished variants are non-dominated for `cost` ("memory" or "time") versus eval quality (each
+        stage's variants among themselves where stages differ)."""
         return self.table().pareto(cost)
 
     def fairness(self) -> list[str]:
@@ -420,13 +457,19 @@ class Comparison:
         estimate as a stacked bar of the estimator's categories."""
         return report.memory_chart(self.memory_breakdowns(), self._labels(), table=self.table())
 
-    def quality_chart(self) -> Any:
-        """Eval quality (mean ± spread over seeds) against the trainable share of parameters, log x."""
-        return report.quality_chart(self.table())
+    def quality_chart(self, stage: str | None = None) -> Any:
+        """Eval quality (mean ± spread over seeds) against the trainable share of parameters, log x; where
+        stages differ, of one stage's variants (default: the first variant's)."""
+        return report.quality_chart(self._charted(stage))
 
-    def pareto_chart(self, cost: str = "memory") -> Any:
-        """Eval quality against peak memory or wall time; the non-dominated variants are marked and joined."""
-        return report.pareto_chart(self.table(), cost)
+    def pareto_chart(self, cost: str = "memory", stage: str | None = None) -> Any:
+        """Eval quality against peak memory or wall time; the non-dominated variants are marked and joined;
+        where stages differ, of one stage's variants (default: the first variant's)."""
+        return report.pareto_chart(self._charted(stage), cost)
+
+    def _charted(self, stage: str | None) -> Table:
+        table = self.table()
+        return table.of_stage(stage or next(iter(table.qualities))) if table.mixed_stages or stage else table
 
     def figures(self, x: str = "step", log_y: bool = True, smoothing: float = 0.6,
                 cost: str = "memory") -> dict[str, Any]:
@@ -524,6 +567,34 @@ class Table:
     rows: list[dict[str, Any]]
     quality: str  # the eval-quality column that `best` and the Pareto front judge by
     target: Target | None = None
+    qualities: Mapping[str, str] = field(default_factory=dict)  # each stage of the rows -> its quality column
+
+    @property
+    def mixed_stages(self) -> bool:
+        """Whether the rows train different stages (then each stage's rows are judged among themselves)."""
+        return len(self.qualities) > 1
+
+    def quality_of(self, row: Mapping[str, Any]) -> str:
+        """The quality column a row is judged by: its stage's."""
+        return self.qualities.get(row.get("stage"), self.quality)
+
+    def of_stage(self, stage: str | None, by: str | None = None) -> Table:
+        """The rows of one stage, judged by that stage's quality; a ValueError names the stages when `stage`
+        is None or none of them (`by`: the column that was asked to rank across stages)."""
+        known = ", ".join(self.qualities)
+        if stage is None:
+            raise ValueError(f"the variants train different stages ({known}), and {by or 'the eval quality'} "
+                             "measures something else in each: name one stage (stage=...)")
+        if stage not in self.qualities:
+            raise ValueError(f"stage {stage!r} is not one of the compared stages ({known})")
+        rows = [r for r in self.rows if r.get("stage") == stage] if self.mixed_stages else self.rows
+        return Table(rows, self.qualities[stage], self.target, {stage: self.qualities[stage]})
+
+    def per_stage(self) -> dict[str, Table]:
+        """One table per stage, of its rows judged by its own quality (just this table when stages agree)."""
+        if not self.mixed_stages:
+            return {next(iter(self.qualities), ""): self}
+        return {stage: self.of_stage(stage) for stage in self.qualities}
 
     @property
     def higher_is_better(self) -> bool:
@@ -554,7 +625,7 @@ class Table:
 
     def spread(self, row: Mapping[str, Any], by: str) -> float:
         """The uncertainty of a row's value of `by`: the quality's sample std over seeds, else 0."""
-        return (row.get("quality_std") or 0.0) if by == self.quality else 0.0
+        return (row.get("quality_std") or 0.0) if by == self.quality_of(row) else 0.0
 
     def ties(self, a: Mapping[str, Any], b: Mapping[str, Any], by: str) -> bool:
         """Whether two rows tie on `by`: their values differ by no more than the larger of their spreads."""
@@ -565,9 +636,14 @@ class Table:
         return [r for r in self.rows if r["state"] == "finished" and r.get(by) is not None]
 
     def ranked(self, rows: Sequence[dict[str, Any]], by: str) -> list[dict[str, Any]]:
-        """`rows` best first by `by` (equal values: the lower eval loss first)."""
+        """`rows` best first by `by` (equal values: the lower eval loss first, where the rows share a stage:
+        one stage's loss says nothing about another's)."""
         sign = 1 if by in HIGHER_IS_BETTER else -1
-        return sorted(rows, key=lambda r: (-sign * r[by], _or_inf(r.get("final_eval_loss"))))
+
+        def loss(row: Mapping[str, Any]) -> float:
+            return 0.0 if self.mixed_stages else _or_inf(row.get("final_eval_loss"))
+
+        return sorted(rows, key=lambda r: (-sign * r[by], loss(r)))
 
     def leaders(self, by: str | None = None, among: Sequence[dict[str, Any]] | None = None) -> list[str]:
         """The best variant by `by` (default: the quality), or every variant tied with it, best first."""
@@ -591,7 +667,11 @@ class Table:
 
     def recommend(self) -> Recommendation:
         """The variant to use: among the finished ones that fit, the cheapest within the near-best margin of the
-        best mean (so with a tie, the cheapest of the tied group, unless a tied one is too noisy to be near)."""
+        best mean (so with a tie, the cheapest of the tied group, unless a tied one is too noisy to be near).
+        Rows of different stages are never ranked together: recommend within each of `per_stage()`."""
+        if self.mixed_stages:
+            raise ValueError(f"the rows train different stages ({', '.join(self.qualities)}): recommend "
+                             "within each of Table.per_stage()")
         scored = self.scored(self.quality)
         unfit = [r["variant"] for r in scored if r.get("fits") is False]
         # projected to a target, a variant counts only when its projection says it fits; a variant with no
@@ -622,7 +702,10 @@ class Table:
         return "estimated_peak_bytes"
 
     def pareto(self, cost: str = "memory") -> dict[str, bool]:
-        """Which finished variants are non-dominated for `cost` ("memory" or "time") versus eval quality."""
+        """Which finished variants are non-dominated for `cost` ("memory" or "time") versus eval quality (each
+        stage's among themselves where stages differ)."""
+        if self.mixed_stages:
+            return {name: on for part in self.per_stage().values() for name, on in part.pareto(cost).items()}
         column = self.cost_column(cost)
         rows = [r for r in self.scored(self.quality) if r.get(column) is not None]
         front = pareto_front([r[column] for r in rows], [r[self.quality] for r in rows],
@@ -630,14 +713,15 @@ class Table:
         return {r["variant"]: on for r, on in zip(rows, front, strict=True)}
 
 
-def aggregate(seed_rows: Sequence[Mapping[str, Any]], quality: str) -> dict[str, Any]:
-    """One variant's row from its seeds' rows: when every seed finished, the measured columns averaged over the
-    seeds and the quality's sample std (`quality_std`, None with one seed); else the row of the first seed that
-    did not finish."""
+def aggregate(seed_rows: Sequence[Mapping[str, Any]], quality: str,
+              averaged: Sequence[str] = AVERAGED) -> dict[str, Any]:
+    """One variant's row from its seeds' rows: when every seed finished, the `averaged` columns averaged over
+    the seeds and the quality's sample std (`quality_std`, None with one seed); else the row of the first seed
+    that did not finish."""
     unfinished = next((r for r in seed_rows if r["state"] != "finished"), None)
     row = dict(unfinished or seed_rows[0])
     if unfinished is None:
-        for column in AVERAGED:
+        for column in averaged:
             values = [r[column] for r in seed_rows if r.get(column) is not None]
             if column in row:
                 row[column] = statistics.fmean(values) if values else None
@@ -647,6 +731,31 @@ def aggregate(seed_rows: Sequence[Mapping[str, Any]], quality: str) -> dict[str,
     row["served_from_store"] = all(r["served_from_store"] for r in seed_rows)
     row["run_ids"] = [r["run_id"] for r in seed_rows]
     return row
+
+
+def stage_quality(task_name: str, stage: Stage) -> str:
+    """The column a stage's variants are judged by: eval accuracy for classification, and for a stage whose
+    loss is no token cross-entropy (its eval accuracy measures `stage.accuracy_means`); else the eval loss."""
+    accuracy = task(task_name).metric == "accuracy" or not stage.language_model_loss
+    return "eval_accuracy" if accuracy else "final_eval_loss"
+
+
+def stage_metrics(stage_names: Iterable[str]) -> list[str]:
+    """The metric columns the stages log beyond the loss (their `Stage.logged` names), in stage order."""
+    names = [name for name in stage_names if name in STAGES]
+    return list(dict.fromkeys(m for name in names for m in STAGES[name].logged.values()))
+
+
+def final_metrics(run: Run | None, metrics: Sequence[str]) -> dict[str, float | None]:
+    """Each metric's final value in a run: from its last evaluation after training started (held out), else
+    its last logged step; None where the run never logged it (a run of another stage)."""
+    evals = [e for e in events_of(run, "eval") if e.get("step")]  # step 0 is the untuned model
+    steps = events_of(run, "step")
+
+    def last(name: str, events: Sequence[Mapping[str, Any]]) -> float | None:
+        return next((e[name] for e in reversed(events) if e.get(name) is not None), None)
+
+    return {m: v if (v := last(m, evals)) is not None else last(m, steps) for m in metrics}
 
 
 def pareto_front(costs: Sequence[float], qualities: Sequence[float], higher_is_better: bool = True) -> list[bool]:

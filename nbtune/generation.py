@@ -52,11 +52,12 @@ class GenerationSettings:
 
     def for_run(self, run: Run) -> GenerationSettings:
         """These settings with `chat_template` None decided for `run`: wrap prompts in the chat template only
-        when the run was trained on chat data (a run trained on plain prompts answers them as they are)."""
+        when the run was trained on chat data, or on conversational pairs or prompts (DPO, GRPO); a run trained
+        on plain prompts answers them as they are."""
         if self.chat_template is not None:
             return self
-        summary = run.summary
-        chat = summary is not None and (summary.data or {}).get("format") == "chat"
+        data = (run.summary.data or {}) if run.summary is not None else {}
+        chat = data.get("format") == "chat" or bool(data.get("conversational"))
         return dataclasses.replace(self, chat_template=chat)
 
     @classmethod
@@ -216,10 +217,17 @@ _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  
 
 
 def _tokenizer(run: Run) -> Any:
+    """The run's tokenizer, with the chat template its rows were rendered with (a named one included)."""
     if run not in _TOKENIZERS:
         from nbtune import models
+        from nbtune.methods.artifacts import chat_template_of_run
 
-        _TOKENIZERS[run] = models.load_tokenizer(run.config)
+        tokenizer = models.load_tokenizer(run.config)
+        data = (run.summary.data or {}) if run.summary is not None else {}
+        chat = chat_template_of_run(run.config, tokenizer, data.get("format"), bool(data.get("conversational")))
+        if chat is not None:
+            tokenizer.chat_template = chat[1]
+        _TOKENIZERS[run] = tokenizer
     return _TOKENIZERS[run]
 
 
@@ -469,11 +477,11 @@ def side_by_side(runs: Mapping[str, Run | None], prompts: str | Sequence[str], b
     adapter) and by every run with a trained model; for classification runs, their labels (no base column:
     an untuned classification head is random), with accuracy and confusion when `expected` holds the true
     labels. Kept in the store of the first run: the same question again loads no model."""
-    chosen = GenerationSettings.of(settings)
+    asked = GenerationSettings.of(settings)
     texts = prompt_list(prompts)
     answering, skipped = _answering(runs)
     first = next(iter(answering.values()))
-    chosen = chosen.for_run(first)  # the base answers as the runs were trained: chat-templated or not
+    chosen = asked.for_run(first)  # the base answers as the runs were trained: chat-templated or not
     base_config = base or first.config
     truth = [str(value) for value in expected] if expected is not None else None  # label names are text
     if truth is not None and len(truth) != len(texts):
@@ -485,8 +493,8 @@ def side_by_side(runs: Mapping[str, Run | None], prompts: str | Sequence[str], b
         return kept
     task = first.config.model.task
     columns = {} if task == "seq-cls" else {"base": _base_answers(base_config, texts, chosen)}
-    for name, run in answering.items():
-        columns[name] = _run_answers(run, texts, chosen)
+    for name, run in answering.items():  # each run as it was trained (runs of other stages may differ)
+        columns[name] = _run_answers(run, texts, asked.for_run(run))
     result = SideBySide(texts, columns, task, chosen.to_dict(), truth, skipped, key)
     _save(path, result)
     return result

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from nbtune.stages import STAGES
 from nbtune.units import format_bytes
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ FAILED_STYLE = "color: #b00020; font-weight: 600"
 LOSS_X = {"step": "step", "epoch": "epoch", "tokens": "tokens_seen"}  # the x axis -> the event field it reads
 # The table's columns as the HTML shows them, in this order; columns not here (run_id, error, ...) are left out.
 COLUMN_TITLES = {
-    "variant": "variant", "method": "method", "state": "state", "learning_rate": "learning rate",
+    "variant": "variant", "method": "method", "stage": "stage", "state": "state",
+    "learning_rate": "learning rate",
     "trainable_params": "trainable params", "trainable_percent": "trainable %",
     "estimated_peak_bytes": "est. peak memory", "measured_peak_bytes": "measured peak",
     "wall_time_s": "wall time", "tokens_per_s": "tokens/s", "final_train_loss": "final train loss",
@@ -40,6 +42,12 @@ COLUMN_TITLES = {
     "projected_tokens_per_s": "projected tokens/s", "projection_error": "projection",
 }
 QUALITY_WORDS = {"eval_accuracy": "eval accuracy", "final_eval_loss": "eval loss"}
+# The stages' metric columns (their `Stage.logged` names) in words; a metric not here shows its name.
+METRIC_TITLES = {"reward_chosen": "reward of chosen", "reward_rejected": "reward of rejected",
+                 "reward_margin": "reward margin", "reward_accuracy": "reward accuracy",
+                 "reward": "mean reward",
+                 "reward_std": "reward spread (std)", "completion_length": "completion length (tokens)",
+                 "kl": "KL to the reference"}
 NOTE_STYLE = {"color": "#b00020"}
 COST_TITLES = {"estimated_peak_bytes": "estimated peak memory", "measured_peak_bytes": "measured peak memory",
                "projected_peak_bytes": "projected peak memory", "wall_time_s": "wall time"}
@@ -225,9 +233,15 @@ def figures(curves: Mapping[str, Curve], breakdowns: Mapping[str, Mapping[str, i
     """Every chart of a comparison, labelled from one table: loss curves, memory, quality vs trainable share and
     the Pareto chart."""
     labels = table.labels()
-    return {"loss": loss_chart(curves, labels, x=x, log_y=log_y, smoothing=smoothing, table=table),
-            "memory": memory_chart(breakdowns, labels, table=table), "quality": quality_chart(table),
-            "pareto": pareto_chart(table, cost)}
+    drawn = {"loss": loss_chart(curves, labels, x=x, log_y=log_y, smoothing=smoothing, table=table),
+             "memory": memory_chart(breakdowns, labels, table=table)}
+    if not table.mixed_stages:
+        return {**drawn, "quality": quality_chart(table), "pareto": pareto_chart(table, cost)}
+    for stage, part in table.per_stage().items():  # each stage's quality is its own: one pair of charts each
+        for kind, fig in (("quality", quality_chart(part)), ("pareto", pareto_chart(part, cost))):
+            fig.update_layout(title=f"{STAGES[stage].title}: {fig.layout.title.text}")
+            drawn[f"{kind} ({stage})"] = fig
+    return drawn
 
 
 def _ema(values: list[float], smoothing: float) -> list[float]:
@@ -254,7 +268,7 @@ def fairness(configs: Mapping[str, TuneConfig], summaries: Sequence[RunSummary])
     data = next((s.data for s in summaries if s.data), {})
     lines = [f"Same base model for every variant: {first.model.name_or_path} (task {first.model.task}).",
              _data_sentence(first, summaries, data), _eval_sentence(first, data), _budget_sentence(first, summaries)]
-    lines += _learning_rate_sentences(configs)
+    lines += _learning_rate_sentences(configs) + [_stage_sentence(configs)]
     devices = {s.device for s in summaries if s.device}
     lines.append(f"Trained one after another on one device ({', '.join(sorted(devices)) or 'not run yet'}).")
     if devices and "cuda" not in devices:
@@ -266,9 +280,19 @@ def fairness(configs: Mapping[str, TuneConfig], summaries: Sequence[RunSummary])
     return lines
 
 
+def _stage_sentence(configs: Mapping[str, TuneConfig]) -> str:
+    titles = {name: STAGES[c.training.stage].title for name, c in configs.items()}
+    if len(set(titles.values())) == 1:
+        return f"Same stage for every variant: {next(iter(titles.values()))}."
+    shown = "; ".join(f"{n}: {t}" for n, t in titles.items())
+    return (f"Stages differ ({shown}): each stage's variants are judged by that stage's own eval measure, and "
+            "ranked only among themselves.")
+
+
 def _data_sentence(first: TuneConfig, summaries: Sequence[RunSummary], data: Mapping[str, Any]) -> str:
     fingerprint = {s.data.get("fingerprint") for s in summaries if s.data}
-    return (f"Same data and data order: {source_text(first)}"
+    same = "Same data and data order" if len(fingerprint) <= 1 else "Not the same data (stages need their own)"
+    return (f"{same}: {source_text(first)}"
             + (f", fingerprint {', '.join(sorted(fingerprint))}" if fingerprint else "")
             + (f", {data.get('train_rows')} train rows" if data else "")
             + f", shuffled with seed {first.training.seed}.")
@@ -328,14 +352,15 @@ def source_text(config: TuneConfig) -> str:
 def quality_text(table: Table, row: Mapping[str, Any]) -> str:
     """A variant's quality as the table and the recommendation show it: "0.9500 ± 0.0100 (3 seeds)", or "0.9500
     (1 seed: no spread)"; – without a result."""
-    value = row.get(table.quality)
+    quality = table.quality_of(row)
+    value = row.get(quality)
     if value is None:
         return "–"
-    shown = format_value(table.quality, value)
+    shown = format_value(quality, value)
     seeds = row.get("seeds") or 1
     if row.get("quality_std") is None:
         return f"{shown} (1 seed: no spread)" if seeds == 1 else f"{shown} ({seeds} seeds)"
-    return f"{shown} ± {format_value(table.quality, row['quality_std'])} ({seeds} seeds)"
+    return f"{shown} ± {format_value(quality, row['quality_std'])} ({seeds} seeds)"
 
 
 def cost_text(table: Table, row: Mapping[str, Any]) -> str:
@@ -362,11 +387,14 @@ def best_text(table: Table, names: Sequence[str], by: str) -> str:
     return f"{names[0]}: {words} {value(names[0])}{beyond}"
 
 
-def recommendation_text(table: Table) -> str:
+def recommendation_text(table: Table, with_target: bool = True) -> str:
     """Which method to use, in one paragraph derived from the table's figures: for the chosen GPU, which fits
-    and reaches the best quality, which is cheapest within the near-best margin, and why."""
+    and reaches the best quality, which is cheapest within the near-best margin, and why. Where stages differ,
+    one such paragraph per stage: their measures are not comparable."""
+    if table.mixed_stages:
+        return _per_stage_text(table)
     rec = table.recommend()
-    parts = [_target_sentence(table, rec)]
+    parts = [_target_sentence(table, rec)] if with_target else []
     if rec.variant is None:
         parts.append("No method to recommend for this GPU: none of the finished methods is known to fit it."
                      if rec.unfit or rec.unknown else
@@ -381,6 +409,27 @@ def recommendation_text(table: Table) -> str:
     return " ".join(parts)
 
 
+def _per_stage_text(table: Table) -> str:
+    """The recommendation within each stage, after a sentence saying why it is not one across them."""
+    parts = table.per_stage()
+    measures = "; ".join(f"{stage}: {measure_words(part)}" for stage, part in parts.items())
+    lead = (f"The variants train different stages ({_join(list(parts))}), whose eval measures differ "
+            f"({measures}): so each stage's best is recommended within that stage, never ranked against another "
+            "stage's.")
+    once = table.target is None  # "no GPU chosen" is said once, not per stage
+    within = [f"{STAGES[stage].title}: {recommendation_text(part, not once)}" for stage, part in parts.items()]
+    return " ".join([lead] + ([_target_sentence(table, None)] if once else []) + within)
+
+
+def measure_words(table: Table) -> str:
+    """What a one-stage table's quality measures, in words: its stage's `accuracy_means` where it is the eval
+    accuracy, else "eval loss"."""
+    stage = STAGES.get(next(iter(table.qualities), ""))
+    if table.quality == "eval_accuracy" and stage is not None and not table.mixed_stages:
+        return stage.accuracy_means
+    return QUALITY_WORDS[table.quality]
+
+
 def near_words(table: Table) -> str:
     """The near-best margin in words."""
     from nbtune.comparison import NEAR_BEST_ACCURACY_POINTS, NEAR_BEST_LOSS_SHARE
@@ -390,7 +439,7 @@ def near_words(table: Table) -> str:
     return f"{NEAR_BEST_LOSS_SHARE * 100:g} % of the eval loss"
 
 
-def _target_sentence(table: Table, rec: Recommendation) -> str:
+def _target_sentence(table: Table, rec: Recommendation | None) -> str:
     target, rows = table.target, table.by_variant()
     if target is None:
         return ("No GPU chosen (compare(..., gpu=..., target_model=...)): fit is not checked, and the cheapest "
@@ -448,14 +497,18 @@ def _join(names: Sequence[str]) -> str:
 
 # ----- HTML -------------------------------------------------------------------------------------------------
 def deciding_columns(table: Table) -> dict[str, str]:
-    """The columns the table shows first, with their titles: the quality ± spread, trainable share, memory
-    (projected to the target when there is one), whether it fits, time, and the state."""
+    """The columns the table shows first, with their titles: the stage where stages differ, the quality ±
+    spread (titled with what it measures), the stages' final metrics, trainable share, memory (projected to
+    the target when there is one), whether it fits, time, and the state."""
     memory = table.cost_column("memory")
     target = table.target
-    columns = {"variant": "variant", "quality": f"{QUALITY_WORDS[table.quality]} (mean ± std)",
-               "trainable_percent": "trainable %",
-               memory: (f"projected peak, {target.model} on {target.gpu_title}" if table.projected and target
-                        else COST_TITLES[memory])}
+    columns = {"variant": "variant"} | ({"stage": "stage"} if table.mixed_stages else {})
+    quality = "quality within its stage" if table.mixed_stages else measure_words(table)
+    columns["quality"] = f"{quality} (mean ± std)"
+    columns |= {m: METRIC_TITLES.get(m, m.replace("_", " ")) for m in stage_columns(table)}
+    columns |= {"trainable_percent": "trainable %",
+                memory: (f"projected peak, {target.model} on {target.gpu_title}" if table.projected and target
+                         else COST_TITLES[memory])}
     if target is not None:
         columns["fits"] = f"fits {target.gpu_title}"
     if table.projected:
@@ -466,6 +519,13 @@ def deciding_columns(table: Table) -> dict[str, str]:
     return columns
 
 
+def stage_columns(table: Table) -> list[str]:
+    """The stages' metric columns that some row has a value of (DPO's rewards, GRPO's mean reward, ...)."""
+    from nbtune.comparison import stage_metrics
+
+    return [m for m in stage_metrics(table.qualities) if any(r.get(m) is not None for r in table.rows)]
+
+
 def table_html(table: Table) -> str:
     """The table as an HTML fragment, numbers formatted for reading: the deciding columns, then every other one
     behind "details"; ★ marks the memory Pareto front, a failed variant's state cell gives its reason."""
@@ -474,11 +534,20 @@ def table_html(table: Table) -> str:
                                         if c not in deciding and any(c in r for r in table.rows)}
     front = table.pareto("memory") if table.rows else {}
     failures = table.failures()
-    return (_rows_html(table, deciding, front, failures, "nbtune-comparison")
-            + "<p><small>★ non-dominated: no other variant is both cheaper in peak memory and better in "
-            f"{html.escape(table.quality)}. Ties: two variants tie when their means differ by no more than the "
+    quality, among = ("its stage's quality", " of its stage") if table.mixed_stages else (table.quality, "")
+    return (_rows_html(table, deciding, front, failures, "nbtune-comparison") + _measures_html(table)
+            + f"<p><small>★ non-dominated: no other variant{among} is both cheaper in peak memory and better in "
+            f"{html.escape(quality)}. Ties: two variants tie when their means differ by no more than the "
             "larger spread (sample std over seeds).</small></p>"
             + f"<details><summary>details</summary>{_rows_html(table, details, {}, {}, 'nbtune-details')}</details>")
+
+
+def _measures_html(table: Table) -> str:
+    """Where stages differ, what the quality column measures for each stage's rows."""
+    if not table.mixed_stages:
+        return ""
+    parts = "; ".join(f"{stage}: {measure_words(part)}" for stage, part in table.per_stage().items())
+    return f"<p><small>Quality within its stage: {html.escape(parts)}.</small></p>"
 
 
 def _rows_html(table: Table, columns: Mapping[str, str], front: Mapping[str, bool],

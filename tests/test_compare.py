@@ -385,8 +385,8 @@ def test_the_deciding_columns_come_first_and_the_rest_fold_into_details(trained)
     main, details = re.findall(r"<table class=\"(nbtune-\w+)\"><thead><tr>(.*?)</tr>", page)
     headers = re.findall(r"<th>(.*?)</th>", main[1])
     assert main[0] == "nbtune-comparison" and details[0] == "nbtune-details"
-    assert headers == ["variant", "eval accuracy (mean ± std)", "trainable %", "estimated peak memory", "wall time",
-                       "state"]
+    assert headers == ["variant", "held-out accuracy (mean ± std)", "trainable %", "estimated peak memory",
+                       "wall time", "state"]
     assert page.index("<details><summary>details</summary>") < page.index('class="nbtune-details"')
     folded = re.findall(r"<th>(.*?)</th>", details[1])
     assert {"final eval loss", "learning rate", "artifact size"} <= set(folded) and "wall time" not in folded
@@ -439,3 +439,117 @@ def test_predicted_labels_side_by_side_are_kept_and_shown_in_the_report(trained,
     monkeypatch.setattr(generation, "_run_answers", lambda *a, **k: pytest.fail("a model was loaded again"))
     again = comparison.generations(texts, expected=["pos", "neg", "pos"])
     assert again.answers == answers.answers  # served from the store
+
+
+# ----- variants of different stages (sft, dpo, ...) -------------------------------------------------------
+SUMS = [{"prompt": f"What is {i} plus 1?", "completion": f" {i + 1}"} for i in range(16)]
+CHAT_PAIRS = [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+               "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
+               "rejected": [{"role": "assistant", "content": "I do not know."}]} for i in range(16)]
+STAGED = {"sft-lora": {"method": "lora"},
+          "dpo-lora": {"method": "lora", "training.stage": "dpo", "data.source": CHAT_PAIRS}}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> tuple[Comparison, nbtune.TuneConfig, str]:
+    training = {"max_steps": 2, "micro_batch_size": 4, "eval_every": None, "log_every": 1}
+    base = nbtune.TuneConfig(data={"source": SUMS, "eval_split": 0.25}, training=training)
+    store = str(tmp_path_factory.mktemp("stages"))
+    return nbtune.compare(base, variants=STAGED, store=store, progress=False), base, store
+
+
+def test_variants_of_different_stages_each_have_a_row_with_the_stage_and_its_metrics(staged):
+    comparison, _, _ = staged
+    table = comparison.to_pandas()
+    assert list(table["state"]) == ["finished", "finished"]
+    assert table.loc["sft-lora", "stage"] == "sft" and table.loc["dpo-lora", "stage"] == "dpo"
+    dpo, sft = table.loc["dpo-lora"], table.loc["sft-lora"]
+    for metric in ("reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"):
+        assert math.isfinite(dpo[metric]) and math.isnan(sft[metric]), metric  # blank for the other stage
+    assert 0 <= dpo["reward_accuracy"] <= 1 and 0 <= dpo["eval_accuracy"] <= 1  # its preference accuracy
+    assert math.isnan(sft["eval_accuracy"]) and math.isnan(dpo["eval_perplexity"])  # a DPO loss is no CE
+    assert sft["eval_perplexity"] == pytest.approx(math.exp(sft["final_eval_loss"]))
+    page = comparison.table_html()
+    main = re.search(r'<table class="nbtune-comparison">.*?</table>', page, re.S).group(0)
+    headers = re.findall(r"<th>(.*?)</th>", main)
+    assert headers[:3] == ["variant", "stage", "quality within its stage (mean ± std)"]
+    assert {"reward margin", "reward accuracy"} <= set(headers)
+    assert "dpo: held-out preference accuracy: the chosen answer scored above the rejected one" in page
+    assert f"<td>{dpo['eval_accuracy']:.4f} (1 seed: no spread)</td>" in _row_html(page, "dpo-lora")
+    assert f"<td>{sft['final_eval_loss']:.4f} (1 seed: no spread)</td>" in _row_html(page, "sft-lora")
+    report_page = comparison.to_html()
+    assert "Stages differ (sft-lora: Supervised fine-tuning (SFT); dpo-lora: Direct preference" in report_page
+    assert "Not the same data" in report_page  # each stage trained on rows of its own format
+    assert {"quality (sft)", "quality (dpo)", "pareto (sft)", "pareto (dpo)"} <= set(comparison.figures())
+
+
+def test_comparing_across_stages_again_trains_nothing(staged, monkeypatch):
+    first, base, store = staged
+    monkeypatch.setattr(training, "execute", lambda *a, **k: pytest.fail("training was started"))
+    again = nbtune.compare(base, variants=STAGED, store=store, progress=False)
+    assert again.served_from_store == set(STAGED)
+    assert list(again.to_pandas()["run_id"]) == list(first.to_pandas()["run_id"])
+
+
+def test_the_recommendation_and_best_rank_within_each_stage_never_across(staged, monkeypatch):
+    comparison, _, _ = staged
+    # a DPO loss (here 0.30) is far below any cross-entropy: ranked together, every DPO variant would "win"
+    rows = [{**_accuracy_row("sft-lora", 0.0, None, 0.9), "stage": "sft", "final_eval_loss": 1.6,
+             "eval_accuracy": None},
+            {**_accuracy_row("sft-ia3", 0.0, None, 5.0), "stage": "sft", "final_eval_loss": 2.1,
+             "eval_accuracy": None},
+            {**_accuracy_row("dpo-lora", 0.95, None, 0.9), "stage": "dpo", "final_eval_loss": 0.30},
+            {**_accuracy_row("dpo-ia3", 0.55, None, 5.0), "stage": "dpo", "final_eval_loss": 0.25}]
+    monkeypatch.setattr(comparison, "rows", lambda: rows)
+    text = comparison.recommendation()
+    assert "recommended within that stage" in text
+    sft, dpo = text.split("Supervised fine-tuning (SFT): ")[1].split("Direct preference optimisation (DPO): ")
+    assert "Use sft-lora" in sft and "dpo" not in sft  # the lower cross-entropy
+    assert "Use dpo-lora" in dpo and "sft-" not in dpo  # the higher preference accuracy, despite its DPO loss
+    with pytest.raises(ValueError, match="different stages .sft, dpo."):
+        comparison.best()
+    with pytest.raises(ValueError, match="different stages"):
+        comparison.best(by="final_eval_loss")
+    assert comparison.best(stage="dpo").variants == ["dpo-lora"]
+    assert comparison.best(stage="sft").variants == ["sft-lora"]
+    assert comparison.best(by="trainable_percent").variants == ["sft-lora", "dpo-lora"]  # a cost ranks across
+    with pytest.raises(ValueError, match="'grpo' is not one of the compared stages"):
+        comparison.best(stage="grpo")
+
+
+def test_generations_side_by_side_answer_with_every_stage_each_as_it_was_trained(staged, monkeypatch):
+    comparison, _, _ = staged
+    from nbtune import generation
+
+    templated = {}
+    run_answers = generation._run_answers
+
+    def spy(run, prompts, settings):
+        templated[run.config.training.stage] = settings.chat_template
+        return run_answers(run, prompts, settings)
+
+    monkeypatch.setattr(generation, "_run_answers", spy)
+    answers = comparison.generations(["What is 3 plus 1?", "What is 5 plus 1?"], max_new_tokens=4)
+    assert answers.columns == ["base", "sft-lora", "dpo-lora"]
+    assert all(len(answers.answers[c]) == 2 for c in answers.columns)
+    assert templated == {"sft": False, "dpo": True}  # plain prompts as they are, conversational pairs templated
+    assert "Answers side by side" in comparison.to_html()
+    monkeypatch.setattr(generation, "_run_answers", lambda *a, **k: pytest.fail("a model was loaded again"))
+    again = comparison.generations(["What is 3 plus 1?", "What is 5 plus 1?"], max_new_tokens=4)
+    assert again.served_from_store and again.answers == answers.answers
+
+
+def test_a_grpo_variant_brings_its_own_metrics_and_accuracy_words(staged, monkeypatch):
+    _, base, store = staged
+    prompts = [{"prompt": f"What is {i} plus 1?", "answer": f"{i + 1}"} for i in range(16)]
+    grpo = {"method": "lora", "training.stage": "grpo", "data.source": prompts, "training.num_generations": 4,
+            "training.max_completion_length": 8}
+    variants = {"sft-lora": STAGED["sft-lora"], "grpo-lora": grpo}
+    comparison = nbtune.compare(base, variants=variants, store=store, progress=False)
+    row = comparison.to_pandas().loc["grpo-lora"]
+    assert row["state"] == "finished" and row["stage"] == "grpo"
+    assert 0 <= row["eval_accuracy"] <= 1 and row["completion_length"] > 0 and math.isfinite(row["reward"])
+    assert "reward_margin" not in row  # no DPO variant: no DPO columns
+    page = comparison.table_html()
+    assert "mean reward" in re.findall(r"<th>(.*?)</th>", page) and "grpo: held-out exact match" in page
+    assert "Group relative policy optimisation (GRPO): " in comparison.recommendation()
