@@ -98,8 +98,9 @@ class GenerationSettings:
     def _sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
-    def generation_config(self, tokenizer: Any) -> Any:
-        """These settings as transformers' GenerationConfig (sampling's settings only when sampling)."""
+    def generation_config(self, tokenizer: Any, model: Any = None) -> Any:
+        """These settings as transformers' GenerationConfig (sampling's settings only when sampling), with the
+        model's own choice of KV cache (prefix tuning turns it off: methods/peft_methods.py says why)."""
         from transformers import GenerationConfig
 
         sampling: dict[str, Any] = {}
@@ -107,7 +108,8 @@ class GenerationSettings:
             sampling = {"temperature": self.temperature, "top_k": self.top_k or 0, "top_p": self.top_p or 1.0}
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
                                 num_beams=self.num_beams, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **sampling)
+                                eos_token_id=tokenizer.eos_token_id, **sampling,
+                                use_cache=getattr(getattr(model, "generation_config", None), "use_cache", True))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +175,7 @@ def answers(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Genera
 
     templated = uses_chat_template(tokenizer, settings.chat_template)
     texts = chat_prompts(tokenizer, prompts, settings.chat_template)
-    config = settings.generation_config(tokenizer)
+    config = settings.generation_config(tokenizer, model)
     tokenizer.padding_side = "left"
     out: list[str] = []
     for start in range(0, len(texts), BATCH):
@@ -386,7 +388,7 @@ def _generate_into(model: Any, inputs: Any, settings: GenerationSettings, stream
     try:
         with quiet, torch.random.fork_rng(devices=devices), torch.no_grad():  # the user's random state is kept
             torch.manual_seed(settings.seed)
-            model.generate(**inputs, generation_config=settings.generation_config(streamer.tokenizer),
+            model.generate(**inputs, generation_config=settings.generation_config(streamer.tokenizer, model),
                            streamer=streamer, stopping_criteria=_until(cancelled))
     except BaseException as err:  # re-raised on the consumer's thread
         failure.append(err)

@@ -205,3 +205,31 @@ def test_confusion_counts_sum_to_the_rows_and_the_table_scores_each_run(classifi
     diagonal = sum(counts[label][label] for label in counts)
     assert table.accuracy["lora"] == pytest.approx(diagonal / len(texts))
     assert "accuracy" in table.to_html() and "nbtune-confusion" in table.to_html()
+
+
+def _greedy_by_full_forwards(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy decoding the slow, obviously right way: the whole sequence through the model for every token."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        token = logits[0, -1].argmax().view(1, 1)
+        if token.item() == tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, token], dim=1)
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-v2"])
+def test_prompt_learning_answers_match_decoding_without_a_cache(store, method):
+    """peft 0.21 under transformers 5.24 re-injected the virtual tokens at every cached generation step, so
+    prompt-learning runs answered garbage; nbtune's adaptation (methods/peft_methods.py) must keep them right."""
+    config = nbtune.TuneConfig(method=method, training={"max_steps": 5, "eval_every": None, "log_every": 5})
+    run = nbtune.train(config, store=store, progress=False)
+    tokenizer = models.load_tokenizer(run.config)
+    answers = run.generate(PROMPTS[:4], max_new_tokens=8)
+    expected = [_greedy_by_full_forwards(run.model, tokenizer, p, 8) for p in PROMPTS[:4]]
+    assert answers == expected

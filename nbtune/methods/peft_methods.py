@@ -50,7 +50,34 @@ def accept_past_key_values(peft_model: Any) -> Any:
     alias = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
     forward.__signature__ = signature.replace(parameters=[*named, alias, *rest])  # type: ignore[attr-defined]
     model.forward = forward
+    _cache_under_its_old_name(peft_model)
     return peft_model
+
+
+def _cache_under_its_old_name(peft_model: Any) -> None:
+    """Give peft's generation step the KV cache under `past_key_values`, where transformers 5.24 returns `cache`.
+
+    peft 0.21 reads `past_key_values` to tell the first generation step from the next ones; without it every
+    step looked like the first and re-injected the virtual tokens, so cached greedy answers of every
+    prompt-learning method were garbage while the same model's uncached answers were right
+    (tests/test_generation.py checks both agree).
+    """
+    prepare = getattr(peft_model, "base_model_prepare_inputs_for_generation", None)
+    if prepare is None:  # not a causal LM
+        return
+    if peft_model.active_peft_config.peft_type == "PREFIX_TUNING":  # also P-Tuning v2: a prefix in every layer
+        # with the cache renamed, peft's prefix path then fails on the second step (a shape mismatch in the
+        # attention); without the cache its answers are right, at the cost of recomputing the prompt each token
+        peft_model.base_model.generation_config.use_cache = False
+        return
+
+    def renamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = prepare(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    peft_model.base_model_prepare_inputs_for_generation = renamed
 
 
 def apply_lora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
