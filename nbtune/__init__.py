@@ -35,6 +35,7 @@ _LAZY = {
     "compare": "nbtune.comparison",
     "Comparison": "nbtune.comparison",
     "show_figure": "nbtune.static_image",
+    "reward": "nbtune.rewards",
     "try_it": "nbtune.widgets.try_it",
 }
 

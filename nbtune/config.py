@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune import chat_templates, dtypes, formats, optimizers, stages, tasks
+from nbtune import chat_templates, dtypes, formats, optimizers, rewards, stages, tasks
 
 if TYPE_CHECKING:
     from nbtune.methods.registry import Field
@@ -186,6 +186,9 @@ class TrainingConfig:
         unit="completions"))
     max_completion_length: int = field(default=32, metadata=_about(
         "Tokens generated per completion at most.", range=COUNT, unit="tokens"))
+    rewards: list[str] = field(default_factory=lambda: ["exact-match"], metadata=_about(
+        f"The reward functions whose sum scores each completion: {', '.join(rewards.BUILT_IN)}, or one "
+        "registered with nbtune.reward."))
     learning_rate: float | None = field(default=None, metadata=_about(
         "Peak learning rate (empty: the method's recommended rate).", range=Range(0, 1, low_open=True)))
     epochs: float = field(default=1.0, metadata=_about(
@@ -286,8 +289,9 @@ class TuneConfig:
         """The stage against the method, the task and an explicit data format (nbtune/stages.py)."""
         from nbtune.methods import registry
 
-        stage, method = stages.STAGES.get(self.training.stage), registry.find(str(self.method.name))
-        if stage is None or method is None:
+        stage = stages.STAGES.get(self.training.stage) if isinstance(self.training.stage, str) else None
+        method = registry.find(str(self.method.name))
+        if stage is None or method is None or self.model.task not in TASKS:
             return []  # named by the field checks
         out = []
         why = stage.unsupported(method, self.model.task)
@@ -296,6 +300,8 @@ class TuneConfig:
         if self.data.format in formats.FORMATS and self.data.format not in stage.formats:
             out.append(("data.format", f"data.format {self.data.format} cannot train with training.stage "
                                        f"{stage.name}, which trains {', '.join(stage.formats)}"))
+        if stage.generates:
+            out.extend(_generation_problems(self.training))
         return out
 
     # ----- derived values ---------------------------------------------------------------------------------
@@ -326,6 +332,8 @@ class TuneConfig:
                 resolved["training"].pop(name, None)
         if self.training.stage == "sft":  # as before stages existed: stores keep their supervised runs
             resolved["training"].pop("stage")
+        if "rewards" in resolved["training"]:  # a user reward's source, so editing the function retrains
+            resolved["training"]["rewards"] = [rewards.identity(n) for n in self.training.rewards]
         canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -506,6 +514,25 @@ def _bad(name: str, value: Any, allowed: str) -> tuple[str, str]:
     return name, f"{name} must be {allowed} (got {value!r})"
 
 
+def _generation_problems(t: TrainingConfig) -> list[tuple[str, str]]:
+    """A generating stage's rewards and batch: known reward names; whole groups of completions per step."""
+    known = rewards.names()
+    if not isinstance(t.rewards, list) or not t.rewards or not all(isinstance(n, str) for n in t.rewards):
+        return [_bad("training.rewards", t.rewards, f"a non-empty list of reward names from {', '.join(known)}")]
+    out = [("training.rewards", f"training.rewards names an unknown reward {name!r}; known: {', '.join(known)} "
+                                "(register your own with nbtune.reward)") for name in t.rewards if name not in known]
+    sizes = (t.micro_batch_size, t.gradient_accumulation_steps, t.num_generations)
+    if not all(isinstance(v, int) and v > 0 for v in sizes):
+        return out  # named by the field checks
+    batch = t.micro_batch_size * t.gradient_accumulation_steps
+    if batch % t.num_generations:
+        out.append(("training.num_generations", (
+            f"training.micro_batch_size x training.gradient_accumulation_steps ({t.micro_batch_size} x "
+            f"{t.gradient_accumulation_steps} = {batch} completions per step) must be a multiple of "
+            f"training.num_generations ({t.num_generations}): each prompt's completions are scored as one group")))
+    return out
+
+
 def _field_problems(section: str, values: Any) -> list[tuple[str, str]]:
     """The checks a section's field metadata and type state: choices, ranges, finite numbers, text, true/false."""
     out = []
@@ -532,6 +559,9 @@ def _value_problem(name: str, value: Any, kind: str, about: Any) -> str | None:
         return _bad(name, value, "a split name or a fraction between 0 and 1 (exclusive)")[1]
     if kind in ("str", "text"):
         return None if isinstance(value, str) else _bad(name, value, "text")[1]
+    if kind == "str-list":
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else _bad(
+            name, value, "a list of names")[1]
     if allowed is None or allowed.allows(value, integer=kind == "int"):
         return None
     words = allowed.words(integer=kind == "int")
@@ -600,6 +630,8 @@ def _described(cls: type) -> tuple[tuple[dataclasses.Field, str, bool], ...]:
         optional = type(None) in members
         types = tuple(t for t in members if t is not type(None))
         kind = "str-or-float" if types == (str, float) else _KINDS.get(types[0], "str")
+        if typing.get_origin(hints[f.name]) is list:
+            kind = "str-list"
         if f.metadata.get("choices"):
             kind = "choice"
         elif f.metadata.get("multiline"):
@@ -617,7 +649,8 @@ def section_fields(section: str) -> list[Field]:
     for f, kind, optional in _described(SECTIONS[section]):
         about, allowed = f.metadata, f.metadata.get("range")
         unit = f" Unit: {about['unit']}." if about.get("unit") else ""
-        out.append(Field(f.name, kind, f.default, about["help"] + unit, choices=about.get("choices", ()),
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        out.append(Field(f.name, kind, default, about["help"] + unit, choices=about.get("choices", ()),
                          optional=optional, low=allowed.low if allowed else None,
                          high=allowed.high if allowed else None))
     return out

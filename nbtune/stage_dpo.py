@@ -1,4 +1,5 @@
-"""The DPO stage: preference pairs trained with TRL's DPOTrainer (the hooks `nbtune/stages.py` names).
+"""The preference stages: pairs trained with TRL's DPOTrainer (dpo) or KTOTrainer (kto), the hooks
+`nbtune/stages.py` names. KTO learns from each answer alone, marked desirable or not: a pair becomes two rows.
 
 The reference model is TRL's choice, which is the one the issue asks for: a PEFT model is its own reference
 with the adapter disabled (no second copy in memory); any other method gets a frozen copy of the base, loaded
@@ -18,7 +19,7 @@ from nbtune.training import GuardedCheckpoints
 
 PAIR = ("prompt", "chosen", "rejected")
 
-from trl import DPOConfig, DPOTrainer  # noqa: E402  (after nbtune.training: transformers is loaded there)
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402  (after nbtune.training: transformers)
 
 
 def prepare(config: TuneConfig, tokenizer: Any) -> Any:
@@ -27,7 +28,7 @@ def prepare(config: TuneConfig, tokenizer: Any) -> Any:
 
     train_rows, eval_rows = data.load_rows(config)
     fmt, columns = data.resolve_format(config, train_rows[0])
-    stages.check_format(stages.STAGES["dpo"], fmt)
+    stages.check_format(stages.for_config(config), fmt)
     for row in train_rows + eval_rows:
         formats.check_row(fmt, row)
     conversational = use_chat_template(config, tokenizer, train_rows[0])
@@ -36,6 +37,23 @@ def prepare(config: TuneConfig, tokenizer: Any) -> Any:
         train=train, eval=evaluation, columns=columns, labels=(), fingerprint=data.fingerprint(train_rows, eval_rows),
         stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation),
                "conversational": conversational})  # its answers use the chat template
+
+
+def prepare_unpaired(config: TuneConfig, tokenizer: Any) -> Any:
+    """KTO's rows: each pair's chosen answer marked desirable and its rejected one not (TRL's unpairing, done
+    here so the run counts its steps over the rows it trains), shuffled by the seed: TRL reads them in order,
+    and unpairing puts every desirable row first."""
+    import random
+
+    import datasets
+    from trl.data_utils import unpair_preference_dataset
+
+    datasets.disable_progress_bars()
+    prepared = prepare(config, tokenizer)
+    prepared.train = unpair_preference_dataset(datasets.Dataset.from_list(prepared.train)).to_list()
+    random.Random(config.training.seed).shuffle(prepared.train)
+    prepared.stats["train_rows"] = len(prepared.train)
+    return prepared
 
 
 def use_chat_template(config: TuneConfig, tokenizer: Any, row: dict[str, Any]) -> bool:
@@ -54,13 +72,27 @@ def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
     return DPOConfig(**common, beta=config.training.beta, max_length=config.data.max_length)
 
 
+def kto_arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
+    """KTOConfig: the shared arguments, beta, and the config's token limit for prompt + answer."""
+    return KTOConfig(**common, beta=config.training.beta, max_length=config.data.max_length)
+
+
 def build_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     """TRL's DPOTrainer over the pairs, with the run's model as it was built (method applied)."""
+    return _trainer(PreferenceTrainer, prepared, args, callbacks)
+
+
+def build_kto_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
+    """TRL's KTOTrainer over the unpaired rows; its evaluations score the held-out pairs as DPO's do."""
+    return _trainer(UnpairedPreferenceTrainer, prepared, args, callbacks)
+
+
+def _trainer(cls: type, prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     import datasets
 
     datasets.disable_progress_bars()  # TRL tokenizes with datasets.map; its bars would reach the cell
     data = prepared.data
-    trainer = PreferenceTrainer(
+    trainer = cls(
         model=prepared.built.model, args=args, train_dataset=datasets.Dataset.from_list(data.train),
         eval_dataset=datasets.Dataset.from_list(data.eval) if data.eval else None,
         processing_class=prepared.tokenizer, callbacks=callbacks)
@@ -68,9 +100,9 @@ def build_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     return trainer
 
 
-class PreferenceTrainer(GuardedCheckpoints, DPOTrainer):
-    """DPOTrainer whose evaluations also report the held-out preference accuracy (chosen scored above
-    rejected by the model itself, summed log-probabilities), and whose checkpoints are guarded."""
+class HeldOutPairs:
+    """Mixed into a preference Trainer: its evaluations also report the held-out preference accuracy (chosen
+    scored above rejected by the model itself, summed log-probabilities)."""
 
     held_out_pairs: list[dict[str, Any]] = []
 
@@ -85,3 +117,11 @@ class PreferenceTrainer(GuardedCheckpoints, DPOTrainer):
             output.metrics[f"{prefix}_accuracy"] = scores.accuracy
             output.metrics[f"{prefix}_preference_margin"] = scores.mean_margin
         return output
+
+
+class PreferenceTrainer(GuardedCheckpoints, HeldOutPairs, DPOTrainer):
+    """DPOTrainer with guarded checkpoints and the held-out preference accuracy."""
+
+
+class UnpairedPreferenceTrainer(GuardedCheckpoints, HeldOutPairs, KTOTrainer):
+    """KTOTrainer with guarded checkpoints and the held-out preference accuracy."""

@@ -45,6 +45,7 @@ class Stage:
     sequences_per_example: int = 1  # DPO runs the chosen and the rejected answer of each pair
     reference_model: bool = False  # scores against a frozen reference (the base: adapter disabled, or a copy)
     generates: bool = False  # samples completions while training (KV cache, num_generations)
+    fused_log_probs: bool = False  # scores tokens through TRL's fused LM head: never the (tokens, vocab) logits
     accuracy_means: str = "held-out accuracy"  # what its eval "accuracy" measures, in words
     language_model_loss: bool = True  # its loss is a token cross-entropy (so exp(loss) is a perplexity)
 
@@ -116,6 +117,16 @@ def _dpo(name: str) -> Callable[..., Any]:
     return hook
 
 
+# ----- grpo: sampled completions scored by reward functions (TRL's GRPOTrainer) ----------------------------
+def _grpo(name: str) -> Callable[..., Any]:
+    """A hook of nbtune/stage_grpo.py, imported when a GRPO run starts (it imports TRL)."""
+    def hook(*args: Any) -> Any:
+        from nbtune import stage_grpo
+
+        return getattr(stage_grpo, name)(*args)
+    return hook
+
+
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("sft", "Supervised fine-tuning (SFT)",
           "the task's loss on the answer: chat (assistant turns), instruction, prompt/completion and text rows; "
@@ -129,11 +140,31 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           build_trainer=_dpo("build_trainer"), save_artifact=_save_with_method, reads=("beta",),
           logged={"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
                   "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy"},
-          sequences_per_example=2, reference_model=True, language_model_loss=False,
+          sequences_per_example=2, reference_model=True, fused_log_probs=True, language_model_loss=False,
           accuracy_means="held-out preference accuracy: the chosen answer scored above the rejected one"),
+    Stage("kto", "Kahneman-Tversky optimisation (KTO)",
+          "learn from each answer alone, marked desirable (a pair's chosen answer) or not (its rejected one), "
+          "relative to a frozen reference as DPO is; for data that rates single answers", "TRL KTOTrainer",
+          formats=("preference",), tasks=CAUSAL_ONLY, prepare_data=_dpo("prepare_unpaired"),
+          arguments=_dpo("kto_arguments"), build_trainer=_dpo("build_kto_trainer"), save_artifact=_save_with_method,
+          reads=("beta",), logged={"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+                                   "rewards/margins": "reward_margin", "kl": "kl"},
+          sequences_per_example=2, reference_model=True, fused_log_probs=True, language_model_loss=False,
+          accuracy_means="held-out preference accuracy: the chosen answer scored above the rejected one"),
+    Stage("grpo", "Group relative policy optimisation (GRPO)",
+          "sample num_generations completions per prompt, score them with the reward functions "
+          "(training.rewards) and prefer those above their group's mean; a KL penalty (beta > 0) keeps the model "
+          "near a frozen reference", "TRL GRPOTrainer",
+          formats=("prompt-reference", "chat"), tasks=CAUSAL_ONLY, prepare_data=_grpo("prepare"),
+          arguments=_grpo("arguments"), build_trainer=_grpo("build_trainer"), save_artifact=_save_with_method,
+          reads=("beta", "num_generations", "max_completion_length", "rewards"),
+          logged={"reward": "reward", "reward_std": "reward_std", "completions/mean_length": "completion_length",
+                  "kl": "kl"},
+          reference_model=True, generates=True, fused_log_probs=True, language_model_loss=False,
+          accuracy_means="held-out exact match of greedy answers"),
 )}
 NAMES = tuple(STAGES)
-ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length")  # training.* fields read per stage
+ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "rewards")  # training.* fields read per stage
 
 
 def for_config(config: TuneConfig) -> Stage:

@@ -366,3 +366,154 @@ def test_a_suggestion_round_trips_through_a_run_summary_and_older_ones_still_loa
     older = {"description": "switch the method to qlora", "changes": {"method.name": "qlora"},
              "total_bytes": 2**33, "fits": True}
     assert (Suggestion(**older).cost, Suggestion(**older).rank) == ("", 0.0)
+
+
+# ----- stages: DPO's pairs and reference, GRPO's generation ---------------------------------------------------
+
+def stage_config(stage: str, method: str = "lora", dtype: str = "bf16", **training) -> TuneConfig:
+    return TuneConfig(model={"name_or_path": "tiny-llama", "dtype": dtype}, method=method,
+                      data={"max_length": 64}, training={"stage": stage, "micro_batch_size": 2, **training})
+
+
+@pytest.fixture
+def generating_stage(monkeypatch):
+    """The name of a stage that generates: grpo, or (before it exists) dpo made to generate, one sequence each."""
+    from nbtune import stages
+
+    if not any(s.generates for s in stages.STAGES.values()):
+        monkeypatch.setitem(stages.STAGES, "dpo", dataclasses.replace(
+            stages.STAGES["dpo"], generates=True, sequences_per_example=1))
+    return next(s.name for s in stages.STAGES.values() if s.generates)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "adapter"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_dpo_without_an_adapter_counts_a_reference_copy_of_the_base_weights_in_their_dtype(method, dtype):
+    from transformers import LlamaForCausalLM
+
+    from nbtune.dtypes import BYTES
+    from nbtune.estimator import estimate_memory
+
+    mc = tiny_llama(attention_bias=True, mlp_bias=True)
+    base_params = sum(p.numel() for p in LlamaForCausalLM(mc).parameters())
+    dpo = estimate_memory(stage_config("dpo", method, dtype), mc)
+    sft = estimate_memory(stage_config("sft", method, dtype), mc)
+    assert dpo.breakdown["reference_model"] == base_params * BYTES[dtype]
+    assert sft.breakdown["reference_model"] == 0
+    assert dpo.total_bytes - sft.total_bytes >= base_params * BYTES[dtype]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "prompt-tuning"])
+def test_dpo_with_an_adapter_method_holds_no_second_copy_of_the_model(method):
+    from nbtune.estimator import estimate_memory
+
+    mc = tiny_llama()
+    dpo = estimate_memory(stage_config("dpo", method), mc)
+    sft = estimate_memory(stage_config("sft", method), mc)
+    assert dpo.breakdown["reference_model"] == 0
+    assert dpo.breakdown["weights"] == sft.breakdown["weights"]
+
+
+def test_dpo_runs_chosen_and_rejected_in_one_forward_twice_the_activations_of_sft():
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.skeleton import facts
+
+    mc = tiny_llama()
+    sft, dpo = (terms(c, facts(c, mc)) for c in (stage_config("sft"), stage_config("dpo")))
+    assert dpo.shape.batch == 2 * sft.shape.batch and dpo.shape.tokens == 2 * sft.shape.tokens
+    assert dpo.activations.forward_end == 2 * sft.activations.forward_end
+    assert dpo.activations.saved == 2 * sft.activations.saved
+    # TRL scores through a fused head: one fixed-width tile, never the (tokens, vocabulary) logits of SFT
+    assert dpo.logits.logits < 1.1 * min(dpo.shape.tokens, 4096) * 32768 * 2
+    assert dpo.logits.reference_forward > 0  # the reference's no-grad forward after the model's own
+
+
+def test_grpo_generation_grows_with_completions_and_their_length(generating_stage):
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.skeleton import facts
+
+    mc = tiny_llama()
+
+    def generation(**training):
+        c = stage_config(generating_stage, **training)
+        return terms(c, facts(c, mc)).generation
+
+    short, long = (generation(micro_batch_size=4, max_completion_length=n) for n in (32, 192))
+    assert long.kv_cache * (64 + 32) == short.kv_cache * (64 + 192)
+    assert short.kv_cache == 4 * (64 + 32) * mc.num_hidden_layers * 2 * (2 * 16) * 2  # kv heads × head dim, bf16
+    # the micro-batch counts completions (as TRL does): 2 prompts × 4 generations hold half of 2 × 8
+    assert 2 * generation(micro_batch_size=8, num_generations=4).total == \
+        generation(micro_batch_size=16, num_generations=8).total
+    assert generation(micro_batch_size=8, num_generations=4, gradient_accumulation_steps=2).total == \
+        generation(micro_batch_size=16, num_generations=4).total  # one generation batch per optimizer step
+    assert terms(stage_config("sft"), facts(stage_config("sft"), mc)).generation.total == 0
+
+
+def test_grpo_holds_a_reference_copy_only_with_a_kl_penalty(generating_stage):
+    from nbtune.estimator import estimate_memory
+
+    mc = tiny_llama()
+    with_kl = estimate_memory(stage_config(generating_stage, "full", micro_batch_size=4, beta=0.1), mc)
+    without = estimate_memory(stage_config(generating_stage, "full", micro_batch_size=4, beta=0.0), mc)
+    assert with_kl.breakdown["reference_model"] > 0 and without.breakdown["reference_model"] == 0
+
+
+def test_long_grpo_completions_peak_while_generating_and_the_cli_names_it(capsys, offline, generating_stage):
+    from nbtune.estimator.cli import main
+
+    args = ["llama-2-7b", "--stage", generating_stage, "--method", "lora", "--batch", "4", "--accumulation", "16",
+            "--seq", "128", "--completion-length", "1024", "--dtype", "bf16", "--json"]
+    assert main(args) == 0
+    instant = json.loads(capsys.readouterr().out)["instant"]
+    assert instant["peak_phase"] == "generation" and instant["breakdown"]["generation"] > 30 * 2**30
+    assert main(args[:-1]) == 0
+    assert "generation (KV cache)" in capsys.readouterr().out
+
+
+def test_the_cli_and_the_memory_panel_list_the_reference_model(capsys, offline):
+    from nbtune.estimator import estimate_memory
+    from nbtune.estimator.cli import main
+    from widgets.memory_panel import estimate_html
+
+    assert main(["llama-2-7b", "--stage", "dpo", "--method", "full", "--dtype", "bf16"]) == 0
+    assert "reference model" in capsys.readouterr().out
+    config = TuneConfig(model={"name_or_path": "llama-2-7b", "dtype": "bf16"}, method="full",
+                        training={"stage": "dpo"})
+    assert "reference model" in estimate_html(estimate_memory(config), "a100-80gb")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_simulated_dpo_step_agrees_with_the_instant_tier(method):
+    from nbtune.estimator import estimate_memory, simulate_memory
+
+    mc = tiny_llama(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
+                    vocab_size=1024)
+    config = stage_config("dpo", method).replace(**{"data.max_length": 256})
+    sim, est = simulate_memory(config, mc), estimate_memory(config, mc)
+    assert sim.breakdown["reference_model"] == est.breakdown["reference_model"]
+    assert close(est.allocated_bytes, sim.allocated_bytes, 0.1), (est.allocated_bytes, sim.allocated_bytes)
+
+
+def test_a_dpo_trainer_disables_the_adapter_for_lora_and_loads_a_frozen_copy_for_full(tmp_path):
+    """What the estimator counts is what TRL builds: no reference module with LoRA; with full fine-tuning a separate
+    copy that gets no gradients and no optimizer state (trainers built through the stage hooks on the embedded
+    model and preference data)."""
+    from nbtune import training
+    from nbtune.events import EventStream
+
+    def trainer(method: str):
+        config = TuneConfig(method=method, data={"source": "nbtune:prefs", "max_samples": 8, "max_eval_samples": 4},
+                            training={"stage": "dpo", "max_steps": 1, "micro_batch_size": 2})
+        prepared = training._prepare(config, EventStream())
+        args = training._training_arguments(config, prepared, tmp_path / method)
+        return prepared.stage.build_trainer(prepared, args, []), prepared.built.model
+
+    lora, _ = trainer("lora")
+    assert lora.ref_model is None
+    full, model = trainer("full")
+    assert full.ref_model is not None and full.ref_model is not model
+    reference = {id(p) for p in full.ref_model.parameters()}
+    assert reference.isdisjoint(id(p) for p in model.parameters())
+    full.train()  # one step: the copy runs under no_grad, outside the optimizer (TRL leaves requires_grad set)
+    assert all(p.grad is None for p in full.ref_model.parameters())
+    assert reference.isdisjoint(id(p) for group in full.optimizer.param_groups for p in group["params"])

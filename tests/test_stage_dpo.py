@@ -106,3 +106,14 @@ def test_a_detected_format_the_stage_cannot_train_keeps_the_builder_from_ready()
     blockers = preflight.readiness(dpo(source="nbtune:chat"))  # data.format auto: known only from the rows
     assert [b.field for b in blockers] == ["data.format"] and "set training.stage to sft" in blockers[0].message
     assert not preflight.readiness(dpo())
+
+
+@pytest.mark.slow
+def test_kto_learns_from_the_pairs_unpaired_desirable_and_undesirable_rows_mixed(store):
+    run = nbtune.launch(dpo(max_steps=60, eval_every=60).replace(**{"training.stage": "kto"}), store=store).wait()
+    summary = run.summary
+    assert summary.state == "finished", summary.error
+    assert summary.data["train_rows"] == 400  # 200 pairs: each answer a row of its own
+    assert summary.final_eval_accuracy >= summary.base_eval_accuracy + 0.1
+    steps, _ = steps_and_evals(run)
+    assert all("reward_margin" in s for s in steps)  # every logged batch held both kinds of rows

@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any
 
+from nbtune import stages
 from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS, TASKS
 from nbtune.units import format_bytes
 
@@ -33,6 +34,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--seq", type=int, default=512, help="sequence length in tokens")
     p.add_argument("--task", default="causal-lm", choices=TASKS)
+    p.add_argument("--stage", default="sft", choices=stages.NAMES,
+                   help="; ".join(f"{s.name}: {s.title}" for s in stages.STAGES.values()))
+    p.add_argument("--generations", type=int, default=None, metavar="N",
+                   help="completions sampled per prompt (a stage that generates; micro-batch counts completions)")
+    p.add_argument("--completion-length", type=int, default=None, metavar="TOKENS",
+                   help="tokens generated per completion at most (a stage that generates)")
+    p.add_argument("--beta", type=float, default=None, help="KL weight (GRPO: 0 holds no reference model)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype the weights are loaded in (default auto: the checkpoint's 16-bit dtype where the "
                         "GPU computes it natively, else fp32)")
@@ -56,14 +64,17 @@ def config_from_args(args: argparse.Namespace) -> Any:
             params[name] = json.loads(value)
         except json.JSONDecodeError:
             params[name] = value
+    stage_fields = {"num_generations": args.generations, "max_completion_length": args.completion_length,
+                    "beta": args.beta}
     return TuneConfig(
         model={"name_or_path": args.model, "task": args.task, "dtype": args.dtype,
                "attn_implementation": args.attn},
         method={"name": args.method, **params},
         data={"max_length": args.seq},
-        training={"micro_batch_size": args.batch, "gradient_accumulation_steps": args.accumulation,
-                  "precision": args.precision, "optimizer": args.optimizer,
-                  "gradient_checkpointing": args.grad_ckpt},
+        training={"stage": args.stage, "micro_batch_size": args.batch,
+                  "gradient_accumulation_steps": args.accumulation, "precision": args.precision,
+                  "optimizer": args.optimizer, "gradient_checkpointing": args.grad_ckpt,
+                  **{k: v for k, v in stage_fields.items() if v is not None}},
     )
 
 
@@ -85,7 +96,7 @@ def run_estimate(args: argparse.Namespace) -> int:
             out["simulated"] = simulated.to_dict()
         print(json.dumps(out, indent=2, default=str))
         return 0
-    print(f"{args.model} · {args.method} · batch {args.batch} × {args.seq} tokens · {estimate.config.training.precision} · "
+    print(f"{args.model} · {args.stage} · {args.method} · batch {args.batch} × {args.seq} tokens · {estimate.config.training.precision} · "
           f"{args.optimizer}{' · checkpointing' if args.grad_ckpt else ''}")
     print(estimate)
     if simulated is not None:

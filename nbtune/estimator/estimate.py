@@ -4,7 +4,9 @@ Parameter counts are exact (from the meta-device skeleton in `skeleton.py`); act
 follow the terms in /work/shared/VRAM_MODEL.md, checked against real steps (tests/test_estimator.py), against
 fake-tensor simulation (`simulate.py`) and against published measurements (bench/calibration.py). `terms`
 composes one small record per category (weights, gradients and optimizer, activations, logits) into the memory
-held at each phase of the step; `estimate_memory` adds the fixed overheads and picks the peak.
+held at each phase of the step; `estimate_memory` adds the fixed overheads and picks the peak. The stage's
+entry in `nbtune/stages.py` adds its terms: sequences per example (DPO's pairs), TRL's fused head, a reference
+copy of the base, and a generation phase (KV cache) for a stage that samples completions.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbtune import stages
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.dtypes import BYTES
@@ -30,15 +33,20 @@ WORKSPACE = 64 * 2**20  # cuBLAS/cuDNN workspaces, allocated through torch's cac
 FRAGMENTATION = 0.10  # reserved above allocated, as a share of memory that is allocated and freed every step
 
 # "activations" scale with batch × sequence (and checkpointing); "optimizer_step" is what the optimizer step
-# allocates for a moment (foreach AdamW's intermediates, Adafactor's update), the same whatever the batch
+# allocates for a moment (foreach AdamW's intermediates, Adafactor's update), the same whatever the batch;
+# "reference_model" is a stage's frozen copy of the base; "generation" what sampling completions holds
 CATEGORIES = ("weights", "trainable_weights", "gradients", "optimizer_state", "optimizer_step", "activations",
-              "logits_loss", "quantization_constants", "fixed_overhead")
+              "logits_loss", "quantization_constants", "reference_model", "generation", "fixed_overhead")
 LABELS = {"weights": "frozen weights", "trainable_weights": "trainable weights", "gradients": "gradients",
           "optimizer_state": "optimizer state", "optimizer_step": "optimizer-step buffer",
           "activations": "activations & temporaries",
           "logits_loss": "logits & loss", "quantization_constants": "quantization constants",
+          "reference_model": "reference model", "generation": "generation (KV cache)",
           "fixed_overhead": "CUDA context, workspace, allocator"}
-PHASES = ("forward end", "backward", "optimizer step")
+PHASES = ("forward end", "backward", "optimizer step")  # and "generation" first, for a stage that generates
+# TRL's fused LM head scores tokens in one buffer of (at most this many tokens) × this many vocabulary entries,
+# whatever the vocabulary's size (trl/kernels/chunked_logprob.py)
+FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
 
 
 @dataclass(frozen=True)
@@ -208,7 +216,7 @@ class StepShape:
     hidden_bytes: int  # element size of the hidden states (the residual stream)
     autocast: bool  # 16-bit mixed precision over fp32 weights
     matmul_bytes: int  # element size of a matmul output
-    batch: int
+    batch: int  # sequences per micro-batch (DPO: two per pair)
     tokens: int  # batch × (sequence + virtual tokens)
     kv_length: int  # keys/values per sequence (prefix tuning lengthens them, not the sequence)
     checkpointing: bool  # asked for, or turned on by the method
@@ -222,6 +230,7 @@ class WeightTerms:
     trainable: int
     quantized: int  # the packed 4- or 8-bit weights (part of `frozen`)
     constants: int  # quantization constants
+    reference: int = 0  # a stage's frozen reference copy of the base (no gradients, no optimizer state)
 
 
 @dataclass(frozen=True)
@@ -252,6 +261,8 @@ class LogitTerms:
 
     logits: int
     head_gradient: int  # the output head's gradient, already there at the forward end when the head trains
+    backward: int = 0  # what the head's backward holds (TRL's fused head: a tile and an fp32 hidden gradient)
+    reference_forward: int = 0  # a reference's no-grad forward after the model's own: one block in flight
 
 
 @dataclass(frozen=True)
@@ -264,6 +275,7 @@ class Phase:
     activations: int
     logits_loss: int
     optimizer_step: int = 0  # the optimizer step's transients (only at the optimizer step)
+    generation: int = 0  # the KV cache and sampling logits (only while generating)
 
 
 @dataclass(frozen=True)
@@ -275,18 +287,47 @@ class StepTerms:
     optimizer: OptimizerTerms
     activations: ActivationTerms
     logits: LogitTerms
+    generation: GenerationTerms
     phases: dict[str, Phase]
+
+
+@dataclass(frozen=True)
+class GenerationTerms:
+    """Bytes sampling completions holds (a stage that generates), before the step's forward: no activations."""
+
+    completions: int  # sequences generated at once (TRL's generation batch)
+    kv_cache: int  # keys and values of every block for prompt + completion tokens
+    logits: int  # the last position's logits, their fp32 copy and the sampling probabilities
+    prefill: int  # one block's tensors in flight while the prompts are read
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache + self.logits + self.prefill
 
 
 def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: bool = False) -> StepTerms:
     """Every term of one training step of `config` on the model described by `f`, and the phases they make."""
     shape = step_shape(config, f)
-    weights = weight_terms(f)
+    weights = weight_terms(config, f)
     optimizer = optimizer_terms(config, f, fused_optimizer)
     activations = activation_terms(config, f, shape, device)
     logits = logit_terms(config, f, shape)
-    phases = phase_terms(config, weights, optimizer, activations, logits)
-    return StepTerms(shape, weights, optimizer, activations, logits, phases)
+    generation = generation_terms(config, f, shape)
+    phases = phase_terms(config, weights, optimizer, activations, logits, generation)
+    return StepTerms(shape, weights, optimizer, activations, logits, generation, phases)
+
+
+def sequences_per_micro_batch(config: TuneConfig) -> int:
+    """Sequences one forward of the stage runs per micro-batch: the examples, times two for DPO's pairs (TRL
+    concatenates chosen and rejected in one forward). A generating stage's micro-batch counts completions."""
+    return config.training.micro_batch_size * stages.for_config(config).sequences_per_example
+
+
+def sequence_tokens(config: TuneConfig) -> int:
+    """Tokens of one sequence: data.max_length, plus max_completion_length for a stage that generates (its
+    prompts are taken to be at most data.max_length tokens)."""
+    generates = stages.for_config(config).generates
+    return config.data.max_length + (config.training.max_completion_length if generates else 0)
 
 
 def step_shape(config: TuneConfig, f: Facts) -> StepShape:
@@ -295,14 +336,15 @@ def step_shape(config: TuneConfig, f: Facts) -> StepShape:
     # prepare_model_for_kbit_training upcasts embeddings and norms to fp32: the hidden states follow them
     hidden = f.residual_bytes or BYTES[config.model.dtype]
     autocast = t.precision in ("fp16", "bf16") and hidden == 4
-    seq = config.data.max_length + f.virtual_tokens
+    seq, batch = sequence_tokens(config) + f.virtual_tokens, sequences_per_micro_batch(config)
     return StepShape(hidden_bytes=hidden, autocast=autocast, matmul_bytes=2 if (hidden == 2 or autocast) else 4,
-                     batch=t.micro_batch_size, tokens=t.micro_batch_size * seq, kv_length=seq + f.prefix_tokens,
+                     batch=batch, tokens=batch * seq, kv_length=seq + f.prefix_tokens,
                      checkpointing=t.gradient_checkpointing or f.forced_checkpointing)
 
 
-def weight_terms(f: Facts) -> WeightTerms:
-    """Frozen, trainable and quantized weights with their quantization constants."""
+def weight_terms(config: TuneConfig, f: Facts) -> WeightTerms:
+    """Frozen, trainable and quantized weights with their quantization constants, and the stage's reference
+    copy of the base when it holds one (TRL's choice: none for PEFT methods, which disable the adapter)."""
     q = f.quantized_params
     if f.quant_bits == 4:
         packed = q // 2
@@ -314,7 +356,9 @@ def weight_terms(f: Facts) -> WeightTerms:
         packed = constants = 0
     trainable = f.trainable_bytes
     frozen = f.weight_bytes - trainable + packed + f.teacher_bytes
-    return WeightTerms(frozen=frozen, trainable=trainable, quantized=packed, constants=constants)
+    holds_copy = stages.for_config(config).uses_reference(config)
+    return WeightTerms(frozen=frozen, trainable=trainable, quantized=packed, constants=constants,
+                       reference=f.reference_copy_bytes if holds_copy else 0)
 
 
 def optimizer_terms(config: TuneConfig, f: Facts, fused: bool) -> OptimizerTerms:
@@ -406,36 +450,70 @@ def _layer_core(f: Facts, shape: StepShape, layer: LayerFacts, act_mlp: int) -> 
 
 
 def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
-    """The logits with the loss's fp32 copies (none for classification), and an early head gradient."""
+    """The logits with the loss's fp32 copies (none for classification), and an early head gradient; for a stage
+    scored through TRL's fused head, its tile instead, and a reference's no-grad forward."""
     # At the start of the backward the fp32 log-softmax output the loss saved, the gradient of the loss and the
     # log-softmax gradient coexist (12 bytes per logit; transformers upcasts the logits to fp32 before the
     # cross-entropy)
-    vocab, tokens = f.dims["V"], shape.tokens
+    vocab, tokens, h = f.dims["V"], shape.tokens, f.dims["h"]
+    stage = stages.for_config(config)
+    head = vocab * h * f.trainable_elem_bytes if f.head_trainable else 0
+    if stage.fused_log_probs:  # tiles of the logits, never all of them; fp32 statistics per token
+        tile = min(tokens, FUSED_TILE_TOKENS) * FUSED_TILE_VOCAB * shape.matmul_bytes
+        backward = tile + 4 * tokens * h + (4 * vocab * h if f.head_trainable else 0)  # fp32 accumulators
+        # the reference scores the same sequences after the model's forward, under no_grad (the generating
+        # stage scores them while preparing the batch, when no activations are held)
+        after = stage.uses_reference(config) and not stage.generates
+        return LogitTerms(logits=tile + 32 * tokens, head_gradient=head, backward=backward,
+                          reference_forward=inference_block_bytes(f, tokens, shape.matmul_bytes) if after else 0)
     if config.model.task == "seq-cls":
         logits = 0
     else:
         logits = int(tokens * vocab * 12)
         if f.teacher_bytes:  # the teacher's logits, upcast, and the softened distributions of both
             logits += int(tokens * vocab * (shape.matmul_bytes + 4 + 8))
-    head = vocab * f.dims["h"] * f.trainable_elem_bytes if f.head_trainable else 0
     return LogitTerms(logits=logits, head_gradient=head)
 
 
+def inference_block_bytes(f: Facts, tokens: int, elem: int) -> int:
+    """The tensors one block holds at once in a no-grad forward over `tokens` tokens: residual and normed
+    input, queries, keys, values and attention output, and the MLP's up, gate and activated projections."""
+    return int(tokens * (4 * f.dims["h"] + 3 * f.dims["I"]) * elem)
+
+
+def generation_terms(config: TuneConfig, f: Facts, shape: StepShape) -> GenerationTerms:
+    """What sampling the step's completions holds (none for a stage that does not generate): TRL generates
+    for micro-batch × accumulation steps completions at once, outside autocast, with a KV cache of every block."""
+    if not stages.for_config(config).generates:
+        return GenerationTerms(0, 0, 0, 0)
+    completions = shape.batch * config.training.gradient_accumulation_steps
+    elem, d = shape.hidden_bytes, f.dims
+    positions = sequence_tokens(config) + f.virtual_tokens + f.prefix_tokens
+    kv_cache = completions * positions * f.total_layers * 2 * d["kv"] * elem
+    logits = completions * d["V"] * (elem + 4 + 4)
+    prefill = inference_block_bytes(f, completions * (config.data.max_length + f.virtual_tokens), elem)
+    return GenerationTerms(completions, kv_cache, logits, prefill)
+
+
 def phase_terms(config: TuneConfig, weights: WeightTerms, optimizer: OptimizerTerms, acts: ActivationTerms,
-                logits: LogitTerms) -> dict[str, Phase]:
-    """What is allocated at the forward end, in the backward and at the optimizer step."""
-    persistent = weights.frozen + weights.trainable + weights.constants + optimizer.state + WORKSPACE
+                logits: LogitTerms, generation: GenerationTerms) -> dict[str, Phase]:
+    """What is allocated at the forward end, in the backward and at the optimizer step (and, first, while a
+    generating stage samples its completions: gradients are freed by then, activations not yet saved)."""
+    persistent = weights.frozen + weights.trainable + weights.constants + weights.reference + optimizer.state \
+        + WORKSPACE
     grads = optimizer.gradients
     grads_in_forward = grads if config.training.gradient_accumulation_steps > 1 else 0
     early_head = min(logits.head_gradient, grads)
-    backward = max(grads, acts.stored_in_backward) + acts.recompute
-    forward = grads_in_forward + acts.forward_end + logits.logits
+    backward = max(grads, acts.stored_in_backward) + acts.recompute + logits.backward
+    forward = grads_in_forward + acts.forward_end + logits.reference_forward + logits.logits
     step = grads + optimizer.step_temp
-    return {
+    phases = {"generation": Phase(persistent + generation.total, generation.total, 0, 0, 0,
+                                  generation=generation.total)} if generation.total else {}
+    return phases | {
         "forward end": Phase(persistent + forward + early_head, forward, grads_in_forward + early_head,
-                             acts.forward_end, logits.logits),
+                             acts.forward_end + logits.reference_forward, logits.logits),
         "backward": Phase(persistent + backward, backward, grads,
-                          max(acts.stored_in_backward - grads, 0) + acts.recompute, 0),
+                          max(acts.stored_in_backward - grads, 0) + acts.recompute, logits.backward),
         "optimizer step": Phase(persistent + step, step, grads, 0, 0, optimizer_step=optimizer.step_temp),
     }
 
@@ -443,15 +521,16 @@ def phase_terms(config: TuneConfig, weights: WeightTerms, optimizer: OptimizerTe
 def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device: str,
               fused_optimizer: bool) -> MemoryEstimate:
     tm = terms(config, f, device, fused_optimizer)
-    overhead = {p: int(FRAGMENTATION * tm.phases[p].dynamic) + CUDA_CONTEXT for p in PHASES}
-    totals = {p: int(tm.phases[p].allocated + overhead[p]) for p in PHASES}
-    peak = max(PHASES, key=lambda p: totals[p])
+    overhead = {p: int(FRAGMENTATION * phase.dynamic) + CUDA_CONTEXT for p, phase in tm.phases.items()}
+    totals = {p: int(phase.allocated + overhead[p]) for p, phase in tm.phases.items()}
+    peak = max(totals, key=lambda p: totals[p])
     at_peak = tm.phases[peak]
     breakdown = {
         "weights": tm.weights.frozen, "trainable_weights": tm.weights.trainable, "gradients": at_peak.gradients,
         "optimizer_state": tm.optimizer.state, "optimizer_step": at_peak.optimizer_step,
         "activations": at_peak.activations,
         "logits_loss": at_peak.logits_loss, "quantization_constants": tm.weights.constants,
+        "reference_model": tm.weights.reference, "generation": at_peak.generation,
         "fixed_overhead": WORKSPACE + overhead[peak],
     }
     notes = list(tm.optimizer.notes)

@@ -20,8 +20,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from nbtune import stages
 from nbtune.config import TuneConfig
-from nbtune.estimator.estimate import CATEGORIES, CUDA_CONTEXT, FRAGMENTATION, WORKSPACE, MemoryEstimate, plan
+from nbtune.estimator.estimate import (
+    CATEGORIES,
+    CUDA_CONTEXT,
+    FRAGMENTATION,
+    WORKSPACE,
+    MemoryEstimate,
+    plan,
+    sequence_tokens,
+    sequences_per_micro_batch,
+    terms,
+)
 from nbtune.estimator.measure import make_optimizer
 from nbtune.estimator.skeleton import Facts, build_model
 from nbtune.optimizers import OPTIMIZERS
@@ -121,7 +132,9 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     """Peak memory of real training steps of `config`, simulated on fake tensors (the simulated tier).
 
     QLoRA runs with 16-bit stand-ins for the 4-bit weights (bitsandbytes kernels need real memory); their bytes
-    are counted at 4-bit size plus quantization constants, and the inputs its matmuls save are not seen.
+    are counted at 4-bit size plus quantization constants, and the inputs its matmuls save are not seen. A stage
+    scored through TRL's fused head runs it, and its reference's no-grad forward; a reference copy and the
+    generation of completions are not simulated: their bytes are the instant tier's, counted beside the step.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -133,8 +146,10 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = info["ctx"].extras.get("teacher")
+    if stages.for_config(config).fused_log_probs:
+        _add_fused_head(model)
     tracker = StorageTracker()
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, tracker, _cuda_dropout():
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, tracker, _cuda_dropout(), _triton_tiles():
         trainable, quant_keys = _fake_parameters(model, teacher, tracker, info["quantized_ids"])
         optimizer, opt_notes = _optimizer(config, trainable, fused_optimizer)
         notes += opt_notes
@@ -144,7 +159,8 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     if quant_keys and f.quant_bits:
         peak += _count_quantized_at_real_size(breakdown, f, sum(tracker.peak_keys.get(k, 0) for k in quant_keys))
         notes.append("4-bit weights simulated by 16-bit stand-ins, counted at 4-bit size")
-    dynamic = sum(breakdown[c] for c in ("gradients", "optimizer_step", "activations", "logits_loss"))
+    peak += _count_stage_extras(config, f, breakdown)
+    dynamic = sum(breakdown[c] for c in ("gradients", "optimizer_step", "activations", "logits_loss", "generation"))
     breakdown["fixed_overhead"] = WORKSPACE + CUDA_CONTEXT + int(FRAGMENTATION * dynamic)
     allocated = int(peak + WORKSPACE)
     notes.append(f"simulated {steps} steps in {time.perf_counter() - started:.1f} s")
@@ -153,6 +169,28 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
         trainable_params=f.trainable_params, total_params=f.total_params, allocated_bytes=allocated,
         reserved_bytes=allocated + int(FRAGMENTATION * dynamic), tier="simulated",
         gpu=str(gpu) if gpu is not None else None, notes=notes, config=config, model_config=model_config)
+
+
+def _add_fused_head(model: Any) -> None:
+    """TRL's fused LM head, on the model as DPOTrainer patches it (the base model under a PEFT wrapper)."""
+    from accelerate.utils import is_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model.get_base_model() if is_peft_model(model) else model,
+                      outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+
+
+def _count_stage_extras(config: TuneConfig, f: Facts, breakdown: dict[str, int]) -> int:
+    """The stage's reference copy, held through the step, and its generation phase when that is higher than
+    the simulated peak (it holds no activations): the instant tier's terms. Returns the peak's change."""
+    t = terms(config, f)
+    breakdown["reference_model"] = t.weights.reference
+    added = t.weights.reference
+    dynamic = ("gradients", "optimizer_step", "activations", "logits_loss")
+    if t.generation.total > sum(breakdown[c] for c in dynamic):
+        added += t.generation.total - sum(breakdown[c] for c in dynamic)
+        breakdown.update(dict.fromkeys(dynamic, 0), generation=t.generation.total)
+    return added
 
 
 def _fake_parameters(model: Any, teacher: Any, tracker: Any, quantized_ids: set[int]) -> tuple[list[Any], set[int]]:
@@ -194,7 +232,7 @@ def _run_steps(config: TuneConfig, model: Any, teacher: Any, optimizer: Any, tra
     """Forward, backward, clipping and optimizer step, `steps` times; the peak is reset before the last one."""
     t = config.training
     task = config.model.task
-    b, s = t.micro_batch_size, config.data.max_length
+    b, s = sequences_per_micro_batch(config), sequence_tokens(config)
     tracker.category = "activations"
     ids = torch.zeros((b, s), dtype=torch.long)
     # An all-ones mask is dropped by transformers on real tensors (SDPA then runs causal, without a 4D mask and
@@ -241,6 +279,8 @@ def _forward(config: TuneConfig, model: Any, teacher: Any, ids: Any, mask: Any, 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16 if precision == "bf16" else torch.float16) \
         if precision in ("fp16", "bf16") else contextlib.nullcontext()
     with autocast:
+        if stages.for_config(config).fused_log_probs:
+            return _scored_loss(config, model, ids, labels)
         outputs = model(input_ids=ids, attention_mask=mask, labels=labels)
         loss = outputs.loss
         if teacher is not None:
@@ -253,6 +293,23 @@ def _forward(config: TuneConfig, model: Any, teacher: Any, ids: Any, mask: Any, 
             del teacher_logits, soft
     del outputs
     return loss
+
+
+def _scored_loss(config: TuneConfig, model: Any, ids: Any, labels: Any) -> Any:
+    """A loss through TRL's fused head, as DPOTrainer computes it: the model's summed log-probabilities, then the
+    reference's under no_grad (the model with its adapter disabled; a copy runs the same forward). A generating
+    stage scores its reference while preparing the batch, before this forward: not here."""
+    from accelerate.utils import is_peft_model
+    from trl.trainer.utils import use_adapter
+
+    stage = stages.for_config(config)
+    logps = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(dim=1)
+    if stage.uses_reference(config) and not stage.generates:
+        adapter = use_adapter(model, adapter_name=None) if is_peft_model(model) else contextlib.nullcontext()
+        with torch.no_grad(), adapter:
+            reference = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(1)
+        logps = logps - reference
+    return -torch.nn.functional.logsigmoid(logps).mean()
 
 
 def _breakdown(tracker: Any, seen: _Seen) -> dict[str, int]:
@@ -297,3 +354,20 @@ class _cuda_dropout:
 
     def __exit__(self, *exc: Any) -> None:
         torch.nn.functional.dropout = self.original
+
+
+class _triton_tiles:
+    """TRL's fused head as its Triton kernels run it: each logits tile is folded in place, with no temporaries.
+
+    Without Triton (on CPU), TRL folds a tile with torch ops that hold several fp32 copies of it; the simulation
+    models the GPU, so while it runs the folds only leave the tile, whose values a fake tensor does not have.
+    """
+
+    def __enter__(self) -> None:
+        from trl.kernels import chunked_logprob
+
+        self.module, self.original = chunked_logprob, (chunked_logprob._forward_tile, chunked_logprob._backward_tile)
+        chunked_logprob._forward_tile = chunked_logprob._backward_tile = lambda *args, **kwargs: None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module._forward_tile, self.module._backward_tile = self.original

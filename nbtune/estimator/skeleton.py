@@ -57,6 +57,7 @@ class Facts:
     forced_checkpointing: bool  # the method turned gradient checkpointing on (e.g. prepare_model_for_kbit_training)
     residual_bytes: int = 0  # element size of the hidden states (the input embeddings' dtype after the method)
     teacher_bytes: int = 0  # a frozen teacher kept beside the student (distillation)
+    reference_copy_bytes: int = 0  # TRL's frozen reference copy of the base (0 for PEFT: it disables the adapter)
     dims: dict[str, int] = field(default_factory=dict)
     family: str = "gated"  # "gated": RMSNorm + gated MLP (Llama-like); "gpt": LayerNorm + 2-matrix MLP
 
@@ -179,6 +180,7 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         virtual_tokens=virtual, prefix_tokens=prefix, forced_checkpointing=_checkpointing(_base(model)),
         residual_bytes=_embedding_bytes(model),
         teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0,
+        reference_copy_bytes=_reference_copy_bytes(model, info["base_ids"]),
         dims=model_dims(model_config),
         family="gated" if any(".gate_proj." in n or ".w1." in n for n, _ in model.named_parameters()) else "gpt")
 
@@ -308,6 +310,17 @@ def _lora_modules(model: Any) -> tuple[set[int], dict[str, list[tuple[int, int, 
         if match:
             by_block.setdefault(f"{match[1]}.{match[2]}", []).append((*a_shape, p, a_bytes))
     return lora_ids, by_block
+
+
+def _reference_copy_bytes(model: Any, base_ids: set[int]) -> int:
+    """What TRL's reference copy of the base weighs: none for a PEFT model (the base with the adapter disabled is
+    its reference); otherwise the base's parameters loaded again from the checkpoint in the model's dtype."""
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        return 0
+    size = model.dtype.itemsize
+    return sum(p.numel() * size for p in model.parameters() if id(p) in base_ids)
 
 
 def _embedding_bytes(model: Any) -> int:
