@@ -412,10 +412,13 @@ def recommendation_text(table: Table, with_target: bool = True) -> str:
 def _per_stage_text(table: Table) -> str:
     """The recommendation within each stage, after a sentence saying why it is not one across them."""
     parts = table.per_stage()
-    measures = "; ".join(f"{stage}: {measure_words(part)}" for stage, part in parts.items())
-    lead = (f"The variants train different stages ({_join(list(parts))}), whose eval measures differ "
-            f"({measures}): so each stage's best is recommended within that stage, never ranked against another "
-            "stage's.")
+    words = {stage: measure_words(part) for stage, part in parts.items()}
+    if len(set(words.values())) > 1:
+        why = "whose eval measures differ (" + "; ".join(f"{stage}: {w}" for stage, w in words.items()) + ")"
+    else:  # the same words, but each stage's own loss and reference: scores of one stage are not the other's
+        why = f"which each score {next(iter(words.values()))} after their own loss"
+    lead = (f"The variants train different stages ({_join(list(parts))}), {why}: so the best is recommended "
+            "within each stage, never ranked against another stage's.")
     once = table.target is None  # "no GPU chosen" is said once, not per stage
     within = [f"{STAGES[stage].title}: {recommendation_text(part, not once)}" for stage, part in parts.items()]
     return " ".join([lead] + ([_target_sentence(table, None)] if once else []) + within)

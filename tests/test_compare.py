@@ -502,7 +502,7 @@ def test_the_recommendation_and_best_rank_within_each_stage_never_across(staged,
             {**_accuracy_row("dpo-ia3", 0.55, None, 5.0), "stage": "dpo", "final_eval_loss": 0.25}]
     monkeypatch.setattr(comparison, "rows", lambda: rows)
     text = comparison.recommendation()
-    assert "recommended within that stage" in text
+    assert "recommended within each stage" in text
     sft, dpo = text.split("Supervised fine-tuning (SFT): ")[1].split("Direct preference optimisation (DPO): ")
     assert "Use sft-lora" in sft and "dpo" not in sft  # the lower cross-entropy
     assert "Use dpo-lora" in dpo and "sft-" not in dpo  # the higher preference accuracy, despite its DPO loss

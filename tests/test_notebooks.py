@@ -18,7 +18,7 @@ from nbtune.methods import registry
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "example_notebooks"
 NAMES = ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_memory_planning.ipynb",
-         "04_your_own_model_and_data.ipynb", "05_colab.ipynb"]
+         "04_your_own_model_and_data.ipynb", "05_colab.ipynb", "06_chat_and_preferences.ipynb"]
 CHART_TYPES = ("application/vnd.plotly.v1+json", "image/png")
 pytestmark = pytest.mark.slow
 
@@ -189,6 +189,20 @@ def test_colab_notebook_runs_locally_with_a_local_store(executed):
     out = all_text(nb)
     assert "in Colab: False" in out and f"store: {folder / 'store'}" in out
     assert re.search(r"run \S+: finished", out) and "runs in the store: 1" in out
+
+
+def test_chat_and_preferences_notebook_runs_every_stage_compares_them_and_tries_them(executed):
+    run = executed("06_chat_and_preferences.ipynb")
+    out = all_text(run.nb)
+    assert "dpo + distillation: distillation brings its own loss" in out
+    assert re.search(r"SFT finished: held-out exact match \d+/100", out)
+    assert re.search(r"DPO finished: held-out preference accuracy [\d.]+ at step 0 -> [\d.]+ after 4 steps", out)
+    assert re.search(r"GRPO finished: mean reward -?[\d.]+ at the first logged step -> -?[\d.]+ at the last", out)
+    table = text(cell_with(run.nb, "comparison = nbtune.compare"))
+    assert all(name in table for name in ("dpo-lora", "dpo-ia3", "dpo-prompt-tuning", "kto-lora"))
+    assert "within each stage" in text(cell_with(run.nb, "comparison.recommendation()"))
+    tried = text(cell_with(run.nb, "nbtune.try_it("))
+    assert all(f"\n{name}: " in tried for name in ("base", "sft", "dpo", "grpo")), tried
 
 
 def test_demo_prints_the_report_path_and_fails_loudly(tmp_path, monkeypatch, capsys):

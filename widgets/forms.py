@@ -39,7 +39,7 @@ STYLE = """<style>
 .nbtune-columns { gap: 12px; }
 .nbtune-actions { gap: 12px; }
 .nbtune-suggestion { gap: 8px; }
-.nbtune-static-builder { display: none; }
+.nbtune-static-builder, .nbtune-static-try-it { display: none; }
 </style>"""
 
 

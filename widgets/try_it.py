@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from nbtune.runner import Run
 
 BASE = "base"  # the untuned base's column
+PLAIN = "nbtune Try it (the live widget needs a running kernel; the latest answers follow as a static copy)"
+STATIC_CLASS = "nbtune-static-try-it"  # hidden by the live page's CSS (widgets/forms.py)
 ANSWER_STYLE = "white-space:pre-wrap;font-family:monospace;font-size:12px;margin:0"
 ERROR_STYLE = "color:#c62828;font-size:12px"
 
@@ -51,6 +53,8 @@ class TryIt:
         self.message = w.HTML()
         self.columns = w.HBox(layout=w.Layout(flex_flow="row wrap", gap="12px"))
         self.answers: dict[str, str] = {}
+        self._asked = ""  # the prompt the answers are for
+        self._record: Any = None  # the display handle of the static copy
         self.thread: threading.Thread | None = None
         self._views: dict[str, w.HTML] = {}
         self.sampling.observe(lambda change: setattr(self.temperature, "disabled", not change["new"]), "value")
@@ -61,8 +65,26 @@ class TryIt:
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
+        from nbtune.widgets import environment
 
-        display(self.box)
+        environment.prepare_frontend()
+        # Raw, so that where no widget renders (nbconvert, GitHub) the text says what it is, not `VBox(children=...`;
+        # then a static copy of the latest answers that a saved notebook keeps (the live page's CSS hides it).
+        display({**environment.view_bundle(self.box), "text/plain": PLAIN}, raw=True)
+        self._record = display(self._static_copy(), raw=True, display_id=True)
+
+    def _static_copy(self) -> dict[str, str]:
+        """The latest prompt and answers as HTML and text, for a saved notebook."""
+        if not self.answers:
+            text = "nbtune Try it: no answers yet"
+            return {"text/html": f"<div class='{STATIC_CLASS}'>{text}</div>", "text/plain": text}
+        cells = "".join(f"<td style='vertical-align:top;padding:4px 8px'><b>{html.escape(name)}</b>"
+                        f"{_answer_html(answer)}</td>" for name, answer in self.answers.items())
+        prompt = html.escape(self._asked)
+        page = (f"<div class='{STATIC_CLASS}'><div><b>nbtune</b> · Try it: <code>{prompt}</code></div>"
+                f"<table><tr>{cells}</tr></table></div>")
+        text = "\n".join([f"Try it: {self._asked}", *(f"{n}: {a}" for n, a in self.answers.items())])
+        return {"text/html": page, "text/plain": text}
 
     def settings(self) -> dict[str, Any]:
         """The generation settings the controls say (sampling's only when sampling; chat mode forces the
@@ -104,11 +126,14 @@ class TryIt:
     def _answer_all(self, answerers: Mapping[str, Run | TuneConfig], prompt: str,
                     settings: GenerationSettings) -> None:
         """The background thread: each answerer in turn streams into its column; an error ends only its column."""
+        self._asked = prompt
         try:
             for name, answerer in answerers.items():
                 self._answer(name, answerer, prompt, settings)
         finally:
             self.button.disabled = False
+            if self._record is not None:
+                self._record.update(self._static_copy(), raw=True)
 
     def _answer(self, name: str, answerer: Run | TuneConfig, prompt: str, settings: GenerationSettings) -> None:
         if isinstance(answerer, TuneConfig) and settings.chat_template is None and self._first is not None:
