@@ -112,6 +112,8 @@ def build_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
 
     datasets.disable_progress_bars()
     data = prepared.data
+    if not getattr(prepared.built.model.generation_config, "use_cache", True):  # prefix methods (peft_methods.py)
+        args.generation_kwargs = {**(args.generation_kwargs or {}), "use_cache": False}
     trainer = RewardTrainer(
         model=prepared.built.model, reward_funcs=reward_functions(args.rewards), args=args,
         train_dataset=datasets.Dataset.from_list(data.train),
