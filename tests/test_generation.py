@@ -8,7 +8,7 @@ import json
 import pytest
 
 import nbtune
-from nbtune import generation, models, training
+from nbtune import generation, models
 from nbtune.embedded import load_rows
 from nbtune.generation import SideBySide, side_by_side
 from nbtune.runner import open_run
@@ -33,16 +33,6 @@ def runs(store) -> dict[str, nbtune.Run]:
 @pytest.fixture(scope="module")
 def table(runs) -> SideBySide:
     return side_by_side(runs, PROMPTS, max_new_tokens=8)
-
-
-@pytest.fixture
-def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading any model (base or trained) fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(training, "load_trained_model", refuse)
 
 
 def _fresh(run: nbtune.Run) -> nbtune.Run:

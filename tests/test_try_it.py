@@ -10,7 +10,7 @@ import time
 import pytest
 
 import nbtune
-from nbtune import generation, models, training
+from nbtune import generation
 from nbtune.embedded import load_rows
 from nbtune.generation import side_by_side, stream
 from nbtune.runner import open_run
@@ -33,16 +33,6 @@ def runs(store) -> dict[str, nbtune.Run]:
 @pytest.fixture
 def lora(runs) -> nbtune.Run:
     return runs["lora"]
-
-
-@pytest.fixture
-def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading any model (base or trained) fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(training, "load_trained_model", refuse)
 
 
 def streams_alive() -> list[threading.Thread]:

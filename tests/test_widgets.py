@@ -191,7 +191,7 @@ def test_the_preview_of_preference_pairs_highlights_the_chosen_answer_and_names_
     assert "the chosen answer" in b.preview_out.value and "cannot train it" not in b.preview_out.value
     b.controls["training.stage"].input.value = "sft"
     b.preview()
-    assert "stage sft cannot train it: choose stage dpo (Training tab)" in b.preview_out.value
+    assert "stage sft cannot train it: choose stage dpo or kto (Training tab)" in b.preview_out.value
 
 
 def test_a_bad_value_marks_its_field_with_the_message_and_disables_launch():
@@ -471,7 +471,7 @@ def test_a_displayed_builder_leaves_a_static_copy_of_its_config_and_estimate_kep
     assert WIDGET_VIEW not in record and "nbtune-static-builder" in record["text/html"]
     assert record["text/plain"] == b.config.to_yaml()  # the YAML, readable without a kernel
     assert "nbtune-memory-bar" in record["text/html"] and "total at the peak" in record["text/html"]
-    assert "nbtune-static-builder { display: none; }" in STYLE  # hidden where the live builder renders
+    assert ".nbtune-static-builder, .nbtune-static-try-it { display: none; }" in STYLE  # hidden where the live builder renders
 
     b.controls["training.micro_batch_size"].input.value = 2
     record = outputs_left(published)[1]
