@@ -156,8 +156,11 @@ def test_ctrl_c_stops_the_script_s_run_cleanly(tmp_path):
     from nbtune import RunStore
     from nbtune.events import EventStream
 
+    # As from a terminal: a suite started in the background (`pytest &`) passes SIGINT on ignored, and a Python
+    # that starts with SIGINT ignored never turns it into KeyboardInterrupt.
     child = subprocess.Popen([sys.executable, str(_snippet(tmp_path, max_steps=100_000))], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_script_env(tmp_path))
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_script_env(tmp_path),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_id = child.stdout.readline().strip()
     events = tmp_path / "store" / "runs" / run_id / "events.jsonl"
     deadline = time.time() + 240
