@@ -57,6 +57,7 @@ class PreparedData:
     fingerprint: str
     truncated: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    packing: PackingCollator | None = None  # how batches are made under training.packing; None: padded
 
 
 def builtin_dataset(source: Any) -> Any:
@@ -364,6 +365,7 @@ def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
         fingerprint=fingerprint(train_rows, eval_rows), truncated=counter["truncated"],
         stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation),
                "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)},
+        packing=packing_collator(config, tokenizer.pad_token_id) if config.training.packing else None,
     )
 
 
@@ -463,6 +465,72 @@ class Collator:
                 labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
             batch["labels"] = labels
         return batch
+
+
+class PackingCollator:
+    """Packs a batch's examples end to end, with no padding between them (`training.packing`): into rows as long
+    as the batch's longest example, each example into the first row with room, longest first; or, with
+    `one_row`, the whole batch into one row (flash-attention varlen, whose cost does not grow with the row).
+
+    Each example's position ids restart at 0: with no attention mask, transformers (masking_utils
+    find_packed_sequence_indices; flash-attention varlen on GPU) reads those restarts as the boundaries no token
+    attends across. The first label of each example is -100, so nothing is trained to predict across a
+    boundary. `use_cache: False` rides along, as a model that builds a cache ignores the restarts. Rows shorter
+    than the longest end in filler tokens (pad id, position 0 each, label -100): each attends only to itself,
+    and `real_tokens` leaves them out. Rows no longer than the longest example mean no row computes more
+    attention than the padded batch would (sdpa and eager compute each row's full square, masked).
+    """
+
+    def __init__(self, pad_token_id: int, one_row: bool = False):
+        self.pad_token_id = pad_token_id
+        self.one_row = one_row
+
+    def rows(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The batch's examples grouped into rows, longest first into the first row with room."""
+        longest = max(len(f["input_ids"]) for f in features)
+        rows: list[list[dict[str, Any]]] = []
+        room: list[int] = []
+        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+            n = len(f["input_ids"])
+            i = next((i for i, left in enumerate(room) if self.one_row or left >= n), None)
+            if i is None:
+                i = len(rows)
+                rows.append([])
+                room.append(longest)
+            rows[i].append(f)
+            room[i] -= n
+        return rows
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = self.rows(features)
+        width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+        ids, positions, labels = [], [], []
+        for row in rows:
+            row_ids, row_positions, row_labels = [], [], []
+            for f in row:
+                row_ids += f["input_ids"]
+                row_positions += range(len(f["input_ids"]))
+                row_labels += [-100, *f["labels"][1:]]
+            filler = width - len(row_ids)
+            ids.append(row_ids + [self.pad_token_id] * filler)
+            positions.append(row_positions + [0] * filler)
+            labels.append(row_labels + [-100] * filler)
+        return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions),
+                "labels": torch.tensor(labels), "use_cache": False}
+
+    def real_tokens(self, batch: dict[str, Any]) -> int:
+        """Tokens of the examples in a packed batch: all but the fillers (the pad id at position 0; no example
+        starts with the pad token)."""
+        ids = batch["input_ids"]
+        return int(ids.numel() - ((ids == self.pad_token_id) & (batch["position_ids"] == 0)).sum())
+
+
+def packing_collator(config: TuneConfig, pad_token_id: int) -> PackingCollator:
+    """The collator of `training.packing`: the whole batch in one row for flash-attention (varlen), else rows as
+    long as the batch's longest example."""
+    return PackingCollator(pad_token_id, one_row=config.model.attn_implementation == "flash_attention_2")
 
 
 def preview(config: TuneConfig, tokenizer: Any = None, rows: int = 5) -> dict[str, Any]:

@@ -79,12 +79,26 @@ def _supervised_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     from nbtune import data
     from nbtune.training import MethodTrainer
 
-    built, task = prepared.built, prepared.built.ctx.task
-    return MethodTrainer(
+    built, task, packing = prepared.built, prepared.built.ctx.task, prepared.data.packing
+    return (_packed_trainer_class() if packing else MethodTrainer)(
         model=built.model, args=args, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval or None,
-        data_collator=data.Collator(prepared.tokenizer.pad_token_id, task), compute_metrics=task_metric(task),
-        callbacks=callbacks, method_loss=built.method.compute_loss, method_context=built.ctx,
+        data_collator=packing or data.Collator(prepared.tokenizer.pad_token_id, task),
+        compute_metrics=task_metric(task), callbacks=callbacks, method_loss=built.method.compute_loss,
+        method_context=built.ctx,
     )
+
+
+def _packed_trainer_class() -> type:
+    """The supervised Trainer counting a packed batch's real tokens: with no attention mask, transformers would
+    count the row fillers too (and warn at every step)."""
+    from nbtune.training import MethodTrainer
+
+    class PackedTrainer(MethodTrainer):
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            if self.args.include_num_input_tokens_seen != "no":
+                self.state.num_input_tokens_seen += self.data_collator.real_tokens(inputs)
+
+    return PackedTrainer
 
 
 def task_metric(task: str) -> Callable[[Any], dict[str, float]] | None:
@@ -132,7 +146,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "the task's loss on the answer: chat (assistant turns), instruction, prompt/completion and text rows; "
           "classification and seq2seq rows", "transformers Trainer",
           formats=formats.SUPERVISED, tasks=tuple(TASKS), prepare_data=_prepare_rows,
-          arguments=_training_arguments, build_trainer=_supervised_trainer, save_artifact=_save_with_method),
+          arguments=_training_arguments, build_trainer=_supervised_trainer, save_artifact=_save_with_method,
+          reads=("packing",)),
     Stage("dpo", "Direct preference optimisation (DPO)",
           "prefer each pair's chosen answer over its rejected one, relative to a frozen reference: the base "
           "with the adapter disabled for PEFT methods, a copy of the model otherwise", "TRL DPOTrainer",
@@ -164,7 +179,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           accuracy_means="held-out exact match of greedy answers"),
 )}
 NAMES = tuple(STAGES)
-ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "rewards")  # training.* fields read per stage
+ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "rewards", "packing")  # training.* fields read per stage
 
 
 def for_config(config: TuneConfig) -> Stage:

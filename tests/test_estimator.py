@@ -65,6 +65,31 @@ def test_instant_terms_match_a_real_step(method, dtype, precision):
     assert close(saved, real["saved_activations"], 0.15), (saved, real["saved_activations"])
 
 
+@pytest.mark.parametrize(("method", "precision", "attention"), [
+    *[(m, p, "sdpa") for m in ("full", "lora", "qlora", "ia3") for p in ("bf16", "fp32")],
+    ("full", "bf16", "eager"), ("lora", "bf16", "eager"),  # eager QLoRA is over-estimated padded too (~30 %)
+])
+def test_a_packed_step_is_estimated_against_a_real_packed_step(method, precision, attention):
+    """training.packing: saved activations of a real packed step within 15 %, and what packing adds over the
+    padded step (each row's mask, keys/values repeated to every head under sdpa) within 2 % of what it really adds."""
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.measure import measure_step
+    from nbtune.estimator.skeleton import facts
+
+    def saved(packing):
+        config = tiny_config(method, "fp32", precision, packing=packing).replace(
+            **{"model.attn_implementation": attention})
+        f = facts(config, tiny_llama())
+        t = terms(config, f, device="cpu")
+        return t.activations.saved + 4 * f.dims["V"] * t.shape.tokens, measure_step(config, tiny_llama())
+
+    (padded, real_padded), (packed, real_packed) = saved(False), saved(True)
+    assert real_packed["tokens"] == real_padded["tokens"]
+    assert close(packed, real_packed["saved_activations"], 0.15), (packed, real_packed["saved_activations"])
+    added = real_packed["saved_activations"] - real_padded["saved_activations"]
+    assert added > 0 and close(packed - padded, added, 0.02), (packed - padded, added)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
 def test_optimizer_state_of_other_optimizers_is_exact(optimizer):
     from nbtune.estimator.estimate import terms

@@ -330,6 +330,12 @@ def sequence_tokens(config: TuneConfig) -> int:
     return config.data.max_length + (config.training.max_completion_length if generates else 0)
 
 
+def packs(config: TuneConfig) -> bool:
+    """Whether a step packs its examples (`training.packing`, read by the stage): a worst-case micro-batch, every
+    example data.max_length tokens long, then fills its rows with no padding, so tokens and rows are unchanged."""
+    return config.training.packing and "packing" in stages.for_config(config).reads
+
+
 def step_shape(config: TuneConfig, f: Facts) -> StepShape:
     """Tokens and element sizes of one micro-batch."""
     t = config.training
@@ -398,6 +404,8 @@ def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str
         stored = layer_acts = sum(per_layer)
     final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * shape.tokens \
         if f.layers or f.head_trainable else 0
+    if packs(config) and config.model.attn_implementation != "flash_attention_2":
+        final += shape.tokens * shape.kv_length  # the boolean (row, row) mask of each packed row, built once
     copies = 0
     if shape.autocast and f.layers:  # 16-bit copies of fp32 Linear weights, saved for the backward
         copies = act * f.autocast_copy_elems
@@ -428,6 +436,10 @@ def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFac
     for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
         per += act * (d_in + min(d_in, d_out))
     per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
+    if packs(config) and config.model.attn_implementation == "sdpa":
+        # a packed row's mask reaches sdpa as a (row, row) tensor of the queries' dtype, one per layer, and with a
+        # mask transformers repeats grouped keys/values to every head (measured on CPU, torch 2.13)
+        per += act * (kv_length + 2 * (f.dims["q"] - f.dims["kv"]))
     if config.model.attn_implementation == "eager":  # fp32 softmax output, its 16-bit copy for the matmul
         per += a * kv_length * (4 + (act_l if act_l < 4 else 0))
         if f.dims.get("attn_dropout"):  # attention dropout: its mask and its output (BERT, GPT-2)

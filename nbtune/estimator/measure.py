@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbtune.config import TuneConfig
+from nbtune.estimator.estimate import packs
 from nbtune.estimator.skeleton import build_model
 from nbtune.optimizers import OPTIMIZERS
 
@@ -56,6 +57,9 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     b, s = t.micro_batch_size, config.data.max_length
     ids = torch.randint(0, int(model_config.vocab_size), (b, s))
     labels = torch.zeros((b,), dtype=torch.long) if config.model.task == "seq-cls" else ids
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if packs(config):
+        inputs = packed_inputs(config, ids)
     skip = {p.untyped_storage().data_ptr() for p in params}
     skip |= {x.untyped_storage().data_ptr() for x in model.buffers()}
     saved: dict[int, int] = {}
@@ -70,7 +74,7 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     optimizer = make_optimizer(config, trainable)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss = model(**inputs).loss
     if teacher is not None:
         with torch.no_grad():
             teacher(input_ids=ids)
@@ -90,6 +94,18 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
         "saved_activations": sum(saved.values()),
         "tokens": b * s,
     }
+
+
+def packed_inputs(config: TuneConfig, ids: Any) -> dict[str, Any]:
+    """A worst-case batch as `training.packing` makes it, (micro-batch, max_length) tokens: the first half of
+    the rows one example as long as the row, the other half two examples of half its length each (or, for
+    flash-attention, all of them in one row)."""
+    from nbtune.data import packing_collator
+
+    half, whole = ids.shape[1] // 2, (len(ids) + 1) // 2
+    parts = [*ids[:whole], *(part for row in ids[whole:] for part in (row[:half], row[half:]))]
+    examples = [{"input_ids": part.tolist(), "labels": part.tolist()} for part in parts]
+    return packing_collator(config, pad_token_id=-1)(examples)
 
 
 def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]) -> tuple[Any, int]:
