@@ -286,7 +286,11 @@ class TuneConfig:
         method = registry.find(self.method.name) if isinstance(self.method.name, str) else None
         if method is None:
             return [_bad("method.name", self.method.name, f"one of: {', '.join(registry.names())}")]
-        return list(method.check(self.method.params, task=self.model.task))
+        out = list(method.check(self.method.params, task=self.model.task))
+        if method.no_gradient_checkpointing and self.training.gradient_checkpointing is True:
+            out.append(("training.gradient_checkpointing", f"training.gradient_checkpointing cannot be true with "
+                        f"method {method.name}: {method.no_gradient_checkpointing}"))
+        return out
 
     def _stage_problems(self) -> list[tuple[str, str]]:
         """The stage against the method, the task and an explicit data format (nbtune/stages.py)."""

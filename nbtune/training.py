@@ -525,7 +525,7 @@ def _memory_suggestions(config: TuneConfig) -> list[Suggestion]:
         smaller, more = max(1, t.micro_batch_size // 2), t.gradient_accumulation_steps * 2
         plain.append((f"training.micro_batch_size {smaller} with training.gradient_accumulation_steps {more}",
                       {"training.micro_batch_size": smaller, "training.gradient_accumulation_steps": more}))
-    if not t.gradient_checkpointing:
+    if not t.gradient_checkpointing and not registry.get(config.method.name).no_gradient_checkpointing:
         plain.append(("training.gradient_checkpointing true", {"training.gradient_checkpointing": True}))
     for name in registry.get(config.method.name).lighter_methods[-1:]:  # the one that saves the most
         plain.append((f"method {name}", {"method": name}))

@@ -229,14 +229,6 @@ def test_cli_prints_breakdown_verdict_and_suggestions(capsys, offline):
     assert main(["no-such/model-anywhere", "--method", "lora"]) == 2
 
 
-def test_gpu_memory_matrix_dry_run(tmp_path):
-    out = tmp_path / "matrix.csv"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_memory_matrix.py"), "--dry-run", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    rows = out.read_text().splitlines()
-    assert len(rows) > 2 and "instant_gib" in rows[0] and "measured_allocated_gib" in rows[0]
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_checkpointed_step_agrees_with_simulation_and_keeps_no_recomputed_block_at_the_forward_end(method):
     """With checkpointing only block inputs live through the forward; a block's activations return in the backward."""

@@ -375,3 +375,17 @@ def test_qlora_keeps_training_after_an_evaluation_on_cpu(base_dirs: dict[str, Pa
         if training:
             loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "p-tuning-v2"])
+def test_prefix_methods_refuse_gradient_checkpointing_and_are_never_offered_it(method):
+    from nbtune.config import ConfigError
+    from nbtune.estimator import estimate_memory
+
+    with pytest.raises(ConfigError) as err:
+        TuneConfig(method=method, training={"gradient_checkpointing": True})
+    assert "KV cache" in err.value.for_field("training.gradient_checkpointing")
+    big = TuneConfig(model={"name_or_path": "meta-llama/Llama-3.1-8B"}, method=method,
+                     data={"max_length": 4096}, training={"micro_batch_size": 8})
+    offered = [s.changes for s in estimate_memory(big, gpu="t4").suggestions]
+    assert offered and not any(c.get("training.gradient_checkpointing") for c in offered)

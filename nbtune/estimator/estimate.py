@@ -684,7 +684,7 @@ def _options(config: TuneConfig) -> list[_Option]:
                        "effective batch)", {"training.micro_batch_size": m,
                                             "training.gradient_accumulation_steps": ga * mb // m},
                        math.log2(mb / m)) for m in smaller]
-    if not t.gradient_checkpointing:
+    if not t.gradient_checkpointing and not registry.get(config.method.name).no_gradient_checkpointing:
         options.append(_option("checkpointing", "gradient checkpointing",
                                {"training.gradient_checkpointing": True}))
     if OPTIMIZERS[t.optimizer].state == "adam" and not OPTIMIZERS[t.optimizer].eight_bit:

@@ -138,6 +138,11 @@ register(Method(
     virtual_tokens="num_virtual_tokens",
 ))
 
+# peft 0.21 hands the prefix to the layers as a KV cache that each forward appends to; gradient checkpointing's
+# recomputation appends it again, and the attention fails on the doubled length (transformers 5.24).
+PREFIX_RECOMPUTED = ("its prefix is a KV cache that gradient checkpointing's recomputation extends a second time "
+                     "(peft 0.21, transformers 5.24): the step fails on a length mismatch")
+
 register(Method(
     name="prefix-tuning",
     title="Prefix tuning",
@@ -152,6 +157,7 @@ register(Method(
     learning_rate=1e-2,
     tasks=PEFT_TASKS,
     virtual_tokens="num_virtual_tokens",
+    no_gradient_checkpointing=PREFIX_RECOMPUTED,
 ))
 
 register(Method(
@@ -184,6 +190,7 @@ register(Method(
     learning_rate=1e-2,
     tasks=PEFT_TASKS,
     virtual_tokens="num_virtual_tokens",
+    no_gradient_checkpointing=PREFIX_RECOMPUTED,
 ))
 
 register(Method(

@@ -107,6 +107,7 @@ class Method:
     # first that fits); the last saves the most
     lighter_methods: tuple[str, ...] = ("lora", "qlora")
     trains_only_biases: bool = False  # trains next to nothing on architectures without biases (Llama-like)
+    no_gradient_checkpointing: str = ""  # why training.gradient_checkpointing cannot be on with it ("": it can)
 
     def field(self, name: str) -> Field:
         for f in self.fields:
