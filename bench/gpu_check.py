@@ -99,7 +99,7 @@ MATRIX = (
     Row("llama-8b", "lora", 4096, 1, True),
     Row("llama-3b", "qlora", 512, 2, False),
     Row("qwen-0.5b", "ia3", 512, 4, True),
-    Row("llama-3b", "prefix-tuning", 2048, 1, False),  # with checkpointing it fails, on CPU too (reported)
+    Row("llama-3b", "prefix-tuning", 2048, 1, False),  # prefix methods refuse checkpointing (registry)
     Row("qwen-0.5b", "prompt-tuning", 4096, 1, True),
 )
 COLUMNS = ("#", "shape", "method", "seq", "batch", "ckpt", "data", "instant GiB", "simulated GiB", "allocated GiB",
