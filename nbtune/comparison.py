@@ -175,7 +175,7 @@ class Comparison:
             handles.append(open_run(run) if isinstance(run, RunRecord) else run)
         if not handles:
             raise ValueError("Comparison.from_runs needs at least one run")
-        labels = list(names) if names is not None else _unique([r.config.method.name for r in handles])
+        labels = list(names) if names is not None else unique_names([r.config.method.name for r in handles])
         if len(labels) != len(handles):
             raise ValueError(f"names must give one name per run ({len(handles)} runs, got {len(labels)} names)")
         return cls(handles[0].config, dict(zip(labels, handles, strict=True)), store=store)
@@ -872,7 +872,8 @@ def _or_inf(value: float | None) -> float:
     return math.inf if value is None else value
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
+    """The names made distinct by a numbered suffix on repeats (lora, lora-2), as a comparison names its runs."""
     seen: dict[str, int] = {}
     out = []
     for name in names:

@@ -187,13 +187,18 @@ def for_config(config: TuneConfig) -> Stage:
     return STAGES[config.training.stage]
 
 
+def trainers_of(fmt: str) -> list[str]:
+    """The names of the stages that train rows of format `fmt`."""
+    return [s.name for s in STAGES.values() if fmt in s.formats]
+
+
 def check_format(stage: Stage, fmt: str) -> None:
     """Refuse rows of a format the stage cannot train, naming data.format and the stages that can."""
     if fmt in stage.formats:
         return
     from nbtune.config import ConfigError
 
-    able = [s.name for s in STAGES.values() if fmt in s.formats]
+    able = trainers_of(fmt)
     fix = f"set training.stage to {' or '.join(able)}" if able else "no stage trains it yet"
     raise ConfigError([("data.format", (
         f"data.format {fmt} ({formats.DESCRIPTIONS[fmt]}) cannot train with training.stage {stage.name}, which "

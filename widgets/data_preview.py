@@ -86,7 +86,7 @@ def format_html(result: dict[str, Any]) -> str:
         return ""
     note = ""
     if not result.get("trainable", True):
-        able = [s.name for s in stages.STAGES.values() if fmt in s.formats]
+        able = stages.trainers_of(fmt)
         fix = f"choose stage {' or '.join(able)} (Training tab)" if able else "no stage trains it yet"
         note = (f" <span style='color:#c62828'>(stage {html.escape(str(result.get('stage', 'sft')))} cannot "
                 f"train it: {html.escape(fix)})</span>")

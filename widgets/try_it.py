@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as w
 from nbtune.widgets.progress import Throttle
 
-from nbtune.comparison import Comparison, _unique
+from nbtune.comparison import Comparison, unique_names
 from nbtune.config import TuneConfig
 from nbtune.generation import GenerationSettings, stream, streaming_settings
 
@@ -161,7 +161,7 @@ def _named(runs: Mapping[str, Run | None] | Iterable[Run]) -> dict[str, Run]:
         runs = runs.runs
     if not isinstance(runs, Mapping):
         handles = list(runs)
-        runs = dict(zip(_unique([run.config.method.name for run in handles]), handles, strict=True))
+        runs = dict(zip(unique_names([run.config.method.name for run in handles]), handles, strict=True))
     taken = [name for name in runs if name == BASE]
     if taken:
         raise ValueError(f"a run may not be called {BASE!r} in TryIt (the base's column)")
