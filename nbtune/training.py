@@ -9,6 +9,7 @@ artifact) comes from the run's stage (nbtune/stages.py). Only imported when a ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbtune import disk, stages
+from nbtune import cpu_allocator, disk, stages
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import Suggestion
@@ -359,7 +360,8 @@ def _announce_start(events: EventStream, config: TuneConfig, prepared: _Prepared
 
 
 def _train(trainer: Any, prepared: _Prepared, stop: threading.Event, resume_from: Path | None) -> _Outcome:
-    """Run the training loop (on one CPU thread for small models); a stop ends it at a step boundary."""
+    """Run the training loop (on one CPU thread for small models, with the allocator kept steady: see
+    cpu_allocator); a stop ends it at a step boundary."""
     import torch
 
     started = time.perf_counter()
@@ -369,7 +371,8 @@ def _train(trainer: Any, prepared: _Prepared, stop: threading.Event, resume_from
     if threads:
         torch.set_num_threads(threads)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with contextlib.nullcontext() if prepared.on_gpu else cpu_allocator.steady_allocator():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except StopRequested:
         stopped_early = True
     except Exception as err:
