@@ -242,9 +242,12 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
         fl = facts(lora, mc)
         t = terms(lora, fl, fused_optimizer=c.fused)
         q = f.quantized_params
-        dequant = 2 * 2 * f.largest_linear_elems  # one dequantized weight, forward and backward
+        # torchao's NF4 linear dequantizes the whole weight to bf16 inside each matmul, forward and backward, one
+        # at a time: a buffer in the backward beside the recomputed block, none left at the forward end (as for
+        # bitsandbytes: estimate.activation_terms)
+        dequant = 2 * f.largest_linear_elems
         frozen = t.weights.frozen + q // 2 - 2 * q
-        acts, recompute = t.activations.forward_end + dequant, t.activations.recompute + dequant
+        acts, recompute = t.activations.forward_end, t.activations.recompute + dequant
         f = fl
     state = 0 if c.paged else t.optimizer.state
     static = frozen + t.weights.trainable + constants + state

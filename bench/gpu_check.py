@@ -7,10 +7,13 @@ records torch.cuda's max allocated and reserved memory over training beside the 
 tokens/s after the warm-up steps, MFU (FLOPs from nbtune.projection over the GPU's datasheet peak), the memory
 left after the run, and for some rows a bare transformers Trainer's tokens/s. Rows run most informative first
 under a time budget; a row that would not fit the time left (or the GPU) is skipped and says so. The report is
-written row by row, so a killed run keeps what it measured. `--dry-run` runs tiny shapes on CPU, one step per
+written row by row, so a killed run keeps what it measured. After the matrix, in time kept back for it, one
+real out-of-memory: a row whose first micro-batch the estimate puts at 1.3x the free memory trains with
+`training.on_oom: shrink` and must finish shrunk, with memory back to baseline (`check_oom_shrink`). `--dry-run` runs tiny shapes on CPU, one step per
 row and no CUDA call, so the whole path is tested here (tests/test_gpu_check.py).
 
-Here, once (the lock's transformers, peft, trl, and bitsandbytes cut to its CUDA 13 library: 18 MB in .whl/):
+Here, once (the lock's transformers, peft, trl, bitsandbytes cut to its CUDA 13 library, and liger-kernel from
+the `gpu` extra: 19 MB in .whl/):
     python bench/gpu_check.py --prepare-wheels .whl
 On the device: its python3 has torch 2.11+cu130, accelerate, safetensors, tokenizers, transformers 5.17 (the
 lock's 5.24 is carried), no bitsandbytes, trl or datasets, and no network. One call, `carry: [".whl"]`,
@@ -75,6 +78,7 @@ class Row:
     options: tuple[tuple[str, Any], ...] = ()
 
 
+FAST = (("packing", True), ("loss_implementation", "liger"))  # the issue's "packing + Liger" rows
 # Most informative first: the issue's acceptance row (8B LoRA at 2048) with the bare Trainer; then every
 # method once on one shape; then the rows where the estimator is known to be off (QLoRA 7B+ at mb 1-2,
 # seq 512-1304), padded vs packed (+ torch.compile, once nbtune has training.compile) on varied lengths, the
@@ -88,8 +92,8 @@ MATRIX = (
     Row("llama-1b", "prefix-tuning", 1024, 2, False),
     Row("llama-8b", "qlora", 1024, 1, True),
     Row("llama-8b", "lora", 2048, 4, False, bare=True, lengths="varied"),
-    Row("llama-8b", "lora", 2048, 4, False, lengths="varied", options=(("packing", True),)),
-    Row("llama-8b", "lora", 2048, 4, False, lengths="varied", options=(("packing", True), ("compile", True))),
+    Row("llama-8b", "lora", 2048, 4, False, lengths="varied", options=FAST),
+    Row("llama-8b", "lora", 2048, 4, False, lengths="varied", options=(*FAST, ("compile", True))),
     Row("qwen-0.5b", "full", 4096, 1, True),
     Row("llama-3b", "lora", 4096, 1, True),
     Row("llama-1b", "lora", 512, 4, False, bare=True),
@@ -240,7 +244,8 @@ def _free(cuda: bool) -> None:
 
 
 def run_nbtune(row: Row, folder: Path, work: Path, steps: int, cuda: bool) -> dict[str, Any]:
-    """One row trained through nbtune.training.execute: its measured peaks and tokens/s."""
+    """One row trained through nbtune.training.execute: its measured peaks, tokens/s and the summary's note (a
+    fallback: liger asked where liger-kernel cannot run)."""
     from nbtune import training
     from nbtune.events import EventStream
 
@@ -249,11 +254,10 @@ def run_nbtune(row: Row, folder: Path, work: Path, steps: int, cuda: bool) -> di
     clock = step_clock(cuda)
     run_dir = work / "run"
     try:
-        summary = training.execute(config, run_dir, EventStream(), extra_callbacks=[clock])
-        del summary
+        note = training.execute(config, run_dir, EventStream(), extra_callbacks=[clock]).note
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return {**peaks(cuda, baseline), "tokens_per_s": clock.tokens_per_s()}
+    return {**peaks(cuda, baseline), "tokens_per_s": clock.tokens_per_s(), "note": note}
 
 
 def run_bare(row: Row, folder: Path, work: Path, steps: int, cuda: bool) -> float | None:
@@ -466,7 +470,8 @@ def check_row(index: int, row: Row, ctx: dict[str, Any], budget: Budget, simulat
 
 
 def _data_label(row: Row) -> str:
-    return row.lengths + "".join(f", {k}" for k, v in row.options if v is True)
+    """The row's lengths and options in words: "varied, packing, liger"."""
+    return row.lengths + "".join(f", {k}" if v is True else f", {v}" for k, v in row.options if v)
 
 
 def _skip_reason(instant: Any, predicted: float, budget: Budget, gpu_bytes: int | None) -> str | None:
@@ -491,6 +496,8 @@ def _measure(row: Row, folder: Path, ctx: dict[str, Any], out: dict[str, Any], f
         out["bare tokens/s"] = run_bare(row, folder, work, steps, cuda)
     if row.bare:
         out["note"] = f"{first} ran first"
+    if measured.get("note"):
+        out["note"] = ((out.get("note") or "") + "; " + measured["note"]).lstrip("; ")
     if (out.get("left MiB") or 0) > LEFT_OVER_MIB:
         out["note"] = ((out.get("note") or "") + "; memory not back to baseline").lstrip("; ")
 
@@ -545,10 +552,12 @@ def _against_plain(row: dict[str, Any], rows: list[dict[str, Any]]) -> str | Non
 
 def prepare_wheels(folder: Path) -> int:
     """Download the lock's transformers, peft, trl (the simulated tier imports its kernels) and bitsandbytes for
-    the device's Python 3.12, bitsandbytes cut to its CUDA 13 library (the device's torch is cu130): what the
-    device lacks or has at other versions. Not datasets: in-memory rows need it not, and trl imports it lazily."""
+    the device's Python 3.12, bitsandbytes cut to its CUDA 13 library (the device's torch is cu130), and the
+    `gpu` extra's liger-kernel (pure Python; its Triton comes with the device's torch): what the device lacks
+    or has at other versions. Not datasets: in-memory rows need it not, and trl imports it lazily."""
     pins = [line.split(";")[0].strip() for line in (ROOT / "requirements.lock").read_text().splitlines()]
     names = [pin for pin in pins if pin.split("==")[0] in ("transformers", "peft", "trl", "bitsandbytes")]
+    names += gpu_extra()
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
                     "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *names], check=True)
@@ -556,6 +565,13 @@ def prepare_wheels(folder: Path) -> int:
         _keep_libraries(wheel, ("cpu", "cuda130"))
     print(f"{folder}: " + ", ".join(f"{w.name} ({w.stat().st_size / 2**20:.1f} MiB)" for w in folder.glob("*.whl")))
     return 0
+
+
+def gpu_extra() -> list[str]:
+    """The requirements of pyproject.toml's `gpu` extra (liger-kernel), outside the CPU lock."""
+    import tomllib
+
+    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"])
 
 
 def _keep_libraries(wheel: Path, keep: tuple[str, ...]) -> None:
@@ -578,6 +594,89 @@ def _keep_libraries(wheel: Path, keep: tuple[str, ...]) -> None:
     slim.replace(wheel)
 
 
+# ----- training.on_oom shrink on a real out-of-memory: one check, run after the matrix ---------------------------
+OOM_ROW = Row("qwen-0.5b", "lora", 1024, 0, False, options=(("on_oom", "shrink"),))  # its batch: oom_micro_batch
+OOM_OVERSHOOT = 1.3  # the first micro-batch's estimated peak over the GPU's free memory: sure not to fit
+OOM_STEPS, OOM_S, DRY_OOM_S = 2, 90.0, 15.0  # steps; seconds kept back from the matrix for it (GPU, dry run)
+DRY_OOM_BATCH, DRY_OOM_FITS = 8, 2  # --dry-run: no real out-of-memory on CPU; one is raised above micro-batch 2
+
+
+def oom_micro_batch(row: Row, free_bytes: float, tiny: bool) -> int:
+    """The smallest power-of-two micro-batch whose instant estimate exceeds OOM_OVERSHOOT x the free memory."""
+    from nbtune.estimator import estimate_memory
+
+    micro = 1
+    while micro < 2**14:
+        sized = dataclasses.replace(row, batch=micro)
+        if estimate_memory(tune_config(sized, SHAPES[row.shape], OOM_STEPS),
+                           shape_config(row.shape, tiny)).total_bytes >= OOM_OVERSHOOT * free_bytes:
+            break
+        micro *= 2
+    return micro
+
+
+def injected_oom(fits: int) -> Any:
+    """--dry-run's stand-in for the GPU: CUDA's out-of-memory error as a step begins above micro-batch `fits`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class InjectedOutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if args.per_device_train_batch_size > fits:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by gpu_check --dry-run)")
+
+    return InjectedOutOfMemory()
+
+
+def check_oom_shrink(ctx: dict[str, Any], seconds_left: float) -> list[str]:
+    """Train OOM_ROW with a first micro-batch sized not to fit (the estimate at OOM_OVERSHOOT x the free memory)
+    and training.on_oom shrink: it must finish, shrunk, all its steps done, and memory back to baseline after.
+    The report's section, in words."""
+    from nbtune import training
+    from nbtune.events import EventStream
+
+    lines = ["", "## training.on_oom shrink on a real out-of-memory", ""]
+    cuda, tiny = ctx["cuda"], ctx["tiny"]
+    needed = DRY_OOM_S if tiny else OOM_S
+    if needed > seconds_left:
+        return [*lines, f"- skipped: needs ~{needed:.0f} s, {max(seconds_left, 0):.0f} s of the budget left"]
+    row = dry(OOM_ROW) if tiny else OOM_ROW
+    if cuda:
+        import torch
+
+        _free(cuda)
+        free = torch.cuda.mem_get_info()[0]
+        row = dataclasses.replace(row, batch=oom_micro_batch(row, free, tiny))
+        lines.append(f"- first micro-batch {row.batch}: estimated over {OOM_OVERSHOOT:g} x the {free / GIB:.0f} GiB "
+                     "free")
+    else:
+        row = dataclasses.replace(row, batch=DRY_OOM_BATCH)
+        lines.append(f"- dry run: micro-batch {row.batch}, the out-of-memory injected above {DRY_OOM_FITS}")
+    folder, run_dir, started = ctx["work"] / row.shape, ctx["work"] / "oom-run", time.perf_counter()
+    if not folder.exists():
+        build_shape(row.shape, folder, tiny, cuda)
+    baseline = _allocated(cuda)
+    config = tune_config(row, str(folder), OOM_STEPS, text_rows(row, OOM_STEPS * row.batch))
+    try:
+        summary = training.execute(config, run_dir, EventStream(),
+                                   extra_callbacks=[] if cuda else [injected_oom(DRY_OOM_FITS)])
+    except Exception as error:  # noqa: BLE001 - the report says it
+        _free(cuda)
+        return [*lines, f"- FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    measured = peaks(cuda, baseline)
+    texts = [r["text"] for r in summary.recoveries]
+    back = measured.get("left_mib", 0.0) <= LEFT_OVER_MIB
+    passed = summary.state == "finished" and bool(texts) and summary.step == OOM_STEPS and back
+    lines += [f"- recovered: {text}" for text in texts]
+    lines.append(f"- {'passed' if passed else 'FAILED'}: {summary.state} at step {summary.step} of {OOM_STEPS}, "
+                 f"micro-batch {summary.micro_batch_size} x accumulation {summary.gradient_accumulation_steps}"
+                 + (f", peak allocated {measured['allocated']:.1f} GiB" if cuda else "")
+                 + f", {measured.get('left_mib', 0.0):.0f} MiB left after it, {time.perf_counter() - started:.0f} s")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="the markdown report (default bench/results/gpu-<date>.md)")
@@ -589,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prepare_wheels:
         return prepare_wheels(Path(args.prepare_wheels))
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s - (DRY_OOM_S if args.dry_run else OOM_S))  # the matrix's; the rest: the OOM check
     import torch
 
     from nbtune.estimator.gpus import peak_tflops
@@ -609,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         simulated = {i: simulated_estimate(row, args.dry_run, pool) for i, row in rows}  # all submitted at once
         for i, row in rows:
             report.add(check_row(i, row, ctx, budget, simulated[i]))
+        for line in check_oom_shrink(ctx, args.budget_s - (time.perf_counter() - budget.started)):
+            report.write(line)
     for line in summary_lines(report.rows, time.perf_counter() - budget.started):
         report.write(line)
     print(f"wrote {out}")

@@ -115,6 +115,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, l
     import torch
     import transformers
 
+    from nbtune.packed_attention import PACKED
+
     lines = [f"# training.packing: useful tokens/s packed vs padded ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              "", f"- Machine: {cpu_model()}, {os.cpu_count()} cores; OMP_NUM_THREADS="
              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
@@ -122,6 +124,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, l
              f"Python {platform.python_version()}",
              f"- Config: embedded model, method {args.method}, micro-batch 16, fp32, sdpa, {args.steps} steps; "
              "timed from the first step to the end of training (tokens counted without padding or fillers)",
+             f"- Packed under sdpa: {'the whole micro-batch in one row' if PACKED['sdpa'].one_row else 'rows'}, "
+             f"attention {PACKED['sdpa'].attention_cost} (nbtune/packed_attention.py)",
              f"- Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/packing.py "
              f"--reps {args.reps} --steps {args.steps} --method {args.method}`",
              f"- Load average when it started: {', '.join(f'{x:.2f}' for x in load)}", ""]
@@ -130,7 +134,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, l
         fill = padded_fill(source)
         lines += [f"## {source}", "",
                   f"Real tokens fill {fill:.0%} of a padded micro-batch, so removing the padding alone could "
-                  f"give at most {1 / fill:.2f}x.", "",
+                  f"give at most {1 / fill:.2f}x (attention computed per example, not per padded row, can add a "
+                  "little more).", "",
                   "| rep | order | load (1 min) | padded tokens/s | packed tokens/s | packed / padded | "
                   "per CPU second: padded / packed | packed / padded (CPU) |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune import chat_templates, dtypes, formats, optimizers, rewards, stages, tasks
+from nbtune import chat_templates, dtypes, formats, losses, optimizers, rewards, stages, tasks
 
 if TYPE_CHECKING:
     from nbtune.methods.registry import Field
@@ -36,6 +36,7 @@ PRECISIONS = DTYPES  # training.precision names the same formats, auto included
 OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
 SCHEDULERS = ("linear", "cosine", "constant", "constant-with-warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ON_OOM = ("fail", "shrink")  # training.on_oom: what a CUDA out-of-memory does to a run (nbtune/training.py)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 # A config is a few hundred bytes; these bound what reading an untrusted one costs (a 645-byte alias bomb
 # expands to 10^9 values): the text's size, its values counted with every alias (*name) expanded, its nesting.
@@ -115,7 +116,8 @@ class ModelConfig:
     trust_remote_code: bool = field(default=False, metadata=_about(
         "Run the model repository's own Python code (only for repositories you trust)."))
     attn_implementation: str = field(default="sdpa", metadata=_about(
-        "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU only).", choices=ATTENTION))
+        "Attention kernel: sdpa (default), eager, or flash_attention_2 (a CUDA GPU with flash-attn installed).",
+        choices=ATTENTION))
 
 
 @dataclass
@@ -216,8 +218,21 @@ class TrainingConfig:
     packing: bool = field(default=False, metadata=_about(
         "Pack examples end to end with no padding between them (each attends only to itself): more useful tokens "
         "per second when lengths vary. Causal LM with sft only; not with methods that prepend virtual tokens."))
+    loss_implementation: str = field(default="standard", metadata=_about(
+        "How the loss is computed: standard (the full logits), chunked (a chunk of tokens at a time through the "
+        "LM head, recomputed in the backward: the logits leave the peak memory, the loss is the same), liger "
+        "(liger-kernel's fused kernels on CUDA; chunked where it is missing). Causal LM with sft only (dpo, kto "
+        "and grpo score tokens through TRL's fused head already).", choices=losses.IMPLEMENTATIONS))
     gradient_checkpointing: bool = field(default=False, metadata=_about(
         "Recompute activations in the backward: much less memory, ~30% slower."))
+    compile: bool = field(default=False, metadata=_about(
+        "Compile the model with torch.compile (inductor): fused kernels after a slow first step; a model that "
+        "does not compile trains eager, said in the run's messages. Memory is estimated as eager (measured on "
+        "GPU by bench/gpu_check.py)."))
+    on_oom: str = field(default="fail", metadata=_about(
+        "On CUDA out of memory: fail (with changes that would fit), or shrink: halve the micro-batch, double the "
+        "accumulation (the same effective batch) and go on from the last checkpoint, down to micro-batch 1.",
+        choices=ON_OOM))
     max_grad_norm: float = field(default=1.0, metadata=_about(
         "Clip the gradient norm to this (0 turns clipping off).", range=Range(0, note=" (0 turns clipping off)")))
     seed: int = field(default=0, metadata=_about("Random seed of data order and initialisation.",
@@ -311,6 +326,8 @@ class TuneConfig:
             out.extend(_generation_problems(self.training))
         if self.training.packing is True and "packing" in stage.reads:
             out.extend(_packing_problems(method, self.method_params, self.model.task))
+        if self.training.loss_implementation != "standard" and "loss_implementation" in stage.reads:
+            out.extend(_loss_problems(self.training.loss_implementation, method, self.model.task))
         return out
 
     # ----- derived values ---------------------------------------------------------------------------------
@@ -343,6 +360,11 @@ class TuneConfig:
             resolved["training"].pop("stage")
         if resolved["training"].get("packing") is False:  # as before packing existed
             resolved["training"].pop("packing")
+        if resolved["training"].get("loss_implementation") == "standard":  # as before the option existed
+            resolved["training"].pop("loss_implementation")
+        if resolved["training"].get("compile") is False:  # as before compile existed
+            resolved["training"].pop("compile")
+        resolved["training"].pop("on_oom", None)  # how a run recovers from out of memory, not what it learns
         if "rewards" in resolved["training"]:  # a user reward's source, so editing the function retrains
             resolved["training"]["rewards"] = [rewards.identity(n) for n in self.training.rewards]
         canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
@@ -609,6 +631,22 @@ def _packing_problems(method: Any, params: dict[str, Any], task: str) -> list[tu
             f"training.packing cannot train method {method.name}: it prepends {n} virtual tokens "
             f"(method.{method.virtual_tokens}) to every sequence, and a packed row is one sequence holding several "
             "examples, so they would share one prompt; turn training.packing off or choose another method"))]
+    return []
+
+
+def _loss_problems(implementation: Any, method: Any, task: str) -> list[tuple[str, str]]:
+    """A chunked or fused loss needs causal LM and the model's own token loss (nbtune/losses.py)."""
+    if implementation not in losses.IMPLEMENTATIONS:
+        return []  # named by the field check
+    allowed = "set training.loss_implementation to standard"
+    if task != "causal-lm":
+        return [("training.loss_implementation", (
+            f"training.loss_implementation {implementation} needs model.task causal-lm (got {task}): it computes "
+            f"the next-token loss over the vocabulary, which a {task} model does not have; {allowed}"))]
+    if method.compute_loss is not None:
+        return [("training.loss_implementation", (
+            f"training.loss_implementation {implementation} cannot train method {method.name}: it computes its "
+            f"own loss from the model's full logits; {allowed}"))]
     return []
 
 

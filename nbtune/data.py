@@ -470,7 +470,8 @@ class Collator:
 class PackingCollator:
     """Packs a batch's examples end to end, with no padding between them (`training.packing`): into rows as long
     as the batch's longest example, each example into the first row with room, longest first; or, with
-    `one_row`, the whole batch into one row (flash-attention varlen, whose cost does not grow with the row).
+    `one_row`, the whole batch into one row (attention computed per example: nbtune/packed_attention.py under
+    sdpa, flash-attention varlen on GPU; its cost does not grow with the row).
 
     Each example's position ids restart at 0: with no attention mask, transformers (masking_utils
     find_packed_sequence_indices; flash-attention varlen on GPU) reads those restarts as the boundaries no token
@@ -478,7 +479,7 @@ class PackingCollator:
     boundary. `use_cache: False` rides along, as a model that builds a cache ignores the restarts. Rows shorter
     than the longest end in filler tokens (pad id, position 0 each, label -100): each attends only to itself,
     and `real_tokens` leaves them out. Rows no longer than the longest example mean no row computes more
-    attention than the padded batch would (sdpa and eager compute each row's full square, masked).
+    attention than the padded batch would (eager computes each row's full square, masked).
     """
 
     def __init__(self, pad_token_id: int, one_row: bool = False):
@@ -528,9 +529,12 @@ class PackingCollator:
 
 
 def packing_collator(config: TuneConfig, pad_token_id: int) -> PackingCollator:
-    """The collator of `training.packing`: the whole batch in one row for flash-attention (varlen), else rows as
-    long as the batch's longest example."""
-    return PackingCollator(pad_token_id, one_row=config.model.attn_implementation == "flash_attention_2")
+    """The collator of `training.packing`: the whole batch in one row where attention runs per example (sdpa,
+    flash-attention varlen), else rows as long as the batch's longest example (eager); see
+    nbtune/packed_attention.py PACKED."""
+    from nbtune.packed_attention import PACKED
+
+    return PackingCollator(pad_token_id, one_row=PACKED[config.model.attn_implementation].one_row)
 
 
 def preview(config: TuneConfig, tokenizer: Any = None, rows: int = 5) -> dict[str, Any]:

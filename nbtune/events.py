@@ -2,7 +2,8 @@
 
 Kinds: queued (with `position`: how many runs are ahead of it), phase (what a starting run does, one of
 PHASES), started, step, eval, checkpoint, message (a library's log record or warning, nbtune/noise.py),
-finished, stopped, failed. The training thread only appends (to the history, to the JSON-lines file, flushed
+recovered (a failure the run goes on from, nbtune/recovery.py: its `text` says it in words; training starts
+again at its `resume_step`, see `standing`), finished, stopped, failed. The training thread only appends (to the history, to the JSON-lines file, flushed
 per record, and to each subscriber's bounded queue); each subscriber is called on its own thread, so a slow or
 failing subscriber never slows or breaks training.
 A write to the file that fails (a full disk) raises once, from that `emit`, after the event has still reached
@@ -63,6 +64,24 @@ def _clean(data: dict[str, Any]) -> dict[str, Any]:
             v = None
         out[k] = v
     return out
+
+
+def standing(history: list[Event]) -> list[Event]:
+    """The events of the training that stands: after a "recovered" event training goes on from its
+    `resume_step`, so the step events past that step and the eval events from it on (the new attempt evaluates
+    when it starts) that came before the recovery are left out."""
+    out: list[Event] = []
+    for event in history:
+        if event.kind == "recovered":
+            out = [e for e in out if not redone(e, event.data.get("resume_step") or 0)]
+        out.append(event)
+    return out
+
+
+def redone(event: Event, resume_step: int) -> bool:
+    """Whether an attempt that resumes at `resume_step` trains (step) or evaluates (eval) `event` again."""
+    step = event.data.get("step") or 0
+    return (event.kind == "step" and step > resume_step) or (event.kind == "eval" and step >= resume_step)
 
 
 class _Subscriber:

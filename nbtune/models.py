@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbtune import packed_attention
 from nbtune._lazy import import_heavy
 from nbtune.config import EMBEDDED_MODEL, EMBEDDED_PREFIX, TuneConfig
 from nbtune.dtypes import DTYPES, from_torch, torch_dtype
@@ -134,7 +135,7 @@ def load_model(config: TuneConfig, num_labels: int | None = None, extra_kwargs: 
         "revision": m.revision,
         "trust_remote_code": m.trust_remote_code,
         "dtype": torch_dtype(weights_dtype(config)),
-        "attn_implementation": m.attn_implementation,
+        "attn_implementation": packed_attention.attn_implementation(config),
     }
     if config.training.dropout is not None:
         kwargs.update(_dropout_kwargs(config, config.training.dropout))
@@ -227,5 +228,5 @@ def _fresh_model(config: TuneConfig, model_config: Any, load_kwargs: dict[str, A
     if isinstance(chosen, str):
         chosen = torch_dtype(from_torch(chosen) or chosen)
     kwargs = {"dtype": chosen} if chosen is not None else {}  # none: transformers' default, fp32
-    return auto_class(config.model.task).from_config(model_config, attn_implementation=config.model.attn_implementation,
-                                                     **kwargs)
+    return auto_class(config.model.task).from_config(
+        model_config, attn_implementation=packed_attention.attn_implementation(config), **kwargs)

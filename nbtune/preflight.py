@@ -28,9 +28,29 @@ def check(config: TuneConfig, model_config: Any = None) -> None:
 
     models.check_hub_reachable(config)
     model_config = model_config if model_config is not None else models.load_model_config(config)
-    problems = [*_length_problems(config, model_config), *_rank_problems(config, model_config)]
+    import torch
+
+    problems = [*attention_problems(config, on_gpu=torch.cuda.is_available()),
+                *_length_problems(config, model_config), *_rank_problems(config, model_config)]
     if problems:
         raise ConfigError(problems)
+
+
+def attention_problems(config: TuneConfig, on_gpu: bool | None = None) -> list[tuple[str, str]]:
+    """model.attn_implementation flash_attention_2 needs the flash-attn package importable here and, where
+    `on_gpu` is known, a CUDA GPU; sdpa and eager run anywhere."""
+    import importlib.util
+
+    if config.model.attn_implementation != "flash_attention_2":
+        return []
+    field = "model.attn_implementation"
+    if importlib.util.find_spec("flash_attn") is None:
+        return [(field, f"{field} flash_attention_2 needs the flash-attn package, which is not installed here "
+                        "(pip install flash-attn, on a CUDA machine); choose sdpa (default) or eager")]
+    if on_gpu is False:
+        return [(field, f"{field} flash_attention_2 runs on a CUDA GPU, and this machine has none; choose sdpa "
+                        "(default) or eager")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -42,7 +62,8 @@ class Blocker:
 
 
 def readiness(config: TuneConfig, gpu: str | int | float | None = None, estimate: Any = None) -> list[Blocker]:
-    """Why `config` would not run: fp16 loss scaling over fp16 trainable weights, a model that cannot be had (a
+    """Why `config` would not run: fp16 loss scaling over fp16 trainable weights, flash-attention without its
+    package, a model that cannot be had (a
     missing folder, a hub id neither cached nor downloadable), what the model's dimensions do not allow (a
     max length beyond its positions), a step that does not fit the chosen GPU (from
     `estimate`, when both are given). Empty when nothing stands in the way. Reads no weights and never raises.
@@ -51,7 +72,8 @@ def readiness(config: TuneConfig, gpu: str | int | float | None = None, estimate
     """
     model = model_blockers(config)
     shape = [] if model else shape_blockers(config)
-    return [*data_blockers(config), *precision_blockers(config, gpu, estimate), *model, *shape,
+    attention = [Blocker(field, message) for field, message in attention_problems(config)]
+    return [*data_blockers(config), *precision_blockers(config, gpu, estimate), *attention, *model, *shape,
             *memory_blockers(estimate, gpu)]
 
 

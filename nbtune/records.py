@@ -108,6 +108,9 @@ class RunSummary:
     precision_reason: str | None = None
     dtype: str | None = None  # what model.dtype became here, and why
     dtype_reason: str | None = None
+    micro_batch_size: int | None = None  # what the run trained with at the end (training.on_oom shrink lowers it)
+    gradient_accumulation_steps: int | None = None
+    recoveries: list[Any] = field(default_factory=list)  # failures it went on from (nbtune/recovery.py Recovery)
     checkpoint: str | None = None  # a resumable checkpoint (stopped runs, failed runs that kept one)
     artifact_path: str | None = None
     artifact_bytes: int | None = None
@@ -146,7 +149,7 @@ class RunSummary:
                 raise ValueError(f"summary.json: {err}") from None
         if values.get("state") not in (None, *STATES):
             raise ValueError(f"summary.json: 'state' must be finished, stopped or failed (got {values['state']!r})")
-        for name in ("peak_memory", "data", "versions", "suggestions"):
+        for name in ("peak_memory", "data", "versions", "suggestions", "recoveries"):
             if values.get(name) is None:
                 values.pop(name, None)  # absent or null in an older summary: the empty default
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})

@@ -26,7 +26,7 @@ from typing import Any
 
 from nbtune import claims, disk
 from nbtune.config import TuneConfig
-from nbtune.events import TERMINAL, Event, EventStream
+from nbtune.events import TERMINAL, Event, EventStream, standing
 from nbtune.records import RunSummary
 from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
 
@@ -95,11 +95,12 @@ class Run:
 
     @property
     def metrics(self) -> Any:
-        """Step and eval metrics as a pandas DataFrame (one row per event, `kind` says which)."""
+        """Step and eval metrics as a pandas DataFrame (one row per event, `kind` says which); the steps a
+        recovery trained again (training.on_oom shrink) appear once, as trained the last time."""
         import pandas as pd
 
         rows = []
-        for e in list(self.events.history):
+        for e in standing(list(self.events.history)):
             if e.kind in ("step", "eval"):
                 row = {"kind": e.kind, "time": e.time}
                 for k, v in e.data.items():

@@ -84,7 +84,7 @@ def _supervised_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
         model=built.model, args=args, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval or None,
         data_collator=packing or data.Collator(prepared.tokenizer.pad_token_id, task),
         compute_metrics=task_metric(task), callbacks=callbacks, method_loss=built.method.compute_loss,
-        method_context=built.ctx,
+        method_context=built.ctx, chunked_loss=prepared.loss is not None and prepared.loss.value == "chunked",
     )
 
 
@@ -147,7 +147,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "classification and seq2seq rows", "transformers Trainer",
           formats=formats.SUPERVISED, tasks=tuple(TASKS), prepare_data=_prepare_rows,
           arguments=_training_arguments, build_trainer=_supervised_trainer, save_artifact=_save_with_method,
-          reads=("packing",)),
+          reads=("packing", "loss_implementation")),
     Stage("dpo", "Direct preference optimisation (DPO)",
           "prefer each pair's chosen answer over its rejected one, relative to a frozen reference: the base "
           "with the adapter disabled for PEFT methods, a copy of the model otherwise", "TRL DPOTrainer",
@@ -179,7 +179,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           accuracy_means="held-out exact match of greedy answers"),
 )}
 NAMES = tuple(STAGES)
-ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "rewards", "packing")  # training.* fields read per stage
+ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "rewards", "packing",  # training.* fields
+                  "loss_implementation")  # read per stage
 
 
 def for_config(config: TuneConfig) -> Stage:

@@ -17,15 +17,16 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbtune import cpu_allocator, disk, stages
+from nbtune import cpu_allocator, disk, losses, stages
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import Suggestion
-from nbtune.events import EventStream
+from nbtune.events import EventStream, standing
 from nbtune.optimizers import OPTIMIZERS
 from nbtune.records import RunSummary
 from nbtune.units import format_bytes
@@ -151,16 +152,28 @@ class GuardedCheckpoints:
 
 
 class MethodTrainer(GuardedCheckpoints, Trainer):
-    """The supervised stage's Trainer: its training loss may come from the method (e.g. distillation)."""
+    """The supervised stage's Trainer: its training loss may come from the method (e.g. distillation), or be
+    computed chunked (training.loss_implementation, nbtune/losses.py), in training and evaluation alike."""
 
-    def __init__(self, *args: Any, method_loss: Any = None, method_context: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, method_loss: Any = None, method_context: Any = None, chunked_loss: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.method_loss = method_loss  # (model, inputs, ctx) -> (loss, outputs), or None: the model's own loss
         self.method_context = method_context
+        self.chunked_loss = chunked_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         if self.method_loss is not None and model.training:
             loss, outputs = self.method_loss(model, inputs, self.method_context)
+            return (loss, outputs) if return_outputs else loss
+        if self.chunked_loss and "labels" in inputs:
+            from nbtune import losses
+
+            # divided by num_items_in_batch exactly where transformers' own loss would be, so the Trainer's
+            # gradient-accumulation scaling (training_step) treats both alike
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            with self.accelerator.autocast():  # accelerate autocasts the model's forward only, not the head here
+                loss, outputs = losses.chunked_loss(model, inputs, items)
             return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
 
@@ -190,6 +203,32 @@ def _checkpointing_args(arguments_class: type, enabled: bool) -> dict[str, Any]:
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def _compile_args(enabled: bool) -> dict[str, Any]:
+    """training.compile as TrainingArguments' torch_compile (accelerate compiles the model it prepares, with
+    inductor); the model's first forward compiles it, so a failure shows there (recovery.compile_failed)."""
+    return {"torch_compile": True, "torch_compile_backend": "inductor"} if enabled else {}
+
+
+@contextlib.contextmanager
+def _compile_scope(enabled: bool) -> Iterator[None]:
+    """Around a compiled attempt: dynamo's caches emptied first (they hold earlier runs' graphs and count their
+    recompilations: past torch._dynamo.config.recompile_limit a frame runs eager unsaid; a failed compile must
+    fail again, not be served from them), and the process's fp32 matmul precision restored after
+    (TrainingArguments turns TF32 on for torch_compile on CUDA, for every later run of the kernel too)."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    torch._dynamo.reset()
+    precision = getattr(torch.backends, "fp32_precision", None)
+    try:
+        yield
+    finally:
+        if precision is not None:
+            torch.backends.fp32_precision = precision
+
+
 @dataclass
 class _Prepared:
     """What a run has before its Trainer exists: the stage, data, the model with its method, and precision."""
@@ -204,6 +243,7 @@ class _Prepared:
     trainable: int
     total: int
     on_gpu: bool
+    loss: Any = None  # losses.Choice: what training.loss_implementation became here, and why
 
 
 @dataclass
@@ -222,12 +262,49 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     """Train `config`, writing checkpoints and the artifact under `run_dir`; returns the summary.
 
     Raises on failure (the caller records it). A set `stop` ends training at the next step boundary and the
-    summary's state is "stopped", with a checkpoint to resume from.
+    summary's state is "stopped", with a checkpoint to resume from. A failure the run can go on from
+    (nbtune/recovery.py: out of memory with training.on_oom shrink, a model torch.compile cannot compile) frees
+    what the attempt held, emits a "recovered" event and trains again with the changed settings from the last
+    checkpoint (else from where the run began); the summary records each recovery and the final micro-batch.
     """
+    from nbtune import recovery
+
+    stop = stop or threading.Event()
+    started, attempt, recoveries = time.perf_counter(), config, []
+    launched_from = (resume_from, _checkpoint_step(resume_from))
+    while True:
+        try:
+            with _compile_scope(attempt.training.compile):
+                summary = _attempt(attempt, run_dir, events, stop, resume_from, extra_callbacks or [])
+            break
+        except Exception as err:
+            found = recovery.latest_checkpoint(run_dir)
+            recovered = recovery.recovery_for(attempt, err, found if found[0] else launched_from)
+            if recovered is None:
+                err.attempt_config, err.recoveries = attempt, recoveries  # type: ignore[attr-defined]
+                raise
+        recovery.free_memory()  # after the except block: until it ends, the error's frames hold the attempt
+        recoveries.append(recovered)
+        events.emit("recovered", **recovered.to_dict())
+        recovery.say_in_log(run_dir, recovered.text)
+        attempt, resume_from = recovered.applied(attempt), Path(recovered.checkpoint) if recovered.checkpoint else None
+    summary.recoveries = [r.to_dict() for r in recoveries]
+    summary.wall_time_s = time.perf_counter() - started
+    return summary
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    """The optimizer step a checkpoint folder (checkpoint-<step>) was saved at; 0 for none."""
+    tail = checkpoint.name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(tail) if tail.isdigit() else 0
+
+
+def _attempt(config: TuneConfig, run_dir: Path, events: EventStream, stop: threading.Event,
+             resume_from: Path | None, extra_callbacks: list[Any]) -> RunSummary:
+    """One try at training `config` (from `resume_from` when given): the steps of a run, top to bottom."""
     import transformers
     from transformers import set_seed
 
-    stop = stop or threading.Event()
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
     set_seed(config.training.seed)
@@ -235,7 +312,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     args = _training_arguments(config, prepared, run_dir)
     stage = prepared.stage
     callback = EventCallback(events, stop, prepared.total_steps, dict(stage.logged), stage.language_model_loss)
-    trainer = _build_trainer(prepared, args, callback, extra_callbacks or [])
+    trainer = _build_trainer(prepared, args, callback, extra_callbacks)
     _announce_start(events, config, prepared, resume_from)
     outcome = _train(trainer, prepared, stop, resume_from)
     _finish(trainer, config, prepared, outcome, events)
@@ -281,13 +358,16 @@ def _prepare(config: TuneConfig, events: EventStream) -> _Prepared:
         raise ValueError(f"method {built.method.name} left no trainable parameters on this model")
     precision = precision_module.choose_precision(config.training.precision, device, total)
     precision_module.warn_if_slow(precision, dtype)
-    return _Prepared(stage, tokenizer, data, built, total_steps, precision, dtype, trainable, total, on_gpu)
+    loss = losses.choose(losses.requested(config), built.model, on_gpu)
+    return _Prepared(stage, tokenizer, data, built, total_steps, precision, dtype, trainable, total, on_gpu, loss)
 
 
 def _total_steps(config: TuneConfig, train_rows: int) -> int:
     t = config.training
     micro_steps_per_epoch = math.ceil(train_rows / t.micro_batch_size)
-    steps_per_epoch = max(1, micro_steps_per_epoch // t.gradient_accumulation_steps)
+    # as transformers counts them (a last, shorter accumulation is a step): the same for every micro-batch of one
+    # effective batch, so a run that training.on_oom shrinks keeps its total
+    steps_per_epoch = max(1, math.ceil(micro_steps_per_epoch / t.gradient_accumulation_steps))
     return t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
 
 
@@ -332,6 +412,8 @@ def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) 
         dataloader_num_workers=0,
         dataloader_pin_memory=prepared.on_gpu,
         prediction_loss_only=stages.task_metric(config.model.task) is None,  # logits only for a metric
+        **_compile_args(t.compile),
+        **({"use_liger_kernel": True} if prepared.loss.value == "liger" else {}),  # the Trainer applies it
     )
     return prepared.stage.arguments(config, common)
 
@@ -356,7 +438,9 @@ def _announce_start(events: EventStream, config: TuneConfig, prepared: _Prepared
                 method=p.built.method.name, learning_rate=config.learning_rate, precision=p.precision.value,
                 precision_reason=p.precision.reason, dtype=p.dtype.value, dtype_reason=p.dtype.reason,
                 device="cuda" if p.on_gpu else "cpu", train_rows=len(p.data.train), eval_rows=len(p.data.eval),
-                resumed_from=str(resume_from) if resume_from else None)
+                resumed_from=str(resume_from) if resume_from else None, loss_implementation=p.loss.value)
+    if p.loss.reason:  # a fallback the user asked for otherwise (liger without liger-kernel or CUDA)
+        events.emit("message", source="nbtune", level="WARNING", text=p.loss.reason)
 
 
 def _train(trainer: Any, prepared: _Prepared, stop: threading.Event, resume_from: Path | None) -> _Outcome:
@@ -412,8 +496,9 @@ def _summary(config: TuneConfig, prepared: _Prepared, trainer: Any, outcome: _Ou
              artifact: Path, wall_seconds: float) -> RunSummary:
     """What the run measured: losses and accuracy from its eval events, parameters, time, speed, memory."""
     p = prepared
-    evals = [e.data for e in events.history if e.kind == "eval"]
-    steps = [e.data for e in events.history if e.kind == "step"]
+    history = standing(events.history)  # without the steps a recovery trained again
+    evals = [e.data for e in history if e.kind == "eval"]
+    steps = [e.data for e in history if e.kind == "step"]
     tokens = trainer.state.num_input_tokens_seen
     base = evals[0] if evals and evals[0].get("step") == 0 else {}  # the untuned model, evaluated at step 0
     final = evals[-1] if len(evals) > 1 else {}
@@ -431,11 +516,13 @@ def _summary(config: TuneConfig, prepared: _Prepared, trainer: Any, outcome: _Ou
         peak_memory=memory_now(), device="cuda" if p.on_gpu else "cpu", cpu_threads=outcome.threads,
         precision=p.precision.value, precision_reason=p.precision.reason,
         dtype=p.dtype.value, dtype_reason=p.dtype.reason,
+        micro_batch_size=config.training.micro_batch_size,
+        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         checkpoint=str(outcome.checkpoint) if outcome.checkpoint else None, artifact_path=str(artifact),
         artifact_bytes=sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()),
         data={"fingerprint": p.data.fingerprint, "truncated": p.data.truncated, **p.data.stats,
               "labels": list(p.data.labels)},
-        versions=library_versions(),
+        versions=library_versions(), note=p.loss.reason,
     )
     _estimate_beside_measured(config, summary)
     return summary
@@ -475,14 +562,27 @@ def failure_summary(config: TuneConfig, err: BaseException, events: EventStream)
     cheapest changes that would fit."""
     import traceback
 
+    from nbtune import recovery
+
     steps = [e.data for e in events.history if e.kind == "step"]
     step = getattr(err, "step_reached", None)
     if step is None:
         step = steps[-1]["step"] if steps else 0
+    config = getattr(err, "attempt_config", config)  # after recoveries: the settings the last attempt had
+    recoveries = list(getattr(err, "recoveries", []))
     summary = RunSummary(state="failed", step=step, method=config.method.name, error_type=type(err).__name__,
-                         traceback="".join(traceback.format_exception(err))[-4000:], versions=library_versions())
-    if _is_out_of_memory(err):
+                         traceback="".join(traceback.format_exception(err))[-4000:], versions=library_versions(),
+                         micro_batch_size=config.training.micro_batch_size,
+                         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+                         recoveries=[r.to_dict() for r in recoveries])
+    if recovery.is_out_of_memory(err):
         summary.error = f"out of memory at step {step}"
+        tried = recovery.tried_words(recoveries)
+        if tried:
+            summary.error += f" at micro-batch {config.training.micro_batch_size}; {tried}"
+        elif config.training.on_oom == "shrink" and config.training.micro_batch_size == 1 \
+                and getattr(err, "step_reached", None) is not None:
+            summary.error += " at micro-batch 1, which training.on_oom shrink cannot make smaller"
         suggestions = _memory_suggestions(config)
         summary.suggestions = [s.to_dict() for s in suggestions]  # as summary.json holds them
         if suggestions:
@@ -497,12 +597,6 @@ def failure_summary(config: TuneConfig, err: BaseException, events: EventStream)
     else:
         summary.error = f"{type(err).__name__}: {err}"
     return summary
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    import torch
-
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def _memory_suggestions(config: TuneConfig) -> list[Suggestion]:

@@ -71,7 +71,9 @@ def test_instant_terms_match_a_real_step(method, dtype, precision):
 ])
 def test_a_packed_step_is_estimated_against_a_real_packed_step(method, precision, attention):
     """training.packing: saved activations of a real packed step within 15 %, and what packing adds over the
-    padded step (each row's mask, keys/values repeated to every head under sdpa) within 2 % of what it really adds."""
+    padded step within 2 % of what it really adds: under eager each row's (row, row) mask; under sdpa, where
+    attention runs per example in one row (nbtune/packed_attention.py), no mask at all, only the rotary tables
+    of the longer row and, where the output projection trains, the examples' attention outputs joined."""
     from nbtune.estimator.estimate import terms
     from nbtune.estimator.measure import measure_step
     from nbtune.estimator.skeleton import facts
@@ -88,6 +90,8 @@ def test_a_packed_step_is_estimated_against_a_real_packed_step(method, precision
     assert close(packed, real_packed["saved_activations"], 0.15), (packed, real_packed["saved_activations"])
     added = real_packed["saved_activations"] - real_padded["saved_activations"]
     assert added > 0 and close(packed - padded, added, 0.02), (packed - padded, added)
+    if attention == "sdpa":  # no (row, row) mask: a packed step saves about what a padded one does
+        assert added < 0.05 * real_padded["saved_activations"], (added, real_padded["saved_activations"])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
@@ -534,3 +538,89 @@ def test_a_dpo_trainer_disables_the_adapter_for_lora_and_loads_a_frozen_copy_for
     full.train()  # one step: the copy runs under no_grad, outside the optimizer (TRL leaves requires_grad set)
     assert all(p.grad is None for p in full.ref_model.parameters())
     assert reference.isdisjoint(id(p) for group in full.optimizer.param_groups for p in group["params"])
+
+
+# ----- training.loss_implementation: the logits term follows the chunked or fused loss (nbtune/losses.py) -------
+
+def long_vocab_llama():
+    """A vocabulary 32 times the hidden size, as Llama 3's (128256 / 4096): the logits dominate a step."""
+    return tiny_llama(vocab_size=2048)
+
+
+def loss_config(method: str, loss: str, packing: bool = False) -> TuneConfig:
+    return tiny_config(method, "fp32", "bf16", packing=packing, loss_implementation=loss).replace(
+        **{"data.max_length": 256})
+
+
+def step_peak_estimate(t) -> int:
+    """What the estimate says a step's forward and backward allocate above the weights and optimizer state."""
+    return max(t.phases["forward end"].dynamic, t.phases["backward"].dynamic)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize(("loss", "packing"), [("standard", False), ("chunked", False), ("standard", True),
+                                               ("chunked", True)])
+def test_a_real_steps_peak_and_saved_tensors_are_estimated_for_each_loss_and_packing(method, loss, packing):
+    """The bytes a real CPU step (bf16 autocast) holds at its peak within 15 %, and its saved tensors within 15 %
+    (the standard loss also keeps its fp32 log-softmax; the chunked one keeps no logits)."""
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.measure import measure_step
+    from nbtune.estimator.skeleton import facts
+
+    config, mc = loss_config(method, loss, packing), long_vocab_llama()
+    f = facts(config, mc)
+    t = terms(config, f, device="cpu")
+    real = measure_step(config, mc)
+    assert close(step_peak_estimate(t), real["step_peak"], 0.15), (step_peak_estimate(t), real["step_peak"])
+    saved = t.activations.saved + (4 * f.dims["V"] * t.shape.tokens if loss == "standard" else 0)
+    assert close(saved, real["saved_activations"], 0.15), (saved, real["saved_activations"])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_chunked_loss_lowers_a_real_steps_peak_by_about_the_logits_term(method):
+    from nbtune.estimator.estimate import terms
+    from nbtune.estimator.measure import measure_step
+    from nbtune.estimator.skeleton import facts
+
+    mc = long_vocab_llama()
+    measured, estimated, logits = {}, {}, {}
+    for loss in ("standard", "chunked"):
+        config = loss_config(method, loss)
+        t = terms(config, facts(config, mc), device="cpu")
+        measured[loss], estimated[loss] = measure_step(config, mc)["step_peak"], step_peak_estimate(t)
+        logits[loss] = t.logits.logits
+    assert measured["chunked"] < 0.6 * measured["standard"]
+    saved = measured["standard"] - measured["chunked"]
+    assert close(estimated["standard"] - estimated["chunked"], saved, 0.1), (estimated, measured)
+    assert close(logits["standard"] - logits["chunked"], saved, 0.1), (logits, saved)
+
+
+@pytest.mark.parametrize("loss", ["chunked", "liger"])
+@pytest.mark.parametrize("method", ["full", "lora", "prompt-tuning"])
+def test_the_simulated_chunked_step_agrees_with_the_instant_tier(method, loss):
+    """The simulation runs the chunked loss (liger's kernels cannot run on fake tensors, and say so)."""
+    from nbtune.estimator import estimate_memory, simulate_memory
+
+    mc = tiny_llama(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
+                    vocab_size=8192)
+    config = tiny_config(method, dtype="bf16", loss_implementation=loss).replace(**{"data.max_length": 256})
+    sim, est = simulate_memory(config, mc), estimate_memory(config, mc)
+    assert close(est.allocated_bytes, sim.allocated_bytes, 0.15), (est.allocated_bytes, sim.allocated_bytes)
+    standard = estimate_memory(config.replace(**{"training.loss_implementation": "standard"}), mc)
+    assert est.breakdown["logits_loss"] < standard.breakdown["logits_loss"] / 10
+    assert ("simulated as the chunked loss" in " ".join(sim.notes)) == (loss == "liger")
+
+
+def test_an_8b_lora_step_at_2048_tokens_sheds_most_of_its_logits_with_liger(offline):
+    """Llama 3.1 8B, 4 x 2048 tokens: the standard loss's logits are 12 bytes x 8192 x 128256 (~12 GiB); Liger's
+    fused loss holds one chunk of 256 tokens and the hidden states' gradient."""
+    from nbtune.estimator import estimate_memory
+
+    config = TuneConfig(model={"name_or_path": "meta-llama/Llama-3.1-8B", "dtype": "bf16"}, method="lora",
+                        data={"max_length": 2048}, training={"micro_batch_size": 4, "precision": "bf16"})
+    standard = estimate_memory(config)
+    liger = estimate_memory(config.replace(**{"training.loss_implementation": "liger"}))
+    chunked = estimate_memory(config.replace(**{"training.loss_implementation": "chunked"}))
+    assert standard.breakdown["logits_loss"] == 12 * 8192 * 128256
+    assert liger.breakdown["logits_loss"] == 256 * 128256 * 2 + 8192 * 4096 * 2 + 4 * 8192
+    assert liger.total_bytes < chunked.total_bytes < standard.total_bytes - 10 * 2**30

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"full", "lora", "qlora", "ia3", "prompt-tuning", "prefix-tuning"}
 DRY_ROWS = "1,3,4,5,6,8,9,11"  # every method, checkpointing on and off, the bare Trainer in both orders, packing
+# + liger
 
 
 def _load():
@@ -75,7 +76,7 @@ def test_the_report_names_the_gpu_driver_cuda_and_library_versions_and_summarise
         assert f"| {name} |" in dry_report
     assert f"| torch | {torch.__version__} |" in dry_report
     assert "## Summary" in dry_report and "nbtune / bare Trainer tokens/s" in dry_report
-    assert "- row 9 (varied, packing) against row 8 (padded): " in dry_report
+    assert "- row 9 (varied, packing, liger) against row 8 (padded): " in dry_report
 
 
 def test_a_row_that_would_not_fit_the_time_left_is_skipped_and_says_so(tmp_path):
@@ -129,3 +130,20 @@ def test_a_row_needing_an_option_this_nbtune_lacks_is_skipped_naming_the_field(t
     assert gpu_check.main(["--dry-run", "--out", str(out), "--estimate-workers", "0"]) == 0
     (only,) = table(out.read_text())
     assert only["note"] == "skipped: this nbtune has no training.no_such_option" and only["tokens/s"] == ""
+
+
+def test_the_fast_rows_ask_for_packing_and_liger_which_a_cpu_dry_run_computes_chunked(dry_report):
+    fast = [row for row in gpu_check.MATRIX if dict(row.options).get("packing")]
+    assert fast and all(dict(row.options).get("loss_implementation") == "liger" for row in fast)
+    (packed,) = [r for r in table(dry_report) if r["#"] == "9"]
+    assert packed["data"] == "varied, packing, liger"
+    assert "training.loss_implementation liger" in packed["note"] and "chunked" in packed["note"]
+
+
+def test_the_wheels_prepared_for_the_device_include_the_gpu_extras_liger_kernel(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda args, check: asked.append(args))
+    assert gpu_check.prepare_wheels(tmp_path) == 0
+    (args,) = asked
+    assert "--no-deps" in args and any(a.startswith("liger-kernel>=") for a in args)
+    assert {a.split("==")[0] for a in args if "==" in a} == {"transformers", "peft", "trl", "bitsandbytes"}

@@ -152,7 +152,7 @@ def test_fields_only_some_stages_read_show_only_for_them():
     def visible() -> set[str]:
         return {n for n in stages.ONLY_SOME_READ if b.controls[f"training.{n}"].box.layout.display != "none"}
 
-    assert visible() == {"packing"}  # a user of SFT never sees beta
+    assert visible() == {"packing", "loss_implementation"}  # a user of SFT never sees beta
     b.controls["training.stage"].input.value = "dpo"
     assert visible() == {"beta"} and not b.controls["training.beta"].input.disabled
     b.controls["training.beta"].input.value = 0.3
@@ -160,7 +160,7 @@ def test_fields_only_some_stages_read_show_only_for_them():
     b.controls["training.stage"].input.value = "grpo"
     assert visible() == set(stages.STAGES["grpo"].reads)
     b.set_config(tiny())
-    assert visible() == {"packing"}
+    assert visible() == {"packing", "loss_implementation"}
 
 
 def test_dpo_with_chat_data_marks_the_format_with_the_configs_message_in_the_forms_words():

@@ -62,6 +62,15 @@ class Series:
                 self._view_x, self._view_y = self._view_x[::2], self._view_y[::2]
                 self._stride *= 2
 
+    def truncate(self, last_x: float, inclusive: bool = True) -> None:
+        """Keep only the points up to `last_x` (training went back there: a recovery resumed from a checkpoint)."""
+        points = [(x, y) for x, y in zip(self.x, self.y, strict=True) if x < last_x or (inclusive and x == last_x)]
+        if len(points) == len(self.x):
+            return
+        self.x, self.y, self._view_x, self._view_y, self._stride = [], [], [], [], 1
+        for x, y in points:
+            self.append(x, y)
+
     def view(self) -> tuple[list[float], list[float | None]]:
         """At most max_points points spread over the whole history, always ending with the latest."""
         xs, ys = list(self._view_x), list(self._view_y)
@@ -186,7 +195,8 @@ class RunProgress:
         self.step = 0
         self.start_step = 0  # where this run's steps began (a resumed run continues a checkpoint's)
         self.best_eval: tuple[int, float] | None = None  # (step, loss): the lowest eval loss after step 0
-        self.messages: list[str] = []  # the latest MAX_MESSAGES library messages
+        self.messages: list[str] = []  # the latest MAX_MESSAGES library messages (and nbtune's recoveries)
+        self.recoveries: list[str] = []  # what the run went on from, in words ("out of memory at step 40: ...")
         self.message_count = 0
         self.total_steps: int | None = None
         self.epoch: float | None = None
@@ -213,13 +223,35 @@ class RunProgress:
         elif kind in ("step", "eval"):
             self._measured(kind, data)
         elif kind == "message":
-            self.message_count += 1
-            self.messages = [*self.messages[-(MAX_MESSAGES - 1):], f"[{data.get('source')}] {data.get('text')}"]
+            self._message(f"[{data.get('source')}] {data.get('text')}")
+        elif kind == "recovered":
+            self._recovered(data)
         elif kind in ("finished", "stopped", "failed"):
             self.state = kind
             self.error = data.get("error")
             if data.get("step") is not None:
                 self.step = max(self.step, data["step"])
+
+    def _message(self, line: str) -> None:
+        self.message_count += 1
+        self.messages = [*self.messages[-(MAX_MESSAGES - 1):], line]
+
+    def _recovered(self, data: dict[str, Any]) -> None:
+        """A failure the run goes on from: said in the messages; the chart goes back to the resume step (the
+        steps after it are trained again, the eval there is done again), as events.standing does."""
+        text = str(data.get("text") or data.get("reason"))
+        self.recoveries.append(text)
+        self._message(f"[nbtune] {text}")
+        resume = data.get("resume_step") or 0
+        for trace in TRACES:
+            self.series[trace.name].truncate(resume, inclusive=trace.event == "step")
+        for name, series in self.stage_series.items():
+            series.truncate(resume, inclusive=not name.startswith("eval "))
+        if self.best_eval is not None and self.best_eval[0] >= resume:
+            xs, ys = self.series["eval loss"].x, self.series["eval loss"].y
+            self.best_eval = min(((int(x), y) for x, y in zip(xs, ys, strict=True) if x > 0 and y is not None),
+                                 key=lambda point: point[1], default=None)
+        self.state, self.step = "starting", resume
 
     def _measured(self, kind: str, data: dict[str, Any]) -> None:
         self.state = "running"
@@ -338,6 +370,10 @@ def summary_rows(summary: RunSummary | None, stage: Stage | None = None) -> list
         if key == "final_eval_accuracy":
             label = f"final {accuracy_words(stage)}"
         rows.append((label, write(getattr(summary, key))))
+    for recovered in summary.recoveries:  # training.on_oom shrink, a compile that fell back to eager
+        rows.append(("recovered", str(recovered.get("text") if isinstance(recovered, dict) else recovered)))
+    if summary.recoveries and summary.micro_batch_size:
+        rows.append(("micro-batch", f"{summary.micro_batch_size} × accumulation {summary.gradient_accumulation_steps}"))
     peak_bytes = summary.peak_memory.get("peak_allocated") or summary.peak_memory.get("peak_rss")
     if peak_bytes:
         rows.append(("peak memory", format_bytes(peak_bytes)))

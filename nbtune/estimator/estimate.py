@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbtune import stages
+from nbtune import losses, packed_attention, stages
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.dtypes import BYTES
@@ -189,6 +189,8 @@ def estimate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     config, model_config, f, plan_notes = plan(config, model_config, gpu)
     estimate = _estimate(config, model_config, f, gpu, device, fused_optimizer)
     estimate.notes[:0] = plan_notes
+    if config.training.compile:  # fusion saves fewer intermediates, by an amount not modelled from first principles
+        estimate.notes.append("training.compile is estimated as eager (measured on GPU by bench/gpu_check.py)")
     return estimate
 
 
@@ -332,8 +334,9 @@ def sequence_tokens(config: TuneConfig) -> int:
 
 def packs(config: TuneConfig) -> bool:
     """Whether a step packs its examples (`training.packing`, read by the stage): a worst-case micro-batch, every
-    example data.max_length tokens long, then fills its rows with no padding, so tokens and rows are unchanged."""
-    return config.training.packing and "packing" in stages.for_config(config).reads
+    example data.max_length tokens long, then fills its rows with no padding, so its tokens are unchanged (in
+    one row where attention runs per example, nbtune/packed_attention.py PACKED)."""
+    return packed_attention.packs(config)
 
 
 def step_shape(config: TuneConfig, f: Facts) -> StepShape:
@@ -351,20 +354,35 @@ def step_shape(config: TuneConfig, f: Facts) -> StepShape:
 def weight_terms(config: TuneConfig, f: Facts) -> WeightTerms:
     """Frozen, trainable and quantized weights with their quantization constants, and the stage's reference
     copy of the base when it holds one (TRL's choice: none for PEFT methods, which disable the adapter)."""
-    q = f.quantized_params
-    if f.quant_bits == 4:
-        packed = q // 2
-        blocks = q // f.quant_block
-        constants = blocks + (blocks // 256) * 4 if f.quant_double else blocks * 4
-    elif f.quant_bits == 8:
-        packed, constants = q, q // max(f.dims["h"], 1) * 4
-    else:
-        packed = constants = 0
+    packed, constants = quantized_bytes(f)
     trainable = f.trainable_bytes
     frozen = f.weight_bytes - trainable + packed + f.teacher_bytes
     holds_copy = stages.for_config(config).uses_reference(config)
     return WeightTerms(frozen=frozen, trainable=trainable, quantized=packed, constants=constants,
                        reference=f.reference_copy_bytes if holds_copy else 0)
+
+
+def quantized_bytes(f: Facts) -> tuple[int, int]:
+    """(packed weights, quantization constants) of the weights bitsandbytes quantizes: 4-bit weight by weight,
+    LLM.int8 one byte a weight and an fp32 scale per row."""
+    q = f.quantized_params
+    if f.quant_bits == 4:
+        parts = [four_bit_bytes(n, f.quant_double, f.quant_block) for n in f.quantized_tensor_elems or (q,)]
+        return sum(p for p, _ in parts), sum(c for _, c in parts)
+    if f.quant_bits == 8:
+        return q, q // max(f.dims["h"], 1) * 4
+    return 0, 0
+
+
+def four_bit_bytes(elems: int, double_quant: bool, block: int = 64) -> tuple[int, int]:
+    """(packed weight, quantization state) bytes bitsandbytes keeps for one 4-bit weight of `elems` elements
+    (functional.quantize_4bit; Params4bit): two weights a byte, and per block of `block` weights an fp32 absmax,
+    or with double quantization a uint8 absmax plus an fp32 one per 256 of those (state2, blocksize 256) and the
+    fp32 offset; and the code tables each weight holds (16 fp32 NF4/FP4 values; 256 for the nested code)."""
+    blocks = math.ceil(elems / block)
+    if double_quant:
+        return (elems + 1) // 2, blocks + 4 * math.ceil(blocks / 256) + 4 + 16 * 4 + 256 * 4
+    return (elems + 1) // 2, 4 * blocks + 16 * 4
 
 
 def optimizer_terms(config: TuneConfig, f: Facts, fused: bool) -> OptimizerTerms:
@@ -402,23 +420,68 @@ def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str
         layer_acts = stored + one_layer  # everything the step ever saves (what the CPU measurement sees)
     else:
         stored = layer_acts = sum(per_layer)
-    final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * shape.tokens \
-        if f.layers or f.head_trainable else 0
-    if packs(config) and config.model.attn_implementation != "flash_attention_2":
+    held = 0  # what stays beside the stored block inputs through the backward (T5's checkpoint inputs)
+    if f.family == "t5":
+        final, held = _t5_stack_bytes(f, shape, device)
+    else:
+        final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * shape.tokens \
+            if f.layers or f.head_trainable else 0
+    if packs(config) and not packed_attention.PACKED[config.model.attn_implementation].one_row:
         final += shape.tokens * shape.kv_length  # the boolean (row, row) mask of each packed row, built once
-    copies = 0
-    if shape.autocast and f.layers:  # 16-bit copies of fp32 Linear weights, saved for the backward
-        copies = act * f.autocast_copy_elems
-        if shape.checkpointing:
-            copies = act * f.autocast_copy_elems // max(len(f.layers), 1)
-    dequant = 2 * 2 * f.largest_linear_elems if f.quant_bits else 0  # one dequantized weight, forward and backward
-    # In the backward, one block's activations (recomputed under checkpointing) and its gradient transients sit on
-    # top of whichever is larger: the stored block inputs (all still held at the top block) or the gradients (all
-    # held at the bottom block); the inputs are freed as the gradients grow, so the two are not added
+    elif packs(config):  # one row: the rotary cos and sin span all its tokens, not one sequence's positions
+        final += 2 * shape.hidden_bytes * f.dims["head_dim"] * (shape.tokens - shape.tokens // shape.batch)
+    head_copy, block_copies = _autocast_copies(f, shape)
+    # One dequantized weight at a time, in the compute dtype, and only in the backward: MatMul4Bit.backward
+    # computes grad_A = grad_output @ dequantize_4bit(B) (bitsandbytes/autograd/_functions.py). The forward's
+    # gemm_4bit (bitsandbytes/backends/cuda/ops.py) either needs no buffer (the fused kernel) or frees its
+    # dequantize + F.linear fallback's before the next matmul: none is left at the forward end, where the
+    # logits (larger than any one weight for a real vocabulary) are
+    dequant = f.quant_compute_bytes * f.largest_linear_elems if f.quant_bits else 0
+    # In the backward, one block's activations (recomputed under checkpointing, with its weights' autocast copies)
+    # and its gradient transients sit on top of whichever is larger: the stored block inputs (all still held at
+    # the top block) or the gradients (all held at the bottom block); the inputs are freed as the gradients
+    # grow, so the two are not added. A recomputed tensor is freed once its gradient op has read it, so the
+    # transients are gradients, not a second copy of the block: the gradient reaching the MLP's widest tensor
+    # and the one its backward produces (measured on CPU: bench/results/estimator-bias-2026-12-02.md)
+    transients = 2 * shape.tokens * max(f.dims["I"], h) * _mlp_bytes(f, shape)
+    recomputed = (block_copies // max(len(f.layers), 1)) if shape.checkpointing else 0
+    copies = head_copy + (0 if shape.checkpointing else block_copies)
     return ActivationTerms(
-        forward_end=int(stored + final + copies) + dequant, recompute=int(2 * one_layer + dequant),
-        stored_in_backward=int(stored) if shape.checkpointing else 0, stored=int(stored), one_layer=one_layer,
-        saved=int(layer_acts + final + copies))
+        forward_end=int(stored + final + copies + _cache_bytes(config, f, shape)),
+        recompute=int(one_layer + recomputed + transients + dequant),
+        stored_in_backward=int(stored + held) if shape.checkpointing else 0, stored=int(stored),
+        one_layer=one_layer, saved=int(layer_acts + final + copies + recomputed))
+
+
+def _autocast_copies(f: Facts, shape: StepShape) -> tuple[int, int]:
+    """Bytes of the 16-bit copies autocast makes of fp32 Linear weights, saved by each matmul for the backward:
+    (outside the blocks, inside them). The head's lives from its forward to its backward, checkpointing or not;
+    a block's exist again only while that block is recomputed."""
+    if not (shape.autocast and f.layers):
+        return 0, 0
+    act = shape.matmul_bytes
+    return act * f.head_copy_elems, act * (f.autocast_copy_elems - f.head_copy_elems)
+
+
+def _cache_bytes(config: TuneConfig, f: Facts, shape: StepShape) -> int:
+    """Keys and values the forward puts in its cache, beyond what attention saves. Without checkpointing the
+    Trainer's forward still builds one (use_cache defaults to the config's True; transformers turns it off only
+    under checkpointing, TRL's trainers and nbtune's packed batches pass False) and the model's output holds it
+    until the loss is taken. Its tensors are the ones attention saves, except after a 4-bit projection:
+    bitsandbytes returns the fp32 hidden dtype and sdpa saves its 16-bit autocast copies, so the fp32 keys and
+    values are held twice (measured on CPU)."""
+    no_cache = shape.checkpointing or packs(config) or stages.for_config(config).fused_log_probs
+    if no_cache or not shape.autocast or shape.hidden_bytes <= shape.matmul_bytes:
+        return 0
+    quantized = sum(1 for layer in f.layers if layer.quantized)
+    return 2 * f.dims["kv"] * shape.hidden_bytes * shape.tokens * quantized
+
+
+def _mlp_bytes(f: Facts, shape: StepShape) -> int:
+    """Element size of the MLP's intermediate tensors and their gradients: bitsandbytes' 4-bit Linear returns
+    its input's dtype (`.to(inp_dtype)` in Linear4bit.forward), the fp32 hidden states after peft's upcast."""
+    quantized = any(layer.quantized for layer in f.layers)
+    return shape.hidden_bytes if quantized else shape.matmul_bytes
 
 
 def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFacts, device: str) -> float:
@@ -427,7 +490,7 @@ def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFac
     # bitsandbytes' 4-bit matmul is outside autocast: its outputs keep the hidden states' dtype
     # (attention itself is autocast: sdpa runs in 16-bit; the MLP's elementwise ops stay in hidden_bytes)
     act_l = shape.hidden_bytes if layer.quantized else act
-    per = _layer_core(f, shape, layer, act_l)
+    per = _t5_block_bytes(config, f, shape, layer, device) if f.family == "t5" else _layer_core(f, shape, layer, act_l)
     mixed = config.training.precision in ("fp16", "bf16")
     for d_in, r, p, lbytes in layer.lora:
         la = 2 if mixed else lbytes  # lora_A runs under autocast
@@ -436,11 +499,13 @@ def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFac
     for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
         per += act * (d_in + min(d_in, d_out))
     per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
-    if packs(config) and config.model.attn_implementation == "sdpa":
-        # a packed row's mask reaches sdpa as a (row, row) tensor of the queries' dtype, one per layer, and with a
-        # mask transformers repeats grouped keys/values to every head (measured on CPU, torch 2.13)
-        per += act * (kv_length + 2 * (f.dims["q"] - f.dims["kv"]))
-    if config.model.attn_implementation == "eager":  # fp32 softmax output, its 16-bit copy for the matmul
+    per_example = packed_attention.PACKED[config.model.attn_implementation].loads_as == packed_attention.NAME
+    if packs(config) and per_example and layer.full:
+        # attention per example (nbtune/packed_attention.py): no mask, grouped keys/values stay grouped; the
+        # output projection saves the examples' outputs joined, a tensor beside the ones sdpa saved (padded,
+        # sdpa's output is that input itself; measured on CPU, torch 2.13)
+        per += act * f.dims["q"]
+    if config.model.attn_implementation == "eager" and f.family != "t5":  # fp32 softmax output, its 16-bit copy
         per += a * kv_length * (4 + (act_l if act_l < 4 else 0))
         if f.dims.get("attn_dropout"):  # attention dropout: its mask and its output (BERT, GPT-2)
             per += a * kv_length * (1 if device == "cuda" else 4) + a * kv_length * 4
@@ -461,6 +526,115 @@ def _layer_core(f: Facts, shape: StepShape, layer: LayerFacts, act_mlp: int) -> 
     return per
 
 
+# ----- T5 (transformers/models/t5/modeling_t5.py): per token of the micro-batch. nbtune truncates inputs and targets
+# to data.max_length, so the encoder and the decoder are both counted at that length (the worst case).
+
+def _t5_block_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFacts, device: str) -> float:
+    """A T5 block: self-attention, a decoder block's cross-attention over the encoder's output, and the
+    feed-forward, each behind its own T5LayerNorm and followed by dropout."""
+    per = _t5_norm(f, shape, layer) + _t5_attention(config, f, shape, layer, device, readers=3)
+    if layer.cross_attention:  # its query reads the norm; keys and values read the encoder's output
+        per += _t5_norm(f, shape, layer) + _t5_attention(config, f, shape, layer, device, readers=1)
+        if layer.full and shape.autocast:  # each of k and v saves its own 16-bit copy of the encoder's output
+            per += 2 * shape.matmul_bytes * f.dims["h"]
+    return per + _t5_norm(f, shape, layer) + _t5_feed_forward(config, f, shape, layer, device)
+
+
+def _t5_norm(f: Facts, shape: StepShape, layer: LayerFacts) -> float:
+    """T5LayerNorm: `pow` saves its fp32 input (the residual itself in fp32, a copy of 16-bit states), the
+    scaling saves the residual, and a trainable weight saves the normalized states (fp32, or cast to the
+    weight's 16-bit dtype)."""
+    hid = shape.hidden_bytes
+    per = hid + (4 if hid < 4 else 0)
+    if layer.full:
+        per += 4 if hid == 4 else hid
+    return per * f.dims["h"]
+
+
+def _t5_inputs(f: Facts, shape: StepShape, layer: LayerFacts, readers: int) -> float:
+    """The norm's output as the trainable Linear layers reading it save it: one tensor shared by all of them,
+    or under autocast a 16-bit copy per Linear; none when their weights are frozen."""
+    if not layer.full:
+        return 0
+    return shape.matmul_bytes * f.dims["h"] * (readers if shape.autocast else 1)
+
+
+def _dropout_mask(device: str, elem: int) -> int:
+    """Bytes per element a dropout saves: CUDA's fused kernel a 1-byte mask, CPU a noise tensor of its input's
+    dtype."""
+    return 1 if device == "cuda" else elem
+
+
+def _t5_attention(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFacts, device: str,
+                  readers: int) -> float:
+    """One T5 attention: its projections' outputs, the attention core, the output projection's input and the
+    dropout after it. Scores are not scaled; the position bias is added to them (modeling_t5.py)."""
+    d, act = f.dims, shape.matmul_bytes
+    a, s, q = d["a"], shape.kv_length, d["q"]
+    mixed = config.training.precision in ("fp16", "bf16")
+    per = _t5_inputs(f, shape, layer, readers)
+    if config.model.attn_implementation == "eager":
+        # queries, keys and values, as the batched matmuls' contiguous copies; the fp32 position bias (or
+        # CUDA autocast) makes the softmax fp32; its dropout keeps a mask, and the matmul with the values
+        # keeps the dropout's output in its own dtype
+        soft = 4 if (shape.hidden_bytes == 4 or (mixed and device == "cuda")) else act
+        core = soft + (_dropout_mask(device, soft) + act if d["attn_dropout"] else (act if act != soft else 0))
+        per += 3 * act * q + a * s * core
+    elif device == "cpu":
+        # sdpa with a float mask (the position bias) and dropout runs torch's math kernel on CPU, in fp32:
+        # fp32 queries, keys and values, the softmax output, the dropout's noise and output (measured, torch 2.13)
+        per += 12 * q + 12 * a * s
+    else:
+        # CUDA sdpa: the float bias mask rules out flash attention; the memory-efficient kernel saves queries,
+        # keys, values, its output and the fp32 log-sum-exp, and the bias mask itself, which
+        # create_position_bias_mask (transformers/integrations/sdpa_attention.py) builds in every layer:
+        # (batch, heads, q, k) once a padding mask is merged in, in the kernel's dtype
+        per += 4 * act * q + 4 * a + a * s * act
+    if layer.full:
+        per += act * q  # the output projection's input (the attention output made contiguous)
+    return per + _dropout_mask(device, act) * d["h"]
+
+
+def _t5_feed_forward(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFacts, device: str) -> float:
+    """T5LayerFF: wi (or wi_0 and wi_1 in v1.1's gated form), the activation, dropout, wo, dropout."""
+    h, inter, act = f.dims["h"], f.dims["I"], shape.matmul_bytes
+    # CUDA autocast runs pow in fp32 and the ops after it follow: NewGELU's chain is fp32 there (not on CPU)
+    chain = 4 if config.training.precision in ("fp16", "bf16") and device == "cuda" else act
+    per = _t5_inputs(f, shape, layer, 2 if f.gated_mlp else 1)
+    if f.activation == "gelu_new":  # NewGELUActivation in Python ops: its input, tanh, 1 + tanh and input / 2
+        per += inter * (3 * chain + act)
+        out = chain
+    else:  # relu, gelu, silu: one tensor of the MLP's width
+        per += inter * act
+        out = act
+    if f.gated_mlp:  # the product saves both factors
+        per += inter * (out + act)
+    per += inter * _dropout_mask(device, out)
+    if layer.full:
+        per += inter * act  # wo's input: the dropout's output, or its 16-bit autocast copy
+    return per + _dropout_mask(device, act) * h
+
+
+def _t5_stack_bytes(f: Facts, shape: StepShape, device: str) -> tuple[int, int]:
+    """What T5's two stacks save outside their blocks: per stack the embedding's dropout mask, the final norm
+    and its dropout mask; the encoder's output, read by every cross-attention's keys and values (one tensor in
+    fp32; under autocast the blocks count their copies); the head's input; and each trainable position bias
+    table's bucket indices, (q, k) int64 once per table (EmbeddingBackward saves them). Under checkpointing the
+    encoder's output and the position biases (1, heads, q, k), passed from block to block, are checkpoint
+    inputs and stay through the backward. Returns (all of it, what checkpointing holds through the backward)."""
+    h, hid, act, s = f.dims["h"], shape.hidden_bytes, shape.matmul_bytes, shape.kv_length
+    norm = hid + (4 if hid < 4 else 0) + ((4 if hid == 4 else hid) if f.head_trainable else 0)
+    per = 2 * (2 * _dropout_mask(device, hid) + norm) * h
+    held = 0
+    if shape.checkpointing:  # the encoder's output; the encoder, decoder and (zero) cross-attention biases
+        held = hid * h * shape.tokens + 3 * hid * f.dims["a"] * s * s
+    elif not shape.autocast and any(x.full for x in f.layers if x.cross_attention):
+        per += hid * h
+    if f.head_trainable:
+        per += (act if shape.autocast else hid) * h
+    return int(per * shape.tokens + 8 * s * s * f.position_bias_tables + held), int(held)
+
+
 def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
     """The logits with the loss's fp32 copies (none for classification), and an early head gradient; for a stage
     scored through TRL's fused head, its tile instead, and a reference's no-grad forward."""
@@ -478,6 +652,8 @@ def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
         after = stage.uses_reference(config) and not stage.generates
         return LogitTerms(logits=tile + 32 * tokens, head_gradient=head, backward=backward,
                           reference_forward=inference_block_bytes(f, tokens, shape.matmul_bytes) if after else 0)
+    if losses.requested(config) != "standard" and config.model.task == "causal-lm":
+        return chunked_logit_terms(losses.requested(config), f, shape, head)
     if config.model.task == "seq-cls":
         logits = 0
     else:
@@ -485,6 +661,22 @@ def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
         if f.teacher_bytes:  # the teacher's logits, upcast, and the softened distributions of both
             logits += int(tokens * vocab * (shape.matmul_bytes + 4 + 8))
     return LogitTerms(logits=logits, head_gradient=head)
+
+
+def chunked_logit_terms(implementation: str, f: Facts, shape: StepShape, head: int) -> LogitTerms:
+    """training.loss_implementation chunked or liger (nbtune/losses.py): one chunk of the logits at a time, never
+    all of them. Chunked recomputes a chunk in the backward, while every activation is still held: its logits in
+    the matmul dtype, their fp32 copy, the log-softmax it saves and two fp32 gradients (18 bytes per logit in
+    bf16), beside the hidden states' gradient, gathered from the chunks, then joined (twice its size). Liger
+    computes the gradients in its forward: a chunk's logits in the matmul dtype, overwritten by their gradient,
+    and the hidden states' gradient, held from the forward to the backward; an fp32 loss per token."""
+    vocab, tokens, h = f.dims["V"], shape.tokens, f.dims["h"]
+    chunk = losses.chunk_tokens(tokens, vocab, h, implementation)
+    if implementation == "liger":
+        logits = chunk * vocab * shape.matmul_bytes + tokens * h * shape.matmul_bytes + 4 * tokens
+    else:
+        logits = chunk * vocab * (shape.matmul_bytes + 16) + 2 * tokens * h * shape.hidden_bytes
+    return LogitTerms(logits=int(logits), head_gradient=head)
 
 
 def inference_block_bytes(f: Facts, tokens: int, elem: int) -> int:
@@ -546,6 +738,9 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
         "fixed_overhead": WORKSPACE + overhead[peak],
     }
     notes = list(tm.optimizer.notes)
+    if f.family == "t5":  # data.py truncates targets at data.max_length too
+        notes.append(f"the decoder is counted at {config.data.max_length} target tokens (data.max_length), its "
+                     "longest; shorter targets need less")
     if tm.shape.checkpointing and not config.training.gradient_checkpointing:
         notes.append("the method turns gradient checkpointing on by itself")
     method = registry.get(config.method.name)

@@ -2,7 +2,8 @@
 
 Parameters, gradients and optimizer state are summed from the tensors after the step; activations are the
 unique storages that autograd saves for the backward (torch.autograd.graph.saved_tensors_hooks), parameters
-excluded.
+excluded; the step's peak is the most bytes of tensors its forward and backward hold at once, beyond what
+existed before it (simulate.StorageTracker on real tensors).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def make_optimizer(config: TuneConfig, params: list[Any], *, foreach: bool | Non
 
 
 def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[str, int]:
-    """Bytes of weights, trainable weights, gradients, optimizer state and saved activations of one CPU step."""
+    """Bytes of weights, trainable weights, gradients, optimizer state and saved activations of one CPU step,
+    and the peak its forward and backward add ("step_peak")."""
     import torch
+
+    from nbtune.estimator.simulate import StorageTracker  # simulate imports this module
 
     torch.manual_seed(seed)
     model, info = build_model(config, model_config, device="cpu")
@@ -72,13 +76,15 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
 
     autocast = t.precision in ("fp16", "bf16")  # the Trainer autocasts whenever bf16/fp16 is set
     optimizer = make_optimizer(config, trainable)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**inputs).loss
-    if teacher is not None:
-        with torch.no_grad():
-            teacher(input_ids=ids)
-    loss.backward()
+    tracker = StorageTracker()
+    with tracker:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = step_loss(config, model, inputs)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher(input_ids=ids)
+        loss.backward()
     optimizer.step()
 
     def nbytes(tensors: Any) -> int:
@@ -92,14 +98,25 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
         "gradients": nbytes(p.grad for p in trainable if p.grad is not None),
         "optimizer_state": nbytes(state),
         "saved_activations": sum(saved.values()),
+        "step_peak": tracker.peak,
         "tokens": b * s,
     }
 
 
+def step_loss(config: TuneConfig, model: Any, inputs: dict[str, Any]) -> Any:
+    """The step's loss as training computes it: the model's own, or chunked (training.loss_implementation;
+    liger's kernels need CUDA, and a CPU run computes its loss chunked)."""
+    from nbtune import losses
+
+    if losses.requested(config) == "standard" or config.model.task != "causal-lm":
+        return model(**inputs).loss
+    return losses.chunked_loss(model, inputs)[0]
+
+
 def packed_inputs(config: TuneConfig, ids: Any) -> dict[str, Any]:
     """A worst-case batch as `training.packing` makes it, (micro-batch, max_length) tokens: the first half of
-    the rows one example as long as the row, the other half two examples of half its length each (or, for
-    flash-attention, all of them in one row)."""
+    the rows one example as long as the row, the other half two examples of half its length each (or, where
+    attention runs per example, sdpa and flash-attention, all of them in one row)."""
     from nbtune.data import packing_collator
 
     half, whole = ids.shape[1] // 2, (len(ids) + 1) // 2
@@ -115,20 +132,25 @@ def _quantized_model(config: TuneConfig, model_config: Any, info: dict[str, Any]
     from nbtune.dtypes import torch_dtype
     from nbtune.methods import MethodContext
     from nbtune.models import auto_class
+    from nbtune.packed_attention import attn_implementation
 
     method, params = info["method"], info["params"]
     ctx = MethodContext(task=config.model.task, model_config=model_config, dtype=config.model.dtype)
     kwargs = method.load_kwargs(params, ctx)
     with tempfile.TemporaryDirectory() as folder:
         auto_class(config.model.task).from_config(model_config).save_pretrained(folder)
-        model = auto_class(config.model.task).from_pretrained(
-            folder, dtype=torch_dtype(config.model.dtype), device_map="cpu", **kwargs)
+        model = auto_class(config.model.task).from_pretrained(  # attention as training loads it (packing's too)
+            folder, dtype=torch_dtype(config.model.dtype), device_map="cpu",
+            attn_implementation=attn_implementation(config), **kwargs)
     constants: dict[int, int] = {}
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
         if state is None:
             continue
-        tensors = [state.absmax] + ([state.state2.absmax] if getattr(state, "state2", None) is not None else [])
+        # the absmax and code table of each weight, and with double quantization the nested ones and the offset
+        nested = getattr(state, "state2", None)
+        tensors = [state.absmax, state.code]
+        tensors += [nested.absmax, nested.code, state.offset] if nested is not None else []
         for x in tensors:
             constants[x.untyped_storage().data_ptr()] = x.numel() * x.element_size()
     ctx.model_config = model.config

@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nbtune import stages
+from nbtune import losses, stages
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import (
     CATEGORIES,
@@ -29,6 +29,7 @@ from nbtune.estimator.estimate import (
     WORKSPACE,
     MemoryEstimate,
     plan,
+    quantized_bytes,
     sequence_tokens,
     sequences_per_micro_batch,
     terms,
@@ -140,6 +141,8 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
 
     started = time.perf_counter()
     config, model_config, f, notes = plan(config, model_config, gpu)
+    if losses.requested(config) == "liger":
+        notes.append("liger's fused loss is simulated as the chunked loss (its Triton kernels need real tensors)")
     model, info = build_model(config, model_config, "meta")
     model.train()
     if config.training.gradient_checkpointing:
@@ -281,6 +284,9 @@ def _forward(config: TuneConfig, model: Any, teacher: Any, ids: Any, mask: Any, 
     with autocast:
         if stages.for_config(config).fused_log_probs:
             return _scored_loss(config, model, ids, labels)
+        if losses.requested(config) != "standard" and config.model.task == "causal-lm":
+            # chunked as a CPU run computes it; liger's Triton kernels cannot run on fake tensors
+            return losses.chunked_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})[0]
         outputs = model(input_ids=ids, attention_mask=mask, labels=labels)
         loss = outputs.loss
         if teacher is not None:
@@ -328,10 +334,8 @@ def _breakdown(tracker: Any, seen: _Seen) -> dict[str, int]:
 
 def _count_quantized_at_real_size(breakdown: dict[str, int], f: Facts, standin: int) -> int:
     """Count the 16-bit stand-ins of quantized weights at their packed size plus constants; the peak's change."""
-    q = f.quantized_params
-    real = q // 2 if f.quant_bits == 4 else q
+    real, breakdown["quantization_constants"] = quantized_bytes(f)
     breakdown["weights"] -= standin - real
-    breakdown["quantization_constants"] = (q // 64 + q // 64 // 256 * 4) if f.quant_double else q // 64 * 4
     return real - standin + breakdown["quantization_constants"]
 
 

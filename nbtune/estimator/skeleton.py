@@ -29,6 +29,7 @@ class LayerFacts:
     other_trainable: int = 0  # trainable elements that are neither Linear weights nor LoRA (biases, IA3 vectors)
     added: tuple[tuple[int, int], ...] = ()  # (in, out) of trainable Linear layers the method added (adapters)
     vectors: int = 0  # elements of trainable scaling vectors (IA3): each saves the tensor it scales
+    cross_attention: bool = False  # a decoder block of an encoder-decoder (T5): it also attends to the encoder
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,15 @@ class Facts:
     teacher_bytes: int = 0  # a frozen teacher kept beside the student (distillation)
     reference_copy_bytes: int = 0  # TRL's frozen reference copy of the base (0 for PEFT: it disables the adapter)
     dims: dict[str, int] = field(default_factory=dict)
-    family: str = "gated"  # "gated": RMSNorm + gated MLP (Llama-like); "gpt": LayerNorm + 2-matrix MLP
+    # "gated": RMSNorm + gated MLP (Llama-like); "gpt": LayerNorm + 2-matrix MLP; "t5": T5's encoder-decoder
+    # (RMS-style T5LayerNorm, relative position bias, cross-attention, dropout after every sublayer)
+    family: str = "gated"
+    head_copy_elems: int = 0  # the part of autocast_copy_elems outside the blocks (the LM head, a classifier)
+    quant_compute_bytes: int = 2  # element size of a dequantized 4-bit weight (bnb_4bit_compute_dtype)
+    activation: str = ""  # the MLP's activation function (config.json's dense_act_fn / hidden_act)
+    gated_mlp: bool = False  # T5 v1.1 / flan-t5: wi_0 (activated) times wi_1
+    position_bias_tables: int = 0  # trainable relative position bias tables (T5: one per stack; UMT5: per block)
+    quantized_tensor_elems: tuple[int, ...] = ()  # elements of each weight bitsandbytes quantizes
 
 
 def model_dims(model_config: Any) -> dict[str, int]:
@@ -124,11 +133,13 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
 
 def _quant_settings(qc: Any) -> dict[str, Any]:
     if qc is None:
-        return {"bits": 0, "double": False, "block": 64, "skip": ()}
+        return {"bits": 0, "double": False, "block": 64, "skip": (), "compute_bytes": 2}
     get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
     bits = 4 if get("load_in_4bit", False) else 8 if get("load_in_8bit", False) else 0
+    compute = get("bnb_4bit_compute_dtype", None)
+    compute_bytes = int(getattr(compute, "itemsize", 0) or 2) if bits == 4 else 2  # LLM.int8 dequantizes to fp16
     return {"bits": bits, "double": bool(get("bnb_4bit_use_double_quant", False)), "block": 64,
-            "skip": tuple(get("llm_int8_skip_modules", None) or ())}
+            "skip": tuple(get("llm_int8_skip_modules", None) or ()), "compute_bytes": compute_bytes}
 
 
 def _key(config: TuneConfig, model_config: Any) -> str:
@@ -174,15 +185,29 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         quantized_params=tally.quantized, quant_bits=info["quant"]["bits"], quant_double=info["quant"]["double"],
         quant_block=info["quant"]["block"], adafactor_state_elems=tally.adafactor_state,
         small_trainable_elems=tally.small_trainable, largest_trainable_elems=tally.largest_trainable,
-        largest_linear_elems=tally.largest_quantized, layers=layers, total_layers=len(keys),
+        largest_linear_elems=tally.largest_quantized, quantized_tensor_elems=tuple(tally.quantized_tensors),
+        layers=layers, total_layers=len(keys),
         head_trainable=tally.head_trainable,
         autocast_copy_elems=sum(tally.blocks[k].linear for k in keys[first:]) + tally.outside_linear,
         virtual_tokens=virtual, prefix_tokens=prefix, forced_checkpointing=_checkpointing(_base(model)),
         residual_bytes=_embedding_bytes(model),
         teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0,
         reference_copy_bytes=_reference_copy_bytes(model, info["base_ids"]),
-        dims=model_dims(model_config),
-        family="gated" if any(".gate_proj." in n or ".w1." in n for n, _ in model.named_parameters()) else "gpt")
+        dims=model_dims(model_config), family=_family(model, model_config), head_copy_elems=tally.outside_linear,
+        quant_compute_bytes=info["quant"]["compute_bytes"],
+        activation=str(getattr(model_config, "dense_act_fn", None) or getattr(model_config, "hidden_act", "") or ""),
+        gated_mlp=any(".wi_0." in n for n, _ in model.named_parameters()),
+        position_bias_tables=sum(1 for n, p in model.named_parameters()
+                                 if "relative_attention_bias" in n and p.requires_grad))
+
+
+def _family(model: Any, model_config: Any) -> str:
+    """Which activation formulas a model's blocks follow (estimate.py): T5-style encoder-decoders (relative
+    position bias, cross-attention), Llama-like gated blocks, or GPT/BERT-like blocks."""
+    names = [n for n, _ in model.named_parameters()]
+    if getattr(model_config, "is_encoder_decoder", False) and any("relative_attention_bias" in n for n in names):
+        return "t5"
+    return "gated" if any(".gate_proj." in n or ".w1." in n for n in names) else "gpt"
 
 
 @dataclass
@@ -195,6 +220,7 @@ class _BlockTally:
     linear: int = 0  # elements of its unquantized Linear weights (autocast keeps 16-bit copies of them)
     added: list[tuple[int, int]] = field(default_factory=list)  # (in, out) of trainable Linear layers added
     vectors: int = 0  # elements of scaling vectors the method added
+    cross_attention: bool = False  # it holds a cross-attention (a T5 decoder block)
 
     def trained(self, name: str, prm: Any, is_linear: bool, is_new: bool) -> None:
         """Count a trainable parameter of this block that is not part of a LoRA module."""
@@ -212,7 +238,8 @@ class _BlockTally:
 
     def facts(self, lora: Any) -> LayerFacts:
         return LayerFacts(full=self.full, quantized=self.quantized, lora=tuple(lora),
-                          other_trainable=self.other_trainable, added=tuple(self.added), vectors=self.vectors)
+                          other_trainable=self.other_trainable, added=tuple(self.added), vectors=self.vectors,
+                          cross_attention=self.cross_attention)
 
 
 @dataclass
@@ -225,6 +252,7 @@ class _Tally:
     trainable_bytes: int = 0
     quantized: int = 0  # elements of the Linear weights bitsandbytes quantizes
     largest_quantized: int = 0
+    quantized_tensors: list[int] = field(default_factory=list)  # elements of each weight bitsandbytes quantizes
     outside_linear: int = 0  # elements of unquantized Linear weights outside the blocks
     adafactor_state: int = 0
     small_trainable: int = 0  # elements of trainable tensors under 4096 elements
@@ -240,6 +268,7 @@ class _Tally:
         if is_quantized:
             self.quantized += n
             self.largest_quantized = max(self.largest_quantized, n)
+            self.quantized_tensors.append(n)
             if block is not None:
                 block.quantized = True
         else:
@@ -272,6 +301,8 @@ def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int]) -> _
     for name, prm in model.named_parameters():  # each shared parameter once, under its first name
         match = _LAYER.match(name)
         block = tally.blocks.setdefault(f"{match[1]}.{match[2]}", _BlockTally()) if match else None
+        if block is not None and ".EncDecAttention." in name:
+            block.cross_attention = True
         is_linear = id(prm) in linear_ids
         tally.stored(prm, block, is_linear, id(prm) in info["quantized_ids"])
         if not prm.requires_grad:
