@@ -58,9 +58,8 @@ def real_peaks(config: TuneConfig, model_config: Any) -> tuple[dict[str, int], C
     live at once in each phase ((phase, op name) -> count)."""
     import torch
 
-    from nbtune.estimator.measure import _quantized_model, make_optimizer
+    from nbtune.estimator.measure import make_optimizer, training_model
     from nbtune.estimator.simulate import StorageTracker
-    from nbtune.estimator.skeleton import build_model
 
     class PhaseTracker(StorageTracker):
         def __init__(self) -> None:
@@ -90,14 +89,7 @@ def real_peaks(config: TuneConfig, model_config: Any) -> tuple[dict[str, int], C
             if entry is not None and key not in self.live:
                 self.count[self.op_of.get(entry[3], "")] -= 1
 
-    torch.manual_seed(0)
-    model, info = build_model(config, model_config, device="cpu")
-    if info["quant"]["bits"]:
-        model, _ = _quantized_model(config, model_config, info)
-    model.train()
-    if config.training.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, _, _ = training_model(config, model_config)
     params = list({id(p): p for p in model.parameters()}.values())
     optimizer = make_optimizer(config, [p for p in params if p.requires_grad], foreach=True)  # as on CUDA
     ids = torch.randint(1, int(model_config.vocab_size), (config.training.micro_batch_size, config.data.max_length))

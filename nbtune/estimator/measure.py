@@ -38,12 +38,10 @@ def make_optimizer(config: TuneConfig, params: list[Any], *, foreach: bool | Non
     return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
 
 
-def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[str, int]:
-    """Bytes of weights, trainable weights, gradients, optimizer state and saved activations of one CPU step,
-    and the peak its forward and backward add ("step_peak")."""
+def training_model(config: TuneConfig, model_config: Any, seed: int = 0) -> tuple[Any, dict[str, Any], int]:
+    """The model of `config` with fresh weights on the CPU, set to train as a run trains it (4-bit where the
+    method quantizes, gradient checkpointing where asked): (model, build info, bytes of quantization state)."""
     import torch
-
-    from nbtune.estimator.simulate import StorageTracker  # simulate imports this module
 
     torch.manual_seed(seed)
     model, info = build_model(config, model_config, device="cpu")
@@ -54,6 +52,17 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     if config.training.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, info, quant_bytes
+
+
+def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[str, int]:
+    """Bytes of weights, trainable weights, gradients, optimizer state and saved activations of one CPU step,
+    and the peak its forward and backward add ("step_peak")."""
+    import torch
+
+    from nbtune.estimator.simulate import StorageTracker  # simulate imports this module
+
+    model, info, quant_bytes = training_model(config, model_config, seed)
     teacher = info["ctx"].extras.get("teacher")
     t = config.training
     params = list({id(p): p for p in model.parameters()}.values())
