@@ -347,6 +347,21 @@ def test_suggestions_for_a_t4_fit_cheapest_first_and_combine_changes(offline):
     assert again == suggestions and time.perf_counter() - started < 0.2
 
 
+def test_the_chunked_loss_is_suggested_where_the_logits_fill_memory_and_only_where_it_applies(offline):
+    """LoRA on Llama-2-7B at 2048 tokens: the fp32 logits are GiBs; the chunked loss is offered with what it
+    saves, and never for a task whose loss it cannot compute (classification) or once it is chosen."""
+    from nbtune.estimator import estimate_memory
+
+    config = llama_7b("lora", 2048, micro_batch_size=4)
+    est = estimate_memory(config, gpu="t4")
+    chunked = [s for s in est._candidates() if s.changes == {"training.loss_implementation": "chunked"}]
+    assert len(chunked) == 1 and est.total_bytes - chunked[0].total_bytes > est.breakdown["logits_loss"] / 2
+    assert chunked[0].cost.startswith("the LM head runs again")
+    for other in ({"training.loss_implementation": "chunked"}, {"model.task": "seq-cls"}, {"training.stage": "dpo"}):
+        tried = estimate_memory(config.replace(**other), gpu="t4")._candidates()
+        assert tried and not any("training.loss_implementation" in s.changes for s in tried), other
+
+
 def test_fit_to_gpu_returns_the_cheapest_change_that_leaves_the_margin_free(offline):
     from nbtune.estimator import estimate_memory, fit_to_gpu
     from nbtune.estimator.estimate import apply_changes

@@ -765,12 +765,14 @@ COSTS: dict[str, tuple[str, float]] = {
     "dtype": ("16-bit weights: slightly less precise", 1.0),
     "optimizer": ("8-bit optimizer states: about the same quality", 2.0),
     "checkpointing": ("about 30 % slower steps", 3.0),
+    "loss": ("the LM head runs again in the backward: slower steps where the head is a large part of the model",
+             2.5),
     "method lora": ("trains an adapter, not every weight: may reach lower quality", 4.0),
     "method qlora": ("4-bit base: slightly lower quality", 5.0),
     "method": ("a lighter method: may reach lower quality", 5.0),
     "max_length": ("examples longer than {max_length} tokens are cut", 6.0),
 }
-COMBINED = ("micro_batch", "dtype", "optimizer", "checkpointing", "method")  # shorter sequences only alone
+COMBINED = ("micro_batch", "dtype", "optimizer", "checkpointing", "loss", "method")  # shorter sequences only alone
 LISTED = 5  # how many suggestions are listed: those that fit first, then the closest of those that do not
 
 
@@ -882,6 +884,9 @@ def _options(config: TuneConfig) -> list[_Option]:
     if not t.gradient_checkpointing and not registry.get(config.method.name).no_gradient_checkpointing:
         options.append(_option("checkpointing", "gradient checkpointing",
                                {"training.gradient_checkpointing": True}))
+    if t.loss_implementation == "standard" and "loss_implementation" in stages.for_config(config).reads:
+        options.append(_option("loss", "chunked loss (the logits a chunk of tokens at a time)",
+                               {"training.loss_implementation": "chunked"}))
     if OPTIMIZERS[t.optimizer].state == "adam" and not OPTIMIZERS[t.optimizer].eight_bit:
         options += [_option("optimizer", f"optimizer {o.description}", {"training.optimizer": o.name})
                     for o in OPTIMIZERS.values() if o.state == "adam" and o.eight_bit]
