@@ -167,8 +167,6 @@ class MethodTrainer(GuardedCheckpoints, Trainer):
             loss, outputs = self.method_loss(model, inputs, self.method_context)
             return (loss, outputs) if return_outputs else loss
         if self.chunked_loss and "labels" in inputs:
-            from nbtune import losses
-
             # divided by num_items_in_batch exactly where transformers' own loss would be, so the Trainer's
             # gradient-accumulation scaling (training_step) treats both alike
             items = num_items_in_batch if self.model_accepts_loss_kwargs else None
