@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbtune import store
 from nbtune.config import TuneConfig
 
 MICRO, ACCUMULATION = "training.micro_batch_size", "training.gradient_accumulation_steps"
@@ -141,11 +142,9 @@ def say_in_log(run_dir: Path, text: str) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
-    """The run's newest complete checkpoint (the Trainer writes trainer_state.json last) and its step."""
-    complete = [(int(p.name.split("-")[1]), p) for p in (run_dir / "checkpoints").glob("checkpoint-*")
-                if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
-    step, path = max(complete, default=(0, None), key=lambda c: c[0])
-    return path, step
+    """The run's newest complete checkpoint and its step (store.latest_checkpoint)."""
+    path = store.latest_checkpoint(run_dir)
+    return path, store.checkpoint_step(path)
 
 
 def tried_words(recoveries: list[Recovery]) -> str:

@@ -166,6 +166,19 @@ def record_artifact_checksum(run_dir: Path, folder: Path | None = None) -> None:
     write_atomic(run_dir / "checksum.json", json.dumps({"artifact_sha256": artifact_checksum(folder)}))
 
 
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The optimizer step a checkpoint folder (checkpoint-<step>) was saved at; 0 for none."""
+    tail = checkpoint.name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(tail) if tail.isdigit() else 0
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in a run folder (the Trainer writes trainer_state.json last), or None."""
+    complete = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return max(complete, key=checkpoint_step, default=None)
+
+
 @dataclass
 class RunRecord:
     """A run directory as read from disk."""
@@ -222,12 +235,7 @@ class RunRecord:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint (the Trainer writes trainer_state.json last), or None."""
-        folder = self.path / "checkpoints"
-        if not folder.exists():
-            return None
-        complete = [p for p in folder.glob("checkpoint-*")
-                    if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
-        return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+        return latest_checkpoint(self.path)
 
     def update_meta(self, **changes: Any) -> None:
         self.meta.update(changes)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbtune import cpu_allocator, disk, losses, stages
+from nbtune import cpu_allocator, disk, losses, stages, store
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import Suggestion
@@ -269,7 +269,7 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
 
     stop = stop or threading.Event()
     started, attempt, recoveries = time.perf_counter(), config, []
-    launched_from = (resume_from, _checkpoint_step(resume_from))
+    launched_from = (resume_from, store.checkpoint_step(resume_from))
     while True:
         try:
             with _compile_scope(attempt.training.compile):
@@ -289,12 +289,6 @@ def execute(config: TuneConfig, run_dir: Path, events: EventStream, stop: thread
     summary.recoveries = [r.to_dict() for r in recoveries]
     summary.wall_time_s = time.perf_counter() - started
     return summary
-
-
-def _checkpoint_step(checkpoint: Path | None) -> int:
-    """The optimizer step a checkpoint folder (checkpoint-<step>) was saved at; 0 for none."""
-    tail = checkpoint.name.rsplit("-", 1)[-1] if checkpoint else ""
-    return int(tail) if tail.isdigit() else 0
 
 
 def _attempt(config: TuneConfig, run_dir: Path, events: EventStream, stop: threading.Event,
