@@ -36,6 +36,10 @@ PRECISIONS = DTYPES  # training.precision names the same formats, auto included
 OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
 SCHEDULERS = ("linear", "cosine", "constant", "constant-with-warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+# distributed.strategy: how several processes share a run (nbtune/distributed.py says what each means to
+# accelerate; the estimator's per-GPU terms read the same names)
+STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
+SHARDING = ("full", "gradients-and-optimizer", "hybrid")  # FSDP: what each process keeps a shard of
 ON_OOM = ("fail", "shrink")  # training.on_oom: what a CUDA out-of-memory does to a run (nbtune/training.py)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 # A config is a few hundred bytes; these bound what reading an untrusted one costs (a 645-byte alias bomb
@@ -243,9 +247,37 @@ class TrainingConfig:
         "Record a training step event every this many steps.", range=COUNT, unit="steps"))
     checkpoint_every: int | None = field(default=None, metadata=_about(
         "Steps between resumable checkpoints; only the latest is kept (empty: none).", range=COUNT, unit="steps"))
+    report_to: list[str] = field(default_factory=list, metadata=_about(
+        "Experiment trackers that also receive the metrics (tensorboard, wandb, mlflow, trackio, ...: whatever "
+        "the installed transformers supports and is installed; empty: only nbtune's store)."))
+    extra_arguments: dict[str, Any] = field(default_factory=dict, metadata=_about(
+        "Further transformers TrainingArguments by name, checked against the installed transformers (an escape "
+        "hatch for what nbtune has no field for; nbtune's own fields win where they overlap)."))
 
 
-SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "training": TrainingConfig}
+@dataclass
+class DistributedConfig:
+    """How many processes train one run and how they share the model (through accelerate). Every process
+    trains micro_batch_size examples per micro-step, so the effective batch is multiplied by their number."""
+
+    strategy: str = field(default="none", metadata=_about(
+        "How several processes share the run: none (one process), ddp (each holds the whole model and its "
+        "optimizer; gradients are averaged), fsdp (parameters, gradients and optimizer state sharded across "
+        "processes), zero2 (DeepSpeed: gradients and optimizer state sharded), zero3 (DeepSpeed: parameters "
+        "too).", choices=STRATEGIES))
+    processes: int = field(default=1, metadata=_about(
+        "Processes per node, usually one per GPU.", range=COUNT, unit="processes"))
+    nodes: int = field(default=1, metadata=_about("Machines taking part.", range=COUNT, unit="nodes"))
+    sharding: str = field(default="full", metadata=_about(
+        "FSDP: full (parameters, gradients and optimizer state), gradients-and-optimizer (parameters whole, as "
+        "ZeRO-2), hybrid (full within a node, copies across nodes).", choices=SHARDING))
+    cpu_offload: bool = field(default=False, metadata=_about(
+        "Keep sharded parameters and optimizer state in CPU memory (fsdp, zero2: optimizer state only, zero3): "
+        "less GPU memory, slower steps."))
+
+
+SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "training": TrainingConfig,
+            "distributed": DistributedConfig}
 
 
 @dataclass
@@ -260,6 +292,7 @@ class TuneConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -268,6 +301,7 @@ class TuneConfig:
         self.method = _coerce_method(self.method, problems)
         self.data = _coerce_section("data", self.data, problems)
         self.training = _coerce_section("training", self.training, problems)
+        self.distributed = _coerce_section("distributed", self.distributed, problems)
         if problems:
             raise ConfigError(problems)
         self.validate()
@@ -292,6 +326,8 @@ class TuneConfig:
         out.extend(_data_problems(self.data, self.model.task))
         out.extend(_field_problems("data", self.data))
         out.extend(_field_problems("training", self.training))
+        out.extend(_field_problems("distributed", self.distributed))
+        out.extend(_distributed_problems(self))
         seen: set[str] = set()  # one message per field: the first, most specific one
         return [p for p in out if not (p[0] in seen or seen.add(p[0]))]
 
@@ -365,6 +401,11 @@ class TuneConfig:
         if resolved["training"].get("compile") is False:  # as before compile existed
             resolved["training"].pop("compile")
         resolved["training"].pop("on_oom", None)  # how a run recovers from out of memory, not what it learns
+        resolved["training"].pop("report_to", None)  # where metrics are copied to, not what is learnt
+        if not resolved["training"].get("extra_arguments"):  # as before the option existed
+            resolved["training"].pop("extra_arguments", None)
+        if resolved["distributed"] == dataclasses.asdict(DistributedConfig()):  # one process: as before
+            resolved.pop("distributed")
         if "rewards" in resolved["training"]:  # a user reward's source, so editing the function retrains
             resolved["training"]["rewards"] = [rewards.identity(n) for n in self.training.rewards]
         canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
@@ -386,6 +427,7 @@ class TuneConfig:
             "method": {"name": self.method.name, **copy.deepcopy(method_params)},
             "data": {k: copy.deepcopy(v) for k, v in dataclasses.asdict(self.data).items()},
             "training": training,
+            "distributed": dataclasses.asdict(self.distributed),
         }
 
     @classmethod
@@ -402,6 +444,7 @@ class TuneConfig:
             method=data.get("method") or {},
             data=data.get("data") or {},
             training=data.get("training") or {},
+            distributed=data.get("distributed") or {},
             schema_version=data.get("schema_version", SCHEMA_VERSION),
         )
 
@@ -455,9 +498,10 @@ class TuneConfig:
         """A runnable Python cell that rebuilds this config with the nbtune API."""
         d = self.to_dict()
         default_dict = {"model": dataclasses.asdict(ModelConfig()), "data": dataclasses.asdict(DataConfig()),
-                        "training": dataclasses.asdict(TrainingConfig())}
+                        "training": dataclasses.asdict(TrainingConfig()),
+                        "distributed": dataclasses.asdict(DistributedConfig())}
         lines = ["import nbtune", "", "config = nbtune.TuneConfig("]
-        for section in ("model", "method", "data", "training"):
+        for section in ("model", "method", "data", "training", "distributed"):
             values = d[section] if section == "method" else {
                 k: v for k, v in d[section].items() if v != default_dict[section][k]}
             if values:
@@ -595,6 +639,9 @@ def _value_problem(name: str, value: Any, kind: str, about: Any) -> str | None:
     if kind == "str-list":
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else _bad(
             name, value, "a list of names")[1]
+    if kind == "mapping":
+        return None if isinstance(value, dict) and all(isinstance(k, str) for k in value) else _bad(
+            name, value, "a mapping of names to values")[1]
     if allowed is None or allowed.allows(value, integer=kind == "int"):
         return None
     words = allowed.words(integer=kind == "int")
@@ -602,6 +649,13 @@ def _value_problem(name: str, value: Any, kind: str, about: Any) -> str | None:
         return f"{name} must be a number {words}, not text (got {value!r}); write it without quotes"
     finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) and kind != "int" else ""
     return _bad(name, value, finite + words)[1]
+
+
+def _distributed_problems(config: TuneConfig) -> list[tuple[str, str]]:
+    """The distributed section against itself and the method (nbtune/distributed.py says why each holds)."""
+    from nbtune import distributed
+
+    return distributed.problems(config)
 
 
 def _is_number(text: str) -> bool:
@@ -695,6 +749,8 @@ def _described(cls: type) -> tuple[tuple[dataclasses.Field, str, bool], ...]:
         kind = "str-or-float" if types == (str, float) else _KINDS.get(types[0], "str")
         if typing.get_origin(hints[f.name]) is list:
             kind = "str-list"
+        elif typing.get_origin(hints[f.name]) is dict:
+            kind = "mapping"
         if f.metadata.get("choices"):
             kind = "choice"
         elif f.metadata.get("multiline"):
@@ -721,7 +777,7 @@ def section_fields(section: str) -> list[Field]:
 
 def config_from_values(values: dict[str, Any]) -> tuple[TuneConfig | None, list[tuple[str, str]]]:
     """(config, []) when dotted-name values (a form's) make a valid config, else (None, every problem)."""
-    data: dict[str, Any] = {"model": {}, "method": {}, "data": {}, "training": {}}
+    data: dict[str, Any] = {section: {} for section in SECTIONS}
     for dotted, value in values.items():
         section, _, name = dotted.partition(".")
         data[section][name] = value

@@ -30,7 +30,9 @@ def check(config: TuneConfig, model_config: Any = None) -> None:
     model_config = model_config if model_config is not None else models.load_model_config(config)
     import torch
 
-    problems = [*attention_problems(config, on_gpu=torch.cuda.is_available()),
+    from nbtune.training import argument_problems
+
+    problems = [*attention_problems(config, on_gpu=torch.cuda.is_available()), *argument_problems(config),
                 *_length_problems(config, model_config), *_rank_problems(config, model_config)]
     if problems:
         raise ConfigError(problems)

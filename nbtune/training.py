@@ -364,12 +364,22 @@ def _total_steps(config: TuneConfig, train_rows: int) -> int:
 
 
 def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) -> Any:
-    """The stage's TrainingArguments (or TRL config) from what every stage shares."""
+    """The stage's TrainingArguments (or TRL config): what every stage shares, the distributed strategy's
+    settings and the user's training.extra_arguments (checked by `argument_problems` before anything loaded)."""
+    common = _shared_arguments(config, run_dir, bool(prepared.data.eval), prepared.precision.value,
+                               prepared.on_gpu, prepared.loss.value)
+    return prepared.stage.arguments(config, {**common, **dict(config.training.extra_arguments)})
+
+
+def _shared_arguments(config: TuneConfig, run_dir: Path, evaluates: bool, precision: str, on_gpu: bool,
+                      loss: str) -> dict[str, Any]:
+    """The TrainingArguments nbtune sets from its own fields, the same for every stage."""
     from transformers import TrainingArguments  # the checkpointing argument's name is read from it
 
+    from nbtune import distributed
+
     t = config.training
-    evaluates = bool(prepared.data.eval)
-    common = dict(
+    return dict(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=max(t.micro_batch_size, 16),
@@ -382,8 +392,8 @@ def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) 
         weight_decay=t.weight_decay,
         optim=OPTIMIZERS[t.optimizer].trainer_name,
         optim_args="momentum=0.9" if OPTIMIZERS[t.optimizer].state == "momentum" else None,
-        bf16=prepared.precision.value == "bf16",
-        fp16=prepared.precision.value == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         **_checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -396,18 +406,62 @@ def _training_arguments(config: TuneConfig, prepared: _Prepared, run_dir: Path) 
         save_strategy="steps" if t.checkpoint_every else "no",
         save_steps=t.checkpoint_every or 500,
         save_total_limit=1,
-        report_to="none",
+        report_to=list(t.report_to) or "none",
         disable_tqdm=True,
-        use_cpu=not prepared.on_gpu,
+        use_cpu=not on_gpu,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        dataloader_pin_memory=prepared.on_gpu,
+        dataloader_pin_memory=on_gpu,
         prediction_loss_only=stages.task_metric(config.model.task) is None,  # logits only for a metric
         **_compile_args(t.compile),
-        **({"use_liger_kernel": True} if prepared.loss.value == "liger" else {}),  # the Trainer applies it
+        **({"use_liger_kernel": True} if loss == "liger" else {}),  # the Trainer applies it
+        **distributed.training_arguments(config),
     )
-    return prepared.stage.arguments(config, common)
+
+
+def argument_problems(config: TuneConfig) -> list[tuple[str, str]]:
+    """training.report_to and training.extra_arguments against the installed transformers: trackers it knows and
+    that are installed; argument names it has and that no nbtune field sets (each names the field to use)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    t, out = config.training, []
+    for name in t.report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            out.append(("training.report_to", f"training.report_to names {name!r}, which transformers does not know; "
+                                              f"it knows {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"))
+        elif name not in get_available_reporting_integrations():
+            out.append(("training.report_to", f"training.report_to names {name!r}, which is not installed here "
+                                              f"(pip install {name})"))
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = set(_shared_arguments(config, Path("."), True, "fp32", False, "standard")) | {"fsdp", "fsdp_config", "deepspeed"}
+    for name in t.extra_arguments:
+        if name not in known:
+            out.append(("training.extra_arguments", f"training.extra_arguments names {name!r}, which the installed "
+                        f"transformers' TrainingArguments does not have"))
+        elif name in own:
+            out.append(("training.extra_arguments", f"training.extra_arguments names {name!r}, which nbtune sets "
+                        f"from its own fields ({_owner(name)}); set it there"))
+    return out
+
+
+def _owner(argument: str) -> str:
+    """The nbtune field a TrainingArguments argument comes from, in words."""
+    owners = {"per_device_train_batch_size": "training.micro_batch_size", "num_train_epochs": "training.epochs",
+              "warmup_steps": "training.warmup_ratio", "lr_scheduler_type": "training.scheduler",
+              "optim": "training.optimizer", "bf16": "training.precision", "fp16": "training.precision",
+              "eval_steps": "training.eval_every", "logging_steps": "training.log_every",
+              "save_steps": "training.checkpoint_every", "fsdp": "distributed.strategy",
+              "deepspeed": "distributed.strategy", "fsdp_config": "distributed.strategy"}
+    if argument in owners:
+        return owners[argument]
+    from nbtune.config import TrainingConfig
+
+    return f"training.{argument}" if argument in TrainingConfig.__dataclass_fields__ else "nbtune's run settings"
 
 
 def _build_trainer(prepared: _Prepared, args: Any, event_callback: Any, extra_callbacks: list[Any]) -> Any:

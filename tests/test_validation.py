@@ -239,3 +239,60 @@ def test_fp16_on_a_cpu_warns_that_it_trains_in_fp32():
 
     choice = precision.choose_precision("fp16", precision.cpu_device(env={"NBTUNE_CPU_BF16": "0"}))
     assert choice.value == "fp32" and "trains in fp32" in choice.warning
+
+
+# ----- trackers and extra TrainingArguments (issue 16) -----------------------------------------------------
+
+def test_a_tracker_that_is_not_installed_or_unknown_is_named_before_loading():
+    from nbtune import preflight
+
+    config = TuneConfig(training={"report_to": ["wandb", "tensorbored"], "max_steps": 1})
+    with pytest.raises(ConfigError) as info:
+        preflight.check(config)
+    text = str(info.value)
+    assert "training.report_to names 'tensorbored', which transformers does not know" in text
+    assert "tensorboard" in text  # what is allowed
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        assert "'wandb', which is not installed here (pip install wandb)" in text
+
+
+def test_extra_training_arguments_are_checked_against_the_installed_transformers():
+    from nbtune import preflight
+
+    config = TuneConfig(training={"max_steps": 1, "extra_arguments": {
+        "torch_empty_cache_steps": 10, "lerning_rate": 1.0, "per_device_train_batch_size": 2}})
+    with pytest.raises(ConfigError) as info:
+        preflight.check(config)
+    text = str(info.value)
+    assert "'lerning_rate', which the installed transformers' TrainingArguments does not have" in text
+    assert "'per_device_train_batch_size', which nbtune sets from its own fields (training.micro_batch_size)" in text
+    assert "torch_empty_cache_steps" not in text  # a real argument nbtune does not set passes
+
+
+def test_extra_arguments_must_be_a_mapping_and_trackers_do_not_change_the_cache_key():
+    with pytest.raises(ConfigError, match=r"training.extra_arguments must be a mapping of names to values \(got"):
+        TuneConfig(training={"extra_arguments": ["torch_empty_cache_steps"]})
+    assert TuneConfig(training={"report_to": ["tensorboard"]}).content_hash == TuneConfig().content_hash
+    assert TuneConfig(training={"extra_arguments": {"torch_empty_cache_steps": 4}}).content_hash != \
+        TuneConfig().content_hash
+
+
+def test_extra_arguments_reach_the_trainer(store):
+    from transformers import TrainerCallback
+
+    import nbtune
+
+    seen = {}
+
+    class Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            seen["steps"], seen["batch"] = args.torch_empty_cache_steps, args.per_device_train_batch_size
+
+    run = nbtune.launch(TuneConfig(training={"max_steps": 2, "eval_every": None, "micro_batch_size": 4,
+                                            "extra_arguments": {"torch_empty_cache_steps": 7}}),
+                        store=store, callbacks=[Seen()])
+    run.wait()
+    assert run.status == "finished", run.error
+    assert seen == {"steps": 7, "batch": 4}

@@ -230,6 +230,8 @@ register(Method(
     ),
     apply=peft_methods.apply_adalora,
     callbacks=peft_methods.adalora_callbacks,
+    no_sharding=("its rank allocator reads every adapted layer's whole singular values and their gradients at "
+                 "each budget step, and a sharded strategy leaves each process only a shard of them"),
     learning_rate=3e-3,
 ))
 

@@ -108,6 +108,7 @@ class Method:
     lighter_methods: tuple[str, ...] = ("lora", "qlora")
     trains_only_biases: bool = False  # trains next to nothing on architectures without biases (Llama-like)
     no_gradient_checkpointing: str = ""  # why training.gradient_checkpointing cannot be on with it ("": it can)
+    no_sharding: str = ""  # why distributed.strategy fsdp / zero3 (sharded parameters) cannot train it ("": they can)
 
     def field(self, name: str) -> Field:
         for f in self.fields:
