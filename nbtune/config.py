@@ -192,6 +192,9 @@ class TrainingConfig:
         unit="completions"))
     max_completion_length: int = field(default=32, metadata=_about(
         "Tokens generated per completion at most.", range=COUNT, unit="tokens"))
+    temperature: float = field(default=1.0, metadata=_about(
+        "Sampling temperature of the completions (1: the model's own distribution; lower: surer, less varied "
+        "completions within a group).", range=Range(0, 10, low_open=True)))
     rewards: list[str] = field(default_factory=lambda: ["exact-match"], metadata=_about(
         f"The reward functions whose sum scores each completion: {', '.join(rewards.BUILT_IN)}, or one "
         "registered with nbtune.reward."))
@@ -398,6 +401,8 @@ class TuneConfig:
             resolved["training"].pop("packing")
         if resolved["training"].get("loss_implementation") == "standard":  # as before the option existed
             resolved["training"].pop("loss_implementation")
+        if resolved["training"].get("temperature") == 1.0:  # as before the option existed (TRL's default)
+            resolved["training"].pop("temperature")
         if resolved["training"].get("compile") is False:  # as before compile existed
             resolved["training"].pop("compile")
         resolved["training"].pop("on_oom", None)  # how a run recovers from out of memory, not what it learns

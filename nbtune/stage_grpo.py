@@ -72,7 +72,7 @@ class RewardConfig(GRPOConfig):
 
 
 def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
-    """GRPOConfig: the shared arguments, the group size, completion length and KL weight. The eval batch is
+    """GRPOConfig: the shared arguments, the group size, completion length, temperature and KL weight. The eval batch is
     rounded up to whole groups, which TRL requires (this stage's evaluation answers greedily, one each); TRL
     counts the tokens seen itself (prompts and completions), from inputs the Trainer's count cannot read."""
     t = config.training
@@ -80,7 +80,7 @@ def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
     common = {**common, "per_device_eval_batch_size": groups * t.num_generations, "include_num_input_tokens_seen": "no"}
     return RewardConfig(**common,
                         num_generations=t.num_generations, max_completion_length=t.max_completion_length,
-                        beta=t.beta, log_completions=False, rewards=list(t.rewards))
+                        temperature=t.temperature, beta=t.beta, log_completions=False, rewards=list(t.rewards))
 
 
 def reward_functions(names: list[str]) -> list[Any]:

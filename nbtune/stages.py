@@ -172,15 +172,15 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "near a frozen reference", "TRL GRPOTrainer",
           formats=("prompt-reference", "chat"), tasks=CAUSAL_ONLY, prepare_data=_grpo("prepare"),
           arguments=_grpo("arguments"), build_trainer=_grpo("build_trainer"), save_artifact=_save_with_method,
-          reads=("beta", "num_generations", "max_completion_length", "rewards"),
+          reads=("beta", "num_generations", "max_completion_length", "temperature", "rewards"),
           logged={"reward": "reward", "reward_std": "reward_std", "completions/mean_length": "completion_length",
                   "kl": "kl"},
           reference_model=True, generates=True, fused_log_probs=True, language_model_loss=False,
           accuracy_means="held-out exact match of greedy answers"),
 )}
 NAMES = tuple(STAGES)
-ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "rewards", "packing",  # training.* fields
-                  "loss_implementation")  # read per stage
+ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "temperature", "rewards", "packing",
+                  "loss_implementation")  # the training.* fields read per stage
 
 
 def for_config(config: TuneConfig) -> Stage:

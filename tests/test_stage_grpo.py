@@ -152,3 +152,17 @@ def test_chat_rows_become_prompts_up_to_the_last_assistant_turn():
     assert example("chat", {"messages": row["messages"]})["reference"] == "Futhheim."
     plain = example("prompt-reference", {"prompt": "2 + 2 =", "solution": "4", "level": 1})
     assert plain == {"prompt": "2 + 2 =", "reference": "4", "level": 1}
+
+
+def test_the_sampling_temperature_reaches_trl_and_only_grpo_reads_it(tmp_path):
+    from nbtune import stage_grpo
+    from nbtune.training import _shared_arguments
+
+    config = grpo(temperature=0.7)
+    args = stage_grpo.arguments(config, _shared_arguments(config, tmp_path, True, "fp32", False, "standard"))
+    assert args.temperature == 0.7
+    assert config.content_hash != grpo().content_hash
+    sft = TuneConfig(data={"source": "nbtune:chat"})
+    assert sft.replace(**{"training.temperature": 0.7}).content_hash == sft.content_hash
+    with pytest.raises(ConfigError, match=r"training.temperature must be .*\(got 0\)"):
+        grpo(temperature=0)
