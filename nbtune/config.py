@@ -266,8 +266,8 @@ class DistributedConfig:
     strategy: str = field(default="none", metadata=_about(
         "How several processes share the run: none (one process), ddp (each holds the whole model and its "
         "optimizer; gradients are averaged), fsdp (parameters, gradients and optimizer state sharded across "
-        "processes), zero2 (DeepSpeed: gradients and optimizer state sharded), zero3 (DeepSpeed: parameters "
-        "too).", choices=STRATEGIES))
+        "processes), zero2 (DeepSpeed: gradients and optimizer state sharded), zero3 (DeepSpeed: parameters, "
+        "gradients and optimizer state sharded).", choices=STRATEGIES))
     processes: int = field(default=1, metadata=_about(
         "Processes per node, usually one per GPU.", range=COUNT, unit="processes"))
     nodes: int = field(default=1, metadata=_about("Machines taking part.", range=COUNT, unit="nodes"))

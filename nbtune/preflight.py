@@ -67,16 +67,20 @@ def readiness(config: TuneConfig, gpu: str | int | float | None = None, estimate
     """Why `config` would not run: fp16 loss scaling over fp16 trainable weights, flash-attention without its
     package, a model that cannot be had (a
     missing folder, a hub id neither cached nor downloadable), what the model's dimensions do not allow (a
-    max length beyond its positions), a step that does not fit the chosen GPU (from
-    `estimate`, when both are given). Empty when nothing stands in the way. Reads no weights and never raises.
+    max length beyond its positions), a tracker or an extra TrainingArgument the installed transformers lacks, a
+    step that does not fit the chosen GPU (from `estimate`, when both are given). Empty when nothing stands in
+    the way. Reads no weights and never raises.
 
     The method/task pairing is not checked here: a TuneConfig that pairs them wrongly is invalid already.
     """
     model = model_blockers(config)
     shape = [] if model else shape_blockers(config)
+    from nbtune.training import argument_problems
+
     attention = [Blocker(field, message) for field, message in attention_problems(config)]
-    return [*data_blockers(config), *precision_blockers(config, gpu, estimate), *attention, *model, *shape,
-            *memory_blockers(estimate, gpu)]
+    arguments = [Blocker(field, message) for field, message in argument_problems(config)]
+    return [*data_blockers(config), *precision_blockers(config, gpu, estimate), *attention, *arguments, *model,
+            *shape, *memory_blockers(estimate, gpu)]
 
 
 def data_blockers(config: TuneConfig) -> list[Blocker]:

@@ -212,7 +212,7 @@ def _never_clips(page, measured: dict) -> None:  # noqa: ANN001
     for width in (1000, 1400):
         page.set_viewport_size({"width": width, "height": 1500})
         page.wait_for_timeout(500)
-        for tab in ("Model", "Method", "Training"):
+        for tab in ("Model", "Method", "Training", "Distributed"):
             _show_tab(page, tab)
             clipped = page.evaluate(CLIPPED)
             assert not clipped, f"at {width} px, {tab} tab: {clipped[:5]}"

@@ -296,3 +296,11 @@ def test_extra_arguments_reach_the_trainer(store):
     run.wait()
     assert run.status == "finished", run.error
     assert seen == {"steps": 7, "batch": 4}
+
+
+def test_the_builder_is_not_ready_with_an_argument_transformers_lacks():
+    from nbtune import preflight
+
+    blockers = preflight.readiness(TuneConfig(training={"extra_arguments": {"lerning_rate": 1.0}}))
+    assert [b.field for b in blockers] == ["training.extra_arguments"]
+    assert preflight.readiness(TuneConfig(training={"extra_arguments": {"torch_empty_cache_steps": 4}})) == []

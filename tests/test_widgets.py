@@ -23,7 +23,7 @@ from nbtune.widgets import charts, status  # noqa: E402
 from nbtune.widgets.builder import SECTION_TITLES, Builder  # noqa: E402
 from nbtune.widgets.dashboard import Dashboard  # noqa: E402
 from nbtune.widgets.data_preview import TRAINED_STYLE  # noqa: E402
-from nbtune.widgets.forms import STYLE, parse_value  # noqa: E402
+from nbtune.widgets.forms import STYLE, described_choices, parse_value  # noqa: E402
 from nbtune.widgets.memory_panel import MAX_SUGGESTIONS  # noqa: E402
 
 NEVER = 3600.0  # a debounce that never fires during a test: no estimate runs unless the test asks for one
@@ -109,7 +109,7 @@ def test_config_fields_show_their_stated_help_and_the_prompt_template_is_multi_l
     import ipywidgets
 
     b = Builder(debounce_s=NEVER)
-    for section in ("model", "data", "training"):
+    for section in ("model", "data", "training", "distributed"):
         for f in section_fields(section):
             if f"{section}.{f.name}" == "training.stage":
                 continue  # its tooltip describes the chosen stage (below)
@@ -423,14 +423,146 @@ def test_a_problem_reads_in_the_forms_words_and_says_where_it_is():
     assert "learning rate must be &gt; 0 and &lt;= 1, got 5" in lr.message.value
     assert "<span class='nbtune-path'>training.learning_rate</span>" in lr.message.value  # the path, in grey
     assert "1 problem to fix: learning rate (Training tab)" in b.status.value
-    titles = [b.sections.get_title(i) for i in range(5)]
-    assert titles == ["Model", "Task", "Data", "Method", "Training ⚠"]
+    titles = [b.sections.get_title(i) for i in range(len(SECTION_TITLES))]
+    assert titles == ["Model", "Task", "Data", "Method", "Training ⚠", "Distributed"]
     b.controls["method.r"].input.value = 0
     assert "2 problems to fix: r (Method tab), learning rate (Training tab)" in b.status.value
     assert b.sections.get_title(3) == "Method ⚠"
     lr.input.value = "2e-4"
     b.controls["method.r"].input.value = 8
-    assert [b.sections.get_title(i) for i in range(5)] == ["Model", "Task", "Data", "Method", "Training"]
+    assert [b.sections.get_title(i) for i in range(len(SECTION_TITLES))] == list(SECTION_TITLES)
+
+
+# ----- the distributed section, trackers and extra TrainingArguments ---------------------------------------------
+
+def test_the_distributed_tab_offers_each_strategy_in_its_words_and_shows_only_the_fields_it_reads():
+    b = Builder(tiny(), debounce_s=NEVER)
+    tab = b.sections.children[SECTION_TITLES.index("Distributed")]
+    assert [c.box for d, c in b.controls.items() if d.startswith("distributed.")] == [
+        box for box in tab.children if box is not b.distributed_note]
+    strategy = b.controls["distributed.strategy"]
+    words = described_choices(strategy.field)
+    assert set(words) == set(strategy.field.choices)  # the help describes every strategy, once
+    assert all(f"{name} ({said})" in strategy.field.help for name, said in words.items())
+    assert list(strategy.input.options) == [(f"{name} — {words[name]}", name) for name in strategy.field.choices]
+
+    def visible() -> set[str]:
+        return {d.split(".")[1] for d, c in b.controls.items()
+                if d.startswith("distributed.") and c.box.layout.display != "none"}
+
+    assert visible() == {"strategy", "processes", "nodes"}  # one process: nothing to shard or offload
+    for chosen, shown in (("fsdp", {"sharding", "cpu_offload"}), ("zero2", {"cpu_offload"}), ("zero3", {"cpu_offload"}),
+                          ("ddp", set())):
+        strategy.input.value = chosen
+        assert visible() == {"strategy", "processes", "nodes", *shown}, chosen
+        assert b.config.distributed.strategy == chosen and words[chosen] in b.distributed_note.value
+
+
+def test_the_distributed_note_says_the_effective_batch_of_all_processes():
+    b = Builder(tiny(**{"training.gradient_accumulation_steps": 2}), debounce_s=NEVER)
+    assert "processes in all" not in b.distributed_note.value
+    b.apply({"distributed.strategy": "ddp", "distributed.processes": 4, "distributed.nodes": 2})
+    t = b.config.training
+    assert (f"8 processes in all (4 per node x 2 nodes): effective batch {t.micro_batch_size} x 2 x 8 = "
+            f"{t.micro_batch_size * 2 * 8} examples per optimizer step") in b.distributed_note.value
+
+
+def test_a_distributed_problem_lands_on_its_field_and_the_distributed_tab():
+    b = Builder(tiny(), debounce_s=NEVER)
+    b.controls["distributed.processes"].input.value = 2  # still strategy none
+    strategy = b.controls["distributed.strategy"]
+    assert strategy.problem is not None and strategy.problem.startswith("distributed.strategy none trains in one")
+    assert "strategy none trains in one process, but processes x nodes is 2 x 1" in strategy.message.value
+    assert "1 problem to fix: strategy (Distributed tab)" in b.status.value and b.launch_button.disabled
+    assert b.sections.get_title(SECTION_TITLES.index("Distributed")) == "Distributed ⚠"
+    strategy.input.value = "ddp"
+    assert b.problems == [] and b.sections.get_title(SECTION_TITLES.index("Distributed")) == "Distributed"
+
+
+def test_a_set_option_another_strategy_rejects_stays_shown_so_it_can_be_put_back():
+    b = Builder(tiny(), debounce_s=NEVER)
+    b.apply({"distributed.strategy": "fsdp", "distributed.processes": 2, "distributed.nodes": 2,
+             "distributed.sharding": "hybrid"})
+    assert b.problems == []
+    b.controls["distributed.strategy"].input.value = "ddp"  # hybrid is an FSDP option
+    sharding = b.controls["distributed.sharding"]
+    assert sharding.box.layout.display != "none" and sharding.problem is not None
+    assert "sharding hybrid is an FSDP option" in sharding.message.value
+    sharding.input.value = "full"
+    assert b.problems == [] and sharding.box.layout.display == "none"  # put back: hidden again, as ddp reads none
+
+
+def test_the_distributed_section_reads_back_and_shows_in_code_and_yaml_only_when_set():
+    plain = Builder(tiny(), debounce_s=NEVER)
+    assert "distributed" not in plain.code.value  # one process: the cell is as before
+    assert TuneConfig.from_yaml(plain.yaml.value).distributed == plain.config.distributed
+    config = tiny(**{"distributed.strategy": "fsdp", "distributed.processes": 4, "distributed.nodes": 2,
+                     "distributed.sharding": "hybrid", "distributed.cpu_offload": True})
+    b = Builder(config, debounce_s=NEVER)
+    assert b.config.to_dict() == config.to_dict()
+    assert "distributed={'strategy': 'fsdp', 'processes': 4, 'nodes': 2" in b.code.value
+    namespace: dict[str, object] = {}
+    exec(b.code.value.replace("run = nbtune.launch(config)", ""), namespace)
+    assert namespace["config"].distributed == config.distributed
+    assert TuneConfig.from_yaml(b.yaml.value).distributed == config.distributed
+    plain.load_yaml(b.yaml.value)
+    assert plain.config.to_dict() == config.to_dict() and plain.controls["distributed.sharding"].value == "hybrid"
+
+
+def test_report_to_is_a_multi_choice_of_the_trackers_installed_here(monkeypatch):
+    import ipywidgets
+    from nbtune.widgets import builder as builder_module
+
+    monkeypatch.setattr(builder_module, "installed_trackers", lambda: (["tensorboard", "wandb"],
+                                                                      ["mlflow", "tensorboard", "wandb"]))
+    b = Builder(tiny(**{"training.report_to": ["mlflow"]}), debounce_s=NEVER)
+    report_to = b.controls["training.report_to"]
+    assert isinstance(report_to.input, ipywidgets.SelectMultiple)
+    assert report_to.input.value == ("mlflow",) and "Finding the experiment trackers" in b.trackers_note.value
+    assert b.wait_loaded(timeout=300)
+    assert list(report_to.input.options) == [("tensorboard", "tensorboard"), ("wandb", "wandb"),
+                                             ("mlflow (not installed here)", "mlflow")]
+    assert report_to.input.value == ("mlflow",) and "Installed here: tensorboard, wandb" in b.trackers_note.value
+    report_to.input.value = ("tensorboard", "wandb")
+    assert b.config.training.report_to == ["tensorboard", "wandb"] and "'report_to': ['tensorboard'" in b.code.value
+    b.set_config(tiny())
+    assert b.config.training.report_to == [] and [v for _, v in report_to.input.options] == ["tensorboard", "wandb"]
+
+
+def test_the_trackers_offered_are_those_transformers_finds_installed():
+    from transformers.integrations import get_available_reporting_integrations
+
+    b = Builder(tiny(), debounce_s=NEVER)
+    assert b.wait_loaded(timeout=300)
+    installed = get_available_reporting_integrations()
+    assert b.trackers == installed
+    assert [v for _, v in b.controls["training.report_to"].input.options] == installed
+    said = "Installed here: " if installed else "No experiment tracker is installed here"
+    assert said in b.trackers_note.value
+
+
+def test_extra_arguments_are_yaml_or_json_text_that_parses_into_a_mapping_or_says_why_not():
+    import ipywidgets
+
+    b = Builder(tiny(), debounce_s=NEVER)
+    extra = b.controls["training.extra_arguments"]
+    assert isinstance(extra.input, ipywidgets.Textarea) and extra.input.value == "" and b.problems == []
+    extra.input.value = "ddp_timeout: 3600\nlogging_first_step: true  # YAML, comments too"
+    assert b.config.training.extra_arguments == {"ddp_timeout": 3600, "logging_first_step": True}
+    extra.input.value = '{"ddp_timeout": 60}'
+    assert b.config.training.extra_arguments == {"ddp_timeout": 60}
+    extra.input.value = "ddp_timeout: [3"
+    assert extra.problem is not None and extra.problem.startswith("training.extra_arguments must be a mapping")
+    assert "not valid YAML or JSON" in extra.message.value and "line 1, column" in extra.message.value
+    assert "1 problem to fix: extra arguments (Training tab)" in b.status.value and b.launch_button.disabled
+    extra.input.value = "- ddp_timeout\n- 60"
+    assert "the text reads as list" in extra.message.value
+    extra.input.value = ""
+    assert b.problems == [] and b.config.training.extra_arguments == {}
+    config = tiny(**{"training.extra_arguments": {"run_name": "1e-4", "ddp_timeout": 60}})
+    b.set_config(config)  # shown as text that reads back as it was: the run name stays text
+    assert b.config.training.extra_arguments == config.training.extra_arguments
+    assert "'extra_arguments': {'run_name': '1e-4'" in b.code.value
 
 
 # ----- layout ----------------------------------------------------------------------------------------------------
@@ -701,6 +833,10 @@ def test_form_text_parses_into_config_values_or_stays_text_for_validation():
     assert parse_value(split, "validation") == "validation"
     template = next(f for f in section_fields("data") if f.name == "prompt_template")
     assert parse_value(template, "Q: {q}\nA: ") == "Q: {q}\nA: "  # multi-line text is kept as typed
+    extra = next(f for f in section_fields("training") if f.name == "extra_arguments")
+    assert parse_value(extra, "warmup_steps: 5\nrun_name: '1'") == {"warmup_steps": 5, "run_name": "1"}
+    assert parse_value(extra, "  ") == {} and parse_value(extra, "# nothing") == {}
+    assert parse_value(extra, "a: [1") == "a: [1"  # kept as text: the config names the field and the value
 
 
 def test_eta_and_plain_words():

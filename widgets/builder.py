@@ -3,8 +3,9 @@ export and import, and Launch, which opens the run's dashboard right under it.
 
 The form appears at once: its first display needs only the built-in methods (pure data). The methods generated
 from the installed peft (importing peft, torch, transformers: seconds) join the method dropdown from a
-background thread after the first display, and the memory panel says it is estimating until its first estimate
-lands; `builder.wait_loaded()` blocks until both have arrived.
+background thread after the first display, then the experiment trackers installed here join training.report_to's
+choices; the memory panel says it is estimating until its first estimate lands; `builder.wait_loaded()` blocks
+until all three have arrived.
 
 `Builder(config)` starts from a config; `builder.config` reads the form back as a TuneConfig. The method's own
 fields are generated from the method registry, never written per method; every rule is the config's own
@@ -26,10 +27,11 @@ import ipywidgets as w
 from IPython.display import display
 from nbtune.widgets import environment, status
 from nbtune.widgets.data_preview import data_preview, preview_html
-from nbtune.widgets.forms import INPUT_MAX_WIDTH, LABEL_WIDTH, STYLE, FieldControl
+from nbtune.widgets.forms import INPUT_MAX_WIDTH, LABEL_WIDTH, STYLE, FieldControl, described_choices
 from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel, estimate_html
 
-from nbtune import preflight, stages
+from nbtune import distributed, preflight, stages
+from nbtune._lazy import import_heavy
 from nbtune.config import ConfigError, TuneConfig, config_from_values, describe_source, section_fields
 from nbtune.methods import registry
 from nbtune.precision import precision_here
@@ -40,6 +42,10 @@ if TYPE_CHECKING:
 SECTION_TITLES = status.TABS
 LAUNCH_HELP = "Start training this config; its dashboard opens right below."
 OPTION_LABELS = {"training.stage": {s.name: s.title for s in stages.STAGES.values()}}  # dropdowns in words
+MULTI_CHOICE = ("training.report_to",)  # lists of names picked from what is installed here
+FORM_SECTIONS = ("model", "data", "training", "distributed")  # the config sections the form shows field by field
+FSDP_ONLY = ("sharding",)  # distributed fields only FSDP reads (nbtune/distributed.py `problems`)
+OFFLOAD_ONLY = ("cpu_offload",)  # distributed fields only strategies that can offload read
 PLAIN = "nbtune builder (the live form needs a running kernel; a static copy of its config follows)"
 
 
@@ -65,6 +71,8 @@ class Builder:
         self._form_lock = threading.RLock()  # the method dropdown changes from the loader thread and the user
         self._loader: threading.Thread | None = None
         self.methods_loaded = threading.Event()  # the generated peft entries are in the dropdown
+        self.trackers_loaded = threading.Event()  # the trackers installed here are training.report_to's choices
+        self.trackers: list[str] = []  # those trackers, once loaded
         self.methods = _methods_for(config.method.name)
 
         self.sections = self._make_sections(config)
@@ -92,7 +100,7 @@ class Builder:
 
     # ----- the parts of the form ------------------------------------------------------------------------------
     def _make_sections(self, config: TuneConfig) -> Any:
-        """The tabs: Model, Task, Data (with its preview), Method (dropdown and fields), Training."""
+        """The tabs: Model, Task, Data (with its preview), Method (dropdown and fields), Training, Distributed."""
         model = self._section("model", exclude=("task",))
         task = self._section("model", only=("task",))
         data = self._section("data")
@@ -101,6 +109,11 @@ class Builder:
         training.insert(training.index(self.controls["training.precision"].box) + 1, self.precision_note)
         self.stage_note = w.HTML("")  # the chosen stage in words: what it does and which trainer runs it
         training.insert(training.index(self.controls["training.stage"].box) + 1, self.stage_note)
+        self.trackers_note = w.HTML(_note("Finding the experiment trackers installed here…"))
+        training.insert(training.index(self.controls["training.report_to"].box) + 1, self.trackers_note)
+        scale_out = self._section("distributed")
+        self.distributed_note = w.HTML("")  # the chosen strategy in words, and what it makes of the batch
+        scale_out.insert(scale_out.index(self.controls["distributed.strategy"].box) + 1, self.distributed_note)
 
         self.preview_button = w.Button(description="Preview data", icon="table", layout=w.Layout(width="150px"))
         environment.set_tooltip(self.preview_button, "Load the first rows, apply the template and tokenize.")
@@ -109,7 +122,7 @@ class Builder:
         self.task_note = w.HTML("")
         children = [w.VBox(model), w.VBox([*task, self.task_note]),
                     w.VBox([*data, w.HBox([self.preview_button]), self.preview_out]),
-                    self._make_method_tab(config), w.VBox(training)]
+                    self._make_method_tab(config), w.VBox(training), w.VBox(scale_out)]
         sections = w.Tab(children=children, layout=w.Layout(flex="1 1 540px", min_width="0", max_width="820px"))
         for i, title in enumerate(SECTION_TITLES):
             sections.set_title(i, title)
@@ -190,8 +203,13 @@ class Builder:
         # peft then finds it imported.
         if not self.memory.wait(0):
             self.memory.update(self.memory.config, at_once=True)
-        if self.methods_loaded.is_set():
-            return
+        if not self.methods_loaded.is_set():
+            self._load_methods()
+        if not self.trackers_loaded.is_set():
+            self._load_trackers()
+
+    def _load_methods(self) -> None:
+        """Offer peft's generated methods too (or say why they could not be loaded)."""
         try:
             methods = registry.all_methods()
         except Exception as err:  # a broken peft install: the built-in methods still work
@@ -201,6 +219,21 @@ class Builder:
             self.methods_loaded.set()
             return
         self._list_methods(methods)
+
+    def _load_trackers(self) -> None:
+        """Offer the trackers installed here as training.report_to's choices, and say which there are."""
+        try:
+            installed, known = installed_trackers()
+        except Exception as err:  # a broken transformers install: report_to keeps what the config names
+            self.trackers_note.value = _note(f"The installed trackers could not be read: "
+                                             f"{type(err).__name__}: {err}", error=True)
+            self.trackers_loaded.set()
+            return
+        with self._form_lock:
+            self.trackers = installed
+            self.controls["training.report_to"].offer(installed, unoffered="not installed here")
+        self.trackers_note.value = _trackers_note(installed, known)
+        self.trackers_loaded.set()
 
     def _list_methods(self, methods: list[registry.Method]) -> None:
         """Offer these methods in the dropdown; the chosen method and its fields stay as they are."""
@@ -225,10 +258,12 @@ class Builder:
         self.method.value = name
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
-        """Block until the generated methods are in the dropdown and the first estimate is drawn (starting the
-        loading if the builder was never displayed); False if `timeout` seconds passed first."""
+        """Block until the generated methods are in the dropdown, the installed trackers offered and the first
+        estimate drawn (starting the loading if the builder was never displayed); False if `timeout` seconds
+        passed first."""
         self.load_in_background()
-        return self.methods_loaded.wait(timeout) and self.memory.wait(timeout)
+        return (self.methods_loaded.wait(timeout) and self.trackers_loaded.wait(timeout)
+                and self.memory.wait(timeout))
 
     # ----- the form <-> config --------------------------------------------------------------------------------
     def _section(self, section: str, only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Any]:
@@ -237,7 +272,10 @@ class Builder:
             if (only and field.name not in only) or field.name in exclude:
                 continue
             dotted = f"{section}.{field.name}"
-            control = FieldControl(dotted, field, field.default, self._changed, OPTION_LABELS.get(dotted))
+            labels = OPTION_LABELS.get(dotted) or {  # a choice its help describes: "ddp — each holds the ..."
+                choice: f"{choice} — {words}" for choice, words in described_choices(field).items()}
+            control = FieldControl(dotted, field, field.default, self._changed, labels,
+                                   multi_choice=dotted in MULTI_CHOICE)
             self.controls[dotted] = control
             boxes.append(control.box)
         return boxes
@@ -301,7 +339,7 @@ class Builder:
         try:
             source = config.data.source
             self._rows = source if isinstance(source, (list, dict)) else None
-            for section in ("model", "data", "training"):
+            for section in FORM_SECTIONS:
                 values = getattr(config, section)
                 for field in section_fields(section):
                     self.controls[f"{section}.{field.name}"].set(getattr(values, field.name))
@@ -348,12 +386,37 @@ class Builder:
             if control is not None:
                 control.box.layout.display = None if name in stage.reads else "none"
 
+    def _show_distributed(self) -> None:
+        """Only the distributed fields the chosen strategy reads: sharding for fsdp, CPU offload for the strategies
+        that can offload. A field set away from its default stays shown, so what another strategy rejects can be
+        put back."""
+        strategy = self.controls["distributed.strategy"].value
+        for names, reads in ((FSDP_ONLY, strategy == "fsdp"), (OFFLOAD_ONLY, strategy in distributed.OFFLOADS)):
+            for name in names:
+                control = self.controls[f"distributed.{name}"]
+                control.box.layout.display = None if reads or control.value != control.field.default else "none"
+
+    def _distributed_words(self, config: TuneConfig | None) -> str:
+        """The chosen strategy in words (none for one process: its label says it all), and the effective batch
+        its processes make (of a valid form)."""
+        strategy = self.controls["distributed.strategy"]
+        words = described_choices(strategy.field).get(strategy.value, "")
+        text = f"{strategy.value}: {words}." if words and strategy.value != strategy.field.default else ""
+        if config is not None and distributed.world_size(config) > 1:
+            t, world = config.training, distributed.world_size(config)
+            text += (f" {world} processes in all ({config.distributed.processes} per node x "
+                     f"{config.distributed.nodes} node{'s' if config.distributed.nodes > 1 else ''}): effective "
+                     f"batch {t.micro_batch_size} x {t.gradient_accumulation_steps} x {world} = "
+                     f"{t.micro_batch_size * t.gradient_accumulation_steps * world} examples per optimizer step.")
+        return _note(text) if text else ""
+
     def _changed(self) -> None:
         """Validate the whole form, mark every problem at its field and tab, say whether it can run, refresh the
         code and the estimate. Runs on each keystroke: what reads files or the hub waits for the estimate."""
         if self._quiet:
             return
         self._show_stage()
+        self._show_distributed()
         config, problems = config_from_values(self.values())
         with self._status_lock:
             self._config, self.problems = config, problems
@@ -369,6 +432,7 @@ class Builder:
                                          f"{html.escape(precision_here(config).reason)}</div>")
             self.code.value = config.to_code()
             self.yaml.value = config.to_yaml()
+        self.distributed_note.value = self._distributed_words(config)
         self.memory.update(config)
 
     def labels(self) -> dict[str, str]:
@@ -482,6 +546,30 @@ def _methods_for(name: str) -> list[registry.Method]:
     if registry.generated_loaded() or all(m.name != name for m in built_in):
         return registry.all_methods()
     return built_in
+
+
+def installed_trackers() -> tuple[list[str], list[str]]:
+    """(the experiment trackers transformers reports to that are installed here, every tracker it knows). Imports
+    the heavy libraries: the builder calls it on its loading thread."""
+    import_heavy()
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return list(get_available_reporting_integrations()), sorted(INTEGRATION_TO_CALLBACK)
+
+
+def _trackers_note(installed: list[str], known: list[str]) -> str:
+    if installed:
+        return _note(f"Installed here: {', '.join(installed)}. Ctrl/⌘-click picks several; none picked: only "
+                     "nbtune's store keeps the metrics.")
+    return _note(f"No experiment tracker is installed here; transformers reports to {', '.join(known)} "
+                 "(pip install one, e.g. tensorboard, then run the builder's cell again).")
+
+
+def _note(text: str, error: bool = False) -> str:
+    """A note under a field, in line with the inputs."""
+    style = " style='color:#c62828'" if error else ""
+    return f"<div class='nbtune-section-note nbtune-indented'{style}>{html.escape(text)}</div>"
 
 
 def _method_options(methods: list[registry.Method]) -> list[tuple[str, str]]:

@@ -15,9 +15,10 @@ from typing import Any
 from nbtune.config import TuneConfig
 from nbtune.preflight import Blocker
 
-TABS = ("Model", "Task", "Data", "Method", "Training")  # the builder's tabs, in order
+TABS = ("Model", "Task", "Data", "Method", "Training", "Distributed")  # the builder's tabs, in order
 WARNING_MARK = " ⚠"
-_SECTION_TABS = {"model": "Model", "data": "Data", "method": "Method", "training": "Training"}
+_SECTION_TABS = {"model": "Model", "data": "Data", "method": "Method", "training": "Training",
+                 "distributed": "Distributed"}
 
 
 def tab_of(dotted: str) -> str:
