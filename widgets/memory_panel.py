@@ -183,7 +183,7 @@ class MemoryPanel:
         self.segments = [(k, int(v)) for k, v in est.breakdown.items() if v]
         capacity = gpu_bytes(self.gpu.value)[1]
         self.bar.value = stacked_bar_html(self.segments, capacity, self.gpu.label or self.gpu.value)
-        self.legend.value = legend_html(self.segments, int(est.total_bytes))
+        self.legend.value = legend_html(self.segments, int(est.total_bytes)) + cpu_html(est)
         fits = est.fits(self.gpu.value)
         color = "#2e7d32" if fits else "#c62828"
         mark = "✔" if fits else "✘"
@@ -341,6 +341,14 @@ def legend_html(segments: list[tuple[str, int]], total: int) -> str:
             f"white-space:nowrap'><b>{format_bytes(total)}</b></td><td></td></tr></table>")
 
 
+def cpu_html(est: MemoryEstimate) -> str:
+    """The CPU memory a distributed run's offloaded shards take (distributed.cpu_offload); "" without any."""
+    if not est.cpu_bytes:
+        return ""
+    return (f"<div style='font-size:12px;color:#424242;margin-top:2px'>+ <b>{format_bytes(est.cpu_bytes)}</b> "
+            f"of CPU memory {html.escape(est.cpu_words())}</div>")
+
+
 def estimate_html(est: MemoryEstimate, gpu: str, title: str = "") -> str:
     """A memory estimate as static HTML (what `%nbtune estimate` shows): bar, breakdown, verdict, suggestions."""
     segments = [(k, int(v)) for k, v in est.breakdown.items() if v]
@@ -352,6 +360,7 @@ def estimate_html(est: MemoryEstimate, gpu: str, title: str = "") -> str:
         for s in list(est.suggestions)[:MAX_SUGGESTIONS])
     return (f"<div style='max-width:560px'><b>Memory</b> · {html.escape(title)}"
             f"{stacked_bar_html(segments, capacity, gpu_title)}{legend_html(segments, int(est.total_bytes))}"
+            f"{cpu_html(est)}"
             f"<div style='color:{'#2e7d32' if fits else '#c62828'};font-weight:600;margin:6px 0'>"
             f"{'✔' if fits else '✘'} {html.escape(est.verdict)} ({html.escape(gpu_title)})</div>"
             + (f"<div>{SUGGESTIONS_LEGEND}<ul>{suggestions}</ul></div>" if suggestions else "") + "</div>")

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from nbtune import stages
-from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS, TASKS
+from nbtune.config import DTYPES, OPTIMIZERS, PRECISIONS, SHARDING, STRATEGIES, TASKS
 from nbtune.units import format_bytes
 
 
@@ -50,6 +50,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     p.add_argument("--gpu", default=None, help="a100-40gb, h100-80gb, rtx-4090, t4, ... or custom:48")
+    p.add_argument("--strategy", default="none", choices=STRATEGIES,
+                   help="distributed strategy (default none: one GPU); the estimate is then one GPU's")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="processes (GPUs) per node for --strategy (default 1)")
+    p.add_argument("--nodes", type=int, default=None, metavar="N", help="machines for --strategy (default 1)")
+    p.add_argument("--sharding", default=None, choices=SHARDING, help="FSDP: what each process keeps a shard of")
+    p.add_argument("--cpu-offload", action="store_true", help="keep the shards in CPU memory (fsdp, zero2, zero3)")
     p.add_argument("--simulate", action="store_true", help="also run one simulated step on fake tensors")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -66,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             params[name] = value
     stage_fields = {"num_generations": args.generations, "max_completion_length": args.completion_length,
                     "beta": args.beta}
+    distributed_fields = {"processes": args.processes, "nodes": args.nodes, "sharding": args.sharding}
     return TuneConfig(
         model={"name_or_path": args.model, "task": args.task, "dtype": args.dtype,
                "attn_implementation": args.attn},
@@ -75,6 +83,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                   "gradient_accumulation_steps": args.accumulation, "precision": args.precision,
                   "optimizer": args.optimizer, "gradient_checkpointing": args.grad_ckpt,
                   **{k: v for k, v in stage_fields.items() if v is not None}},
+        distributed={"strategy": args.strategy, "cpu_offload": args.cpu_offload,
+                     **{k: v for k, v in distributed_fields.items() if v is not None}},
     )
 
 
@@ -97,7 +107,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     print(f"{args.model} · {args.stage} · {args.method} · batch {args.batch} × {args.seq} tokens · {estimate.config.training.precision} · "
-          f"{args.optimizer}{' · checkpointing' if args.grad_ckpt else ''}")
+          f"{args.optimizer}{' · checkpointing' if args.grad_ckpt else ''}{_strategy_words(estimate)}")
     print(estimate)
     if simulated is not None:
         print()
@@ -109,6 +119,15 @@ def run_estimate(args: argparse.Namespace) -> int:
             print(f"  {s.description}: {format_bytes(s.total_bytes)} ({mark}; {s.cost})  "
                   f"{json.dumps(s.changes)}")
     return 0
+
+
+def _strategy_words(estimate: Any) -> str:
+    """" · fsdp on 8 GPUs, CPU offload" for the header line; "" for one process without a strategy."""
+    d = estimate.config.distributed
+    if d.strategy == "none":
+        return ""
+    gpus = "GPU" if estimate.processes == 1 else "GPUs"
+    return f" · {d.strategy} on {estimate.processes} {gpus}{', CPU offload' if d.cpu_offload else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:

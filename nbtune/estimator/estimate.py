@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbtune import losses, packed_attention, stages
+from nbtune import distributed, losses, packed_attention, stages
 from nbtune._lazy import import_heavy
 from nbtune.config import TuneConfig
 from nbtune.dtypes import BYTES
+from nbtune.estimator import sharding
 from nbtune.estimator.gpus import GIB, GPUS, gpu_bytes
 from nbtune.estimator.skeleton import Facts, LayerFacts, facts
 from nbtune.methods import registry
@@ -34,10 +35,14 @@ FRAGMENTATION = 0.10  # reserved above allocated, as a share of memory that is a
 
 # "activations" scale with batch × sequence (and checkpointing); "optimizer_step" is what the optimizer step
 # allocates for a moment (foreach AdamW's intermediates, Adafactor's update), the same whatever the batch;
-# "reference_model" is a stage's frozen copy of the base; "generation" what sampling completions holds
-CATEGORIES = ("weights", "trainable_weights", "gradients", "optimizer_state", "optimizer_step", "activations",
-              "logits_loss", "quantization_constants", "reference_model", "generation", "fixed_overhead")
-LABELS = {"weights": "frozen weights", "trainable_weights": "trainable weights", "gradients": "gradients",
+# "reference_model" is a stage's frozen copy of the base; "generation" what sampling completions holds;
+# "gathered_weights" and "communication" are a distributed strategy's (sharding.py)
+CATEGORIES = ("weights", "trainable_weights", "gathered_weights", "gradients", "communication", "optimizer_state",
+              "optimizer_step", "activations", "logits_loss", "quantization_constants", "reference_model",
+              "generation", "fixed_overhead")
+LABELS = {"weights": "frozen weights", "trainable_weights": "trainable weights",
+          "gathered_weights": "weights gathered from other GPUs", "gradients": "gradients",
+          "communication": "gradient communication buffers",
           "optimizer_state": "optimizer state", "optimizer_step": "optimizer-step buffer",
           "activations": "activations & temporaries",
           "logits_loss": "logits & loss", "quantization_constants": "quantization constants",
@@ -81,6 +86,9 @@ class MemoryEstimate:
     tier: str = "instant"
     gpu: str | None = None
     notes: list[str] = field(default_factory=list)
+    processes: int = 1  # processes (GPUs) of the run: the breakdown is one GPU's (distributed.*)
+    cpu_bytes: int = 0  # CPU memory one process's offloaded shards take (distributed.cpu_offload)
+    cpu_breakdown: dict[str, int] = field(default_factory=dict)  # those bytes by category
     config: TuneConfig | None = field(default=None, repr=False)
     model_config: Any = field(default=None, repr=False)
     _suggestions: list[Suggestion] | None = field(default=None, repr=False)
@@ -101,6 +109,8 @@ class MemoryEstimate:
         title, size = gpu_bytes(gpu)
         share = self.total_bytes / size
         used = f"{self.total_gib:.1f} of {size / GIB:.1f} GiB ({share:.0%})"
+        if self.processes > 1:  # the figure is one GPU's of several
+            title, used = f"{self.processes} × {title}", f"{used} per GPU"
         if share > 1:
             return f"does not fit on {title}: needs {used}"
         if share > 0.9:
@@ -157,6 +167,7 @@ class MemoryEstimate:
             "allocated_bytes": self.allocated_bytes, "reserved_bytes": self.reserved_bytes,
             "breakdown": dict(self.breakdown), "peak_phase": self.peak_phase, "phases": dict(self.phases),
             "trainable_params": self.trainable_params, "total_params": self.total_params, "gpu": self.gpu,
+            "processes": self.processes, "cpu_bytes": self.cpu_bytes, "cpu_breakdown": dict(self.cpu_breakdown),
             "verdict": self.verdict, "notes": list(self.notes),
             "suggestions": [s.to_dict() for s in self.suggestions],
         }
@@ -164,8 +175,16 @@ class MemoryEstimate:
     def table(self) -> str:
         """The breakdown as aligned text rows."""
         rows = [f"{LABELS.get(k, k):<34}{v / GIB:>9.2f} GiB" for k, v in self.breakdown.items() if v]
-        rows.append(f"{'total (peak at ' + self.peak_phase + ')':<34}{self.total_gib:>9.2f} GiB")
+        per_gpu = " per GPU" if self.processes > 1 else ""
+        rows.append(f"{'total (peak at ' + self.peak_phase + ')':<34}{self.total_gib:>9.2f} GiB{per_gpu}")
+        if self.cpu_bytes:
+            rows.append(f"{'CPU memory (offloaded)':<34}{self.cpu_bytes / GIB:>9.2f} GiB {self.cpu_words()}")
         return "\n".join(rows)
+
+    def cpu_words(self) -> str:
+        """What the CPU figure holds, in words: "(optimizer state, gradients; per process)"."""
+        parts = ", ".join(LABELS.get(k, k) for k, v in self.cpu_breakdown.items() if v)
+        return f"({parts}; per process)" if parts else ""
 
     def __str__(self) -> str:
         share = self.trainable_params / self.total_params if self.total_params else 0
@@ -278,6 +297,8 @@ class Phase:
     logits_loss: int
     optimizer_step: int = 0  # the optimizer step's transients (only at the optimizer step)
     generation: int = 0  # the KV cache and sampling logits (only while generating)
+    gathered_weights: int = 0  # a sharded strategy's parameters gathered whole (forward and backward)
+    communication: int = 0  # a distributed strategy's buckets and gradients in flight
 
 
 @dataclass(frozen=True)
@@ -291,6 +312,7 @@ class StepTerms:
     logits: LogitTerms
     generation: GenerationTerms
     phases: dict[str, Phase]
+    shard: sharding.ShardTerms = sharding.ShardTerms()  # what the distributed strategy adds (none: nothing)
 
 
 @dataclass(frozen=True)
@@ -308,15 +330,18 @@ class GenerationTerms:
 
 
 def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: bool = False) -> StepTerms:
-    """Every term of one training step of `config` on the model described by `f`, and the phases they make."""
+    """Every term of one training step of `config` on the model described by `f`, and the phases they make: one
+    process's (one GPU's) under a distributed strategy (`sharding.py`), whose micro-batch is its own."""
     shape = step_shape(config, f)
-    weights = weight_terms(config, f)
-    optimizer = optimizer_terms(config, f, fused_optimizer)
+    held = sharding.held_facts(config, f)
+    weights = weight_terms(config, held)
+    optimizer = optimizer_terms(config, sharding.optimizer_facts(config, held), fused_optimizer)
+    weights, optimizer, shard = sharding.per_process(config, f, held, weights, optimizer)
     activations = activation_terms(config, f, shape, device)
     logits = logit_terms(config, f, shape)
     generation = generation_terms(config, f, shape)
-    phases = phase_terms(config, weights, optimizer, activations, logits, generation)
-    return StepTerms(shape, weights, optimizer, activations, logits, generation, phases)
+    phases = phase_terms(config, weights, optimizer, activations, logits, generation, shard)
+    return StepTerms(shape, weights, optimizer, activations, logits, generation, phases, shard)
 
 
 def sequences_per_micro_batch(config: TuneConfig) -> int:
@@ -700,25 +725,33 @@ def generation_terms(config: TuneConfig, f: Facts, shape: StepShape) -> Generati
 
 
 def phase_terms(config: TuneConfig, weights: WeightTerms, optimizer: OptimizerTerms, acts: ActivationTerms,
-                logits: LogitTerms, generation: GenerationTerms) -> dict[str, Phase]:
+                logits: LogitTerms, generation: GenerationTerms, shard: sharding.ShardTerms) -> dict[str, Phase]:
     """What is allocated at the forward end, in the backward and at the optimizer step (and, first, while a
-    generating stage samples its completions: gradients are freed by then, activations not yet saved)."""
+    generating stage samples its completions: gradients are freed by then, activations not yet saved). A
+    distributed strategy's buckets are held throughout; its gathered weights in the forward and the backward,
+    where whole gradients of a unit wait to be reduced; ZeRO's fp32 gradient partition at the step."""
     persistent = weights.frozen + weights.trainable + weights.constants + weights.reference + optimizer.state \
-        + WORKSPACE
+        + WORKSPACE + shard.buckets
     grads = optimizer.gradients
     grads_in_forward = grads if config.training.gradient_accumulation_steps > 1 else 0
     early_head = min(logits.head_gradient, grads)
-    backward = max(grads, acts.stored_in_backward) + acts.recompute + logits.backward
-    forward = grads_in_forward + acts.forward_end + logits.reference_forward + logits.logits
-    step = grads + optimizer.step_temp
+    in_flight = shard.gathered_gradients + shard.backward_buckets  # the backward's communication
+    backward = max(grads, acts.stored_in_backward) + acts.recompute + logits.backward + shard.gathered + in_flight
+    forward = grads_in_forward + acts.forward_end + logits.reference_forward + logits.logits + shard.gathered
+    step_temp = optimizer.step_temp + shard.step_buffers
+    step = grads + step_temp
     phases = {"generation": Phase(persistent + generation.total, generation.total, 0, 0, 0,
-                                  generation=generation.total)} if generation.total else {}
+                                  generation=generation.total, communication=shard.buckets)} \
+        if generation.total else {}
     return phases | {
         "forward end": Phase(persistent + forward + early_head, forward, grads_in_forward + early_head,
-                             acts.forward_end + logits.reference_forward, logits.logits),
+                             acts.forward_end + logits.reference_forward, logits.logits,
+                             gathered_weights=shard.gathered, communication=shard.buckets),
         "backward": Phase(persistent + backward, backward, grads,
-                          max(acts.stored_in_backward - grads, 0) + acts.recompute, logits.backward),
-        "optimizer step": Phase(persistent + step, step, grads, 0, 0, optimizer_step=optimizer.step_temp),
+                          max(acts.stored_in_backward - grads, 0) + acts.recompute, logits.backward,
+                          gathered_weights=shard.gathered, communication=shard.buckets + in_flight),
+        "optimizer step": Phase(persistent + step, step, grads, 0, 0, optimizer_step=step_temp,
+                                communication=shard.buckets),
     }
 
 
@@ -730,14 +763,16 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
     peak = max(totals, key=lambda p: totals[p])
     at_peak = tm.phases[peak]
     breakdown = {
-        "weights": tm.weights.frozen, "trainable_weights": tm.weights.trainable, "gradients": at_peak.gradients,
+        "weights": tm.weights.frozen, "trainable_weights": tm.weights.trainable,
+        "gathered_weights": at_peak.gathered_weights, "gradients": at_peak.gradients,
+        "communication": at_peak.communication,
         "optimizer_state": tm.optimizer.state, "optimizer_step": at_peak.optimizer_step,
         "activations": at_peak.activations,
         "logits_loss": at_peak.logits_loss, "quantization_constants": tm.weights.constants,
         "reference_model": tm.weights.reference, "generation": at_peak.generation,
         "fixed_overhead": WORKSPACE + overhead[peak],
     }
-    notes = list(tm.optimizer.notes)
+    notes = list(tm.optimizer.notes) + list(tm.shard.notes)
     if f.family == "t5":  # data.py truncates targets at data.max_length too
         notes.append(f"the decoder is counted at {config.data.max_length} target tokens (data.max_length), its "
                      "longest; shorter targets need less")
@@ -753,7 +788,9 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
         total_bytes=sum(breakdown.values()), breakdown=breakdown, peak_phase=peak, phases=totals,
         trainable_params=f.trainable_params, total_params=f.total_params, allocated_bytes=allocated,
         reserved_bytes=allocated + int(FRAGMENTATION * at_peak.dynamic),
-        gpu=str(gpu) if gpu is not None else None, notes=notes, config=config, model_config=model_config)
+        gpu=str(gpu) if gpu is not None else None, notes=notes, processes=tm.shard.processes,
+        cpu_bytes=sum(tm.shard.cpu.values()), cpu_breakdown=dict(tm.shard.cpu), config=config,
+        model_config=model_config)
 
 
 # ----- suggestions ---------------------------------------------------------------------------------------------
@@ -771,7 +808,11 @@ COSTS: dict[str, tuple[str, float]] = {
     "method qlora": ("4-bit base: slightly lower quality", 5.0),
     "method": ("a lighter method: may reach lower quality", 5.0),
     "max_length": ("examples longer than {max_length} tokens are cut", 6.0),
+    # 2 GPUs; one more per further doubling (4 GPUs 7, 8 GPUs 8): more hardware is the dearest change
+    "gpus": ("needs {gpus} GPUs, launched with accelerate; every step exchanges the weight and gradient shards "
+             "between them{batch}", 6.0),
 }
+GPU_COUNTS = (2, 4, 8)  # the GPU counts "use N GPUs with FSDP" tries, smallest first
 COMBINED = ("micro_batch", "dtype", "optimizer", "checkpointing", "loss", "method")  # shorter sequences only alone
 LISTED = 5  # how many suggestions are listed: those that fit first, then the closest of those that do not
 
@@ -829,8 +870,39 @@ def _tried(est: MemoryEstimate) -> list[Suggestion]:
     measured = [(o, total) for o, total in singles if total is not None]
     combined = [_combine(parts) for parts in _combinations(measured)]
     measured += [(o, _reestimate(config, o.changes, est.model_config)) for o in combined]
+    measured += _more_gpus(config, capacity, est.model_config)
     return [Suggestion(o.description, o.changes, total, total <= capacity, cost=o.cost, rank=o.rank)
             for o, total in measured if total is not None and total < est.total_bytes]
+
+
+def _more_gpus(config: TuneConfig, capacity: int, model_config: Any) -> list[tuple[_Option, int | None]]:
+    """"Use N GPUs with FSDP" for a run on one GPU: the smallest N of GPU_COUNTS whose per-GPU peak fits, or the
+    largest when none does. Each GPU trains its own micro-batches, so the accumulation steps are divided by N
+    where they divide (the same effective batch); otherwise the effective batch grows N times, and the cost
+    says so."""
+    if distributed.world_size(config) > 1:
+        return []
+    tried: tuple[_Option, int | None] | None = None
+    for n in GPU_COUNTS:
+        option = _gpus_option(config, n)
+        tried = (option, _reestimate(config, option.changes, model_config))
+        if tried[1] is not None and tried[1] <= capacity:
+            break
+    return [tried] if tried is not None else []
+
+
+def _gpus_option(config: TuneConfig, n: int) -> _Option:
+    """FSDP over `n` GPUs, with the accumulation steps divided by `n` where they divide."""
+    ga = config.training.gradient_accumulation_steps
+    same = ga % n == 0
+    changes: dict[str, Any] = {"distributed.strategy": "fsdp", "distributed.processes": n}
+    if same:
+        changes["training.gradient_accumulation_steps"] = ga // n
+    description = f"use {n} GPUs with FSDP (weights, gradients and optimizer state sharded" + (
+        f"; {ga // n} accumulation steps: same effective batch)" if same else ")")
+    cost, rank = COSTS["gpus"]
+    batch = "" if same else f"; the effective batch is {n} times larger"
+    return _Option("gpus", description, changes, cost.format(gpus=n, batch=batch), rank + math.log2(n) - 1)
 
 
 def _reestimate(config: TuneConfig, changes: dict[str, Any], model_config: Any) -> int | None:

@@ -143,6 +143,9 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
     config, model_config, f, notes = plan(config, model_config, gpu)
     if losses.requested(config) == "liger":
         notes.append("liger's fused loss is simulated as the chunked loss (its Triton kernels need real tensors)")
+    if config.distributed.strategy != "none":
+        notes.append(f"simulated as one process holding the whole model: the per-GPU terms of distributed.strategy "
+                     f"{config.distributed.strategy} are the instant tier's")
     model, info = build_model(config, model_config, "meta")
     model.train()
     if config.training.gradient_checkpointing:

@@ -33,6 +33,17 @@ class LayerFacts:
 
 
 @dataclass(frozen=True)
+class UnitParams:
+    """The parameters of one part of the model that a sharded strategy gathers whole at once (FSDP's unit: a
+    block, or the root: everything outside the blocks)."""
+
+    elems: int = 0  # elements of its non-quantized parameters
+    bytes: int = 0  # their bytes, as stored
+    quantized: int = 0  # elements of its quantized Linear weights
+    trainable: int = 0  # elements of its trainable parameters
+
+
+@dataclass(frozen=True)
 class Facts:
     """Exact facts about a model with a method applied, read from its meta-device skeleton."""
 
@@ -69,6 +80,9 @@ class Facts:
     gated_mlp: bool = False  # T5 v1.1 / flan-t5: wi_0 (activated) times wi_1
     position_bias_tables: int = 0  # trainable relative position bias tables (T5: one per stack; UMT5: per block)
     quantized_tensor_elems: tuple[int, ...] = ()  # elements of each weight bitsandbytes quantizes
+    weight_elems: int = 0  # elements of the non-quantized parameters (weight_bytes counts their bytes)
+    largest_block: UnitParams = UnitParams()  # the block with the most parameter bytes
+    outside_blocks: UnitParams = UnitParams()  # embeddings, final norm, head, soft prompts: FSDP's root unit
 
 
 def model_dims(model_config: Any) -> dict[str, int]:
@@ -194,7 +208,10 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0,
         reference_copy_bytes=_reference_copy_bytes(model, info["base_ids"]),
         dims=model_dims(model_config), family=_family(model, model_config), head_copy_elems=tally.outside_linear,
-        quant_compute_bytes=info["quant"]["compute_bytes"],
+        quant_compute_bytes=info["quant"]["compute_bytes"], weight_elems=tally.weight_elems,
+        largest_block=max((b.params for b in tally.blocks.values()), key=lambda u: u.bytes + u.quantized,
+                          default=UnitParams()),
+        outside_blocks=tally.outside.params,
         activation=str(getattr(model_config, "dense_act_fn", None) or getattr(model_config, "hidden_act", "") or ""),
         gated_mlp=any(".wi_0." in n for n, _ in model.named_parameters()),
         position_bias_tables=sum(1 for n, p in model.named_parameters()
@@ -221,6 +238,7 @@ class _BlockTally:
     added: list[tuple[int, int]] = field(default_factory=list)  # (in, out) of trainable Linear layers added
     vectors: int = 0  # elements of scaling vectors the method added
     cross_attention: bool = False  # it holds a cross-attention (a T5 decoder block)
+    params: UnitParams = UnitParams()  # what its parameters add up to
 
     def trained(self, name: str, prm: Any, is_linear: bool, is_new: bool) -> None:
         """Count a trainable parameter of this block that is not part of a LoRA module."""
@@ -261,10 +279,17 @@ class _Tally:
     before_trainable: bool = False  # something below the blocks trains (embeddings, a soft prompt)
     head_trainable: bool = False  # something above the blocks trains (the head, the final norm)
     blocks: dict[str, _BlockTally] = field(default_factory=dict)  # by block name, bottom to top
+    weight_elems: int = 0
+    outside: _BlockTally = field(default_factory=_BlockTally)  # the parameters outside the blocks
 
     def stored(self, prm: Any, block: _BlockTally | None, is_linear: bool, is_quantized: bool) -> None:
         n = prm.numel()
         self.total += n
+        unit = block if block is not None else self.outside
+        q, size = (n, 0) if is_quantized else (0, n * prm.element_size())
+        u = unit.params
+        unit.params = UnitParams(u.elems + n - q, u.bytes + size, u.quantized + q,
+                                 u.trainable + (n if prm.requires_grad else 0))
         if is_quantized:
             self.quantized += n
             self.largest_quantized = max(self.largest_quantized, n)
@@ -273,6 +298,7 @@ class _Tally:
                 block.quantized = True
         else:
             self.weight_bytes += n * prm.element_size()
+            self.weight_elems += n
             if is_linear and block is not None:
                 block.linear += n
             elif is_linear:
