@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtune import packed_attention
+from nbtune import distributed, packed_attention
 from nbtune._lazy import import_heavy
 from nbtune.config import EMBEDDED_MODEL, EMBEDDED_PREFIX, TuneConfig
 from nbtune.dtypes import DTYPES, from_torch, torch_dtype
@@ -187,7 +187,8 @@ def build(config: TuneConfig, *, device: str | None = None, model_config: Any = 
     if dtype is None:
         dtype = weights_dtype(config) if device is None else config.model.dtype
     ctx = MethodContext(task=config.model.task, model_config=model_config, tokenizer=tokenizer,
-                        num_labels=len(labels) or None, dtype=dtype, extras=dict(extras or {}))
+                        num_labels=len(labels) or None, dtype=dtype,
+                        sharded=config.distributed.strategy in distributed.SHARDED, extras=dict(extras or {}))
     load_kwargs = method.load_kwargs(params, ctx) if method.load_kwargs and with_load_kwargs else {}
     if device is None:
         base = load_model(config, num_labels=ctx.num_labels, extra_kwargs=load_kwargs, tokenizer=tokenizer)

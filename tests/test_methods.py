@@ -389,3 +389,18 @@ def test_prefix_methods_refuse_gradient_checkpointing_and_are_never_offered_it(m
                      data={"max_length": 4096}, training={"micro_batch_size": 8})
     offered = [s.changes for s in estimate_memory(big, gpu="t4").suggestions]
     assert offered and not any(c.get("training.gradient_checkpointing") for c in offered)
+
+
+def test_qlora_stores_its_packed_weights_in_the_compute_dtype_only_when_sharded():
+    # FSDP and ZeRO-3 flatten a shard's parameters into one tensor of one dtype, so the 4-bit storage must
+    # match the bf16 weights beside it; unsharded, bitsandbytes' own uint8 storage stays
+    import torch
+
+    from nbtune.methods import registry
+    from nbtune.methods.registry import MethodContext
+
+    qlora = registry.get("qlora")
+    params = qlora.resolve({})
+    for sharded, storage in ((True, torch.bfloat16), (False, torch.uint8)):
+        kwargs = qlora.load_kwargs(params, MethodContext(task="causal-lm", dtype="bf16", sharded=sharded))
+        assert kwargs["quantization_config"].bnb_4bit_quant_storage == storage

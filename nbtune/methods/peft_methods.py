@@ -99,15 +99,17 @@ def _lora_config(params: dict[str, Any], ctx: MethodContext) -> Any:
 
 
 def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, Any]:
-    """`from_pretrained` kwargs that load the base in 4 bits (bitsandbytes; runs on CPU and CUDA)."""
+    """`from_pretrained` kwargs that load the base in 4 bits (bitsandbytes; runs on CPU and CUDA). Sharded
+    (fsdp, zero3), the packed weights are stored in the compute dtype: a shard flattens parameters of one dtype."""
     from transformers import BitsAndBytesConfig
 
-    compute = ctx.dtype if params["compute_dtype"] == "auto" else params["compute_dtype"]
+    compute = torch_dtype(ctx.dtype if params["compute_dtype"] == "auto" else params["compute_dtype"])
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=params["quant_type"],
         bnb_4bit_use_double_quant=params["double_quant"],
-        bnb_4bit_compute_dtype=torch_dtype(compute),
+        bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if ctx.sharded else {}),
     )}
 
 

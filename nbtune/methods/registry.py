@@ -78,6 +78,7 @@ class MethodContext:
     tokenizer: Any = None
     num_labels: int | None = None
     dtype: str = "fp32"
+    sharded: bool = False  # its parameters are sharded across processes (distributed.strategy fsdp or zero3)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the teacher model for distillation
 
 
