@@ -1,12 +1,13 @@
 """Check both estimator tiers against published peak-memory measurements (bench/data/vram_calibration_points.csv).
 
 Each row becomes a TuneConfig and a model config from the built-in catalogue. Rows whose setup nbtune does not
-train that way get an explicit, printed treatment (FSDP sharding, paged or in-backward optimizers, activation
-offload, chunked cross-entropy) or are excluded with the reason printed. Beside both tiers it reports what
-accelerate's `estimate-memory` (weights only, and its "training with Adam" figure) and the folk rule
-"4 × inference memory" give. Writes bench/results/calibration-<date>.md.
+train that way get an explicit, printed treatment (paged or in-backward optimizers, activation offload, chunked
+cross-entropy) or are excluded with the reason printed. Multi-GPU rows are configs with a `distributed` section
+(FSDP over 8 processes): their per-GPU terms are the estimator's own (nbtune/estimator/sharding.py). Beside both
+tiers it reports what accelerate's `estimate-memory` (weights only, and its "training with Adam" figure) and the
+folk rule "4 × inference memory" give. Writes bench/results/calibration-<date>.md.
 
-    python bench/calibration.py [--no-simulate] [--out bench/results/calibration-2026-11-23.md]
+    python bench/calibration.py [--no-simulate] [--out bench/results/calibration-2026-12-02.md]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,50 +34,58 @@ GIB = 2**30
 V100_ERA_CONTEXT = 1343 * 2**20  # stated by the source for its nvidia-smi figures (CUDA 11, no lazy loading)
 MISSES = [
     "",
-    "## Changes in this revision (before → after: instant median 13.2 % → 7.8 %, worst +132 % → +49 %, 22/28 → "
-    "24/26 within 25 % (with the two rows below the physical bound kept: 8.0 %, worst +136 %, 24/28); simulated median 10.4 % → 8.0 %, worst +141 % → +47 %, 23/24 → 22/23 within 25 %)",
+    "## Changes in this revision (against bench/results/calibration-2026-11-23.md, which lists the revision before: "
+    "instant median 7.8 % → 8.2 %, worst +49 % → +49 %, 24/26 → 24/26 within 25 % (with the two rows below the "
+    "physical bound kept: 8.0 % → 8.3 %, worst +136 % → +116 %, 24/28); simulated median 8.0 % → 8.0 %, worst "
+    "+47 % → +47 %, 22/23 → 22/23 within 25 %; the multi-GPU rows are not simulated)",
     "",
-    "- Instant tier, gradient checkpointing: the forward end held every block input *plus one whole block's "
-    "activations*; that block exists again only while it is recomputed in the backward, after the loss has freed the "
-    "logits, so the two never coexist. The backward now holds one recomputed block (and its gradient transients) on "
-    "top of the larger of the stored block inputs and the gradients (inputs are freed as gradients grow). This was "
-    "most of the +34 % to +52 % on the torchtune QLoRA rows.",
-    "- Simulated tier: it ran bf16-weight steps without autocast, so peft's fp32 adapters turned every LoRA input "
-    "into an fp32 copy; the Trainer autocasts whenever bf16/fp16 is set (as the CPU ground truth in measure.py does). "
-    "It also ran CPU dropout, which keeps a noise tensor of the input's dtype (4 bytes per element in fp32) where "
-    "CUDA's fused kernel keeps a 1-byte mask; the simulation now calls aten.native_dropout. And it passed an all-ones "
-    "attention mask that a fake tensor cannot reveal as all ones, so transformers built a 4D mask and expanded the "
-    "GQA keys/values; causal LMs now get no mask, as on real tensors. SDPA was not the cause: on fake CPU tensors it "
-    "already dispatches to the flash kernel (output + logsumexp saved), with no s² scores. Together these were "
-    "+24 GB of the +141 % on the 8B LoRA row without checkpointing.",
-    "- Calibration treatments (recipe mapping, each printed in the row's treatment column): compiled chunked "
-    "cross-entropy keeps 2 + 2/8 bytes per logit (was 2 + 10/8); torchtune's Llama 3.x LoRA configs have "
-    "lora_dropout 0.0; the BERT rows' v4.2x Trainer on torch 1.x zeroes gradients in place, so they are held through "
-    "the forward (most of the BERT under-estimate); torchtune QLoRA is LoRA on the bf16 base with NF4-sized Linear "
-    "weights in both tiers (the simulated tier used to add the difference of peft's fp32-upcast QLoRA); the 405B row's "
-    "figure is in the table's unit, GiB, like every other row of that table.",
-    "- Rows whose figure is below what the stated setup must hold (weights, optimizer state and the larger of all "
-    "gradients or the stored block inputs) are excluded with that bound printed: the 70B LoRA FSDP row (batch 4 × "
-    "4096 per GPU: the checkpointed inputs alone are 21.5 GB beside a 17.3 GB weight shard) and the 7B full row on a "
-    "24 GB card (weights + bf16 gradients are 27 GB, so its optimizer must have run in the backward as in the "
-    "low-memory recipe, which the row does not state).",
+    "- The multi-GPU rows are configs with `distributed.strategy: fsdp`, `distributed.processes: 8`, and their "
+    "per-GPU terms are the estimator's (nbtune/estimator/sharding.py) instead of the bench's own (every whole-model "
+    "term / 8 plus two average layers gathered). The estimator gathers FSDP's root unit (embeddings, final norm, "
+    "head: held from the forward to the end of the backward) and two blocks, and in the backward holds a unit's "
+    "whole gradients until they are reduce-scattered; these are allocated and freed every step, so they count "
+    "towards fragmentation. Instant tier, the previous bench on today's estimator → this bench: row 17 (70B full) "
+    "53.8 GB (−24 %) → 58.3 GB (−17 %): 4.5 GB gathered (was 3.5 GB) and 2.8 GB of whole gradients in flight; the "
+    "row trains at precision fp32 on its bf16 weights (torchtune's pure bf16), because under bf16 mixed precision "
+    "accelerate upcasts FSDP's trainable shards to fp32 (89.9 GB, +28 %, if it did). Row 23 (Llama-3.1-70B LoRA) "
+    "29.7 GB (+0 %) → 34.6 GB (+17 %): with a 128k vocabulary the root unit alone is 4.2 GB (embeddings and untied "
+    "head in bf16), 7.6 GB gathered in all. Row 24 (405B QLoRA) 56.2 GB (+17 %) → 65.6 GB (+36 %): root unit 8.4 GB "
+    "plus two NF4 blocks, 11.6 GB gathered. Its quantization constants are still divided by the 8 GPUs, now as a "
+    "printed torchtune treatment: torchao splits an NF4 tensor's scales with its data, where the estimator keeps "
+    "bitsandbytes' quant_state whole on every GPU (6.4 GB here, which would put the row below its physical bound). "
+    "Row 16 (excluded) has a bound of 38.9 GB, where it was 42.3 GB: the bound is the weight shard, optimizer state "
+    "and stored block inputs, and no longer counts two gathered layers. The simulated tier still skips the "
+    "multi-GPU rows (simulate_memory runs one process holding the whole model), and the baselines are still split "
+    "evenly over the GPUs.",
+    "- Rows that moved with the estimator since 2026-11-23 (the same on the previous bench, so not this change): "
+    "under checkpointing the backward recomputes one block plus the MLP's gradient transients, where it counted two "
+    "blocks (measured on CPU: bench/results/estimator-bias-2026-12-02.md), which lowers the checkpointed rows, most "
+    "of all the long batches (row 17 −16 % → −24 % before the change above, row 29 −11 % → −16 %, row 18 "
+    "+12 % → +9 %, row 20 +12 % → +9 %); torchtune QLoRA's dequantized weight is one 16-bit buffer in the backward "
+    "(it was 4 bytes a weight at the forward end and in the backward): rows 13 (−12 % → −17 %), 22 (+19 % → +8 %), "
+    "24 (+27 % → +17 % before the change above) and 31. The simulated tier moved with them (row 29 −15 % → −20 %, "
+    "row 22 +19 % → +8 %).",
     "",
     "## Reading the misses",
     "",
-    "- 8B LoRA without checkpointing (+49 % instant, +47 % simulated; checkpointing is '?' in the source and only "
-    "presumed off): both tiers model eager transformers + peft under autocast, about 24h + 8I bytes per token per "
-    "block (fp32 RMSNorm copies, a 16-bit autocast copy of the input for each LoRA module). torchtune runs bf16 "
+    "- 8B LoRA without checkpointing (+49 % instant, +47 % simulated; checkpointing is '?' in the source and "
+    "only presumed off): both tiers model eager transformers + peft under autocast, about 24h + 8I bytes per token "
+    "per block (fp32 RMSNorm copies, a 16-bit autocast copy of the input for each LoRA module). torchtune runs bf16 "
     "adapters without autocast (q/v and gate/up share one saved input) and torch.compile fuses RMSNorm and SwiGLU, "
     "about 12h + 4kv + 4I to 6I, which is what the published figure implies. nbtune does not train that way, so "
     "this stays a miss rather than a per-row constant.",
-    "- 405B QLoRA FSDP (+27 % instant): the peak falls in the backward, where one recomputed block and its gradient "
-    "transients (twice the eager per-block activations, 2 × ~3 GB at h = 16384) sit on the stored inputs; "
-    "torchtune's compiled blocks keep about half. Same cause as above.",
-    "- 70B full FSDP (−16 %): FSDP's all-gather and reduce-scatter buffers beyond the two gathered layers modelled, "
-    "and the paged optimizer's resident part, are not modelled.",
-    "- 8B LoRA and QLoRA with checkpointing (+12 % / +19 %): one eager block recomputed at 4096 tokens is ~1 GB of "
+    "- 405B QLoRA FSDP (+36 % instant): the peak is in the backward: 27.4 GB of shards, 11.6 GB gathered (8.4 GB of "
+    "it the root's bf16 embeddings and head), 16.9 GB of stored block inputs and 6.1 GB for one recomputed block and "
+    "a dequantized weight. torchtune's configs offer custom_sharded_layers ['tok_embeddings', 'output'] for large "
+    "vocabularies (commented out in its 70B LoRA config; the README does not say what its run used); sharded as "
+    "their own units they are gathered only while used, about 9 GB less here (near +17 %). accelerate's FSDP, which "
+    "nbtune's distributed section names, keeps them in the root, so this stays a miss.",
+    "- Llama-3.1-70B LoRA FSDP (+17 %): the same root unit, 4.2 GB at this size.",
+    "- 70B full FSDP (−17 %): the paged optimizer's resident part is not counted (its state lives in unified "
+    "memory), nor are FSDP's communication buffers beyond the gathered units and a unit's whole gradients.",
+    "- 8B LoRA and QLoRA with checkpointing (+9 % / +8 %): one eager block recomputed at 4096 tokens is ~1 GB of "
     "the estimate; torchtune's compiled block is smaller.",
-]  # written after reading the results of 2026-11-23 (second revision)
+]  # written after reading the results of 2026-12-02
 # torchtune's chunked cross-entropy under torch.compile: the 8 chunks of 16-bit logits are all computed before the
 # loss and saved for its backward (2 bytes per logit); the compiled loss saves no fp32 log-softmax (its backward
 # recomputes it from the 16-bit chunk and the per-row logsumexp) and writes each chunk's gradient in 16-bit,
@@ -104,7 +114,7 @@ class Case:
     attn: str = "sdpa"
     kind: str = "reserved"  # what was measured: "nvidia-smi", "reserved" or "allocated"
     fused: bool = False
-    shards: int = 1
+    distributed: dict[str, Any] = field(default_factory=dict)  # the config's distributed section ({}: one GPU)
     paged: bool = False
     optimizer_in_backward: bool = False
     offload: bool = False
@@ -176,9 +186,19 @@ def cases() -> list[Case]:
                 c.method["dropout"] = 0.0
                 c.treatment.append("torchtune's Llama 3.x LoRA configs set lora_dropout: 0.0 (no dropout masks)")
             if "8 gpus" in method or "fsdp" in method:
-                c.shards = 8
-                c.treatment.append("FSDP over 8 GPUs: parameters, gradients and optimizer state / 8, plus two "
-                                   "unsharded layers being gathered; activations per GPU")
+                c.distributed = {"strategy": "fsdp", "processes": 8}
+                c.treatment.append("FSDP over 8 GPUs: distributed.strategy fsdp, distributed.processes 8 (the "
+                                   "estimator's per-GPU terms)")
+                if c.method["name"] == "full":
+                    c.precision = "fp32"
+                    c.treatment.append("torchtune's FSDP recipe trains pure bf16 (no autocast, no fp32 copy of "
+                                       "the weights): precision fp32 on the bf16 weights, so accelerate's fp32 "
+                                       "upcast of FSDP's trainable shards does not apply")
+                if c.torchtune_qlora:
+                    c.treatment.append("torchao's NF4 weights are sharded with their scales (quantized_scalers and "
+                                       "quantization_factor split with the data), where bitsandbytes keeps each "
+                                       "quant_state whole on every GPU: the quantization constants are this GPU's "
+                                       "shard")
             if "paged" in opt:
                 c.paged = True
                 c.optimizer = "paged-adamw-8bit" if "8bit" in opt else "paged-adamw"
@@ -225,16 +245,20 @@ def to_config(c: Case) -> Any:
         model={"name_or_path": c.model, "task": c.task, "dtype": c.dtype, "attn_implementation": c.attn},
         method=c.method, data={"max_length": c.seq},
         training={"micro_batch_size": c.batch, "gradient_accumulation_steps": c.accumulation,
-                  "precision": c.precision, "optimizer": c.optimizer, "gradient_checkpointing": c.ckpt})
+                  "precision": c.precision, "optimizer": c.optimizer, "gradient_checkpointing": c.ckpt},
+        distributed=c.distributed)
 
 
 def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
-    """The estimate of what the source measured, with the row's treatments applied."""
+    """The estimate of what the source measured, with the row's treatments applied. Under a distributed strategy
+    every term is one GPU's (`terms` divides the shards); what the strategy adds is the estimator's too."""
     from nbtune.estimator.estimate import CUDA_CONTEXT, FRAGMENTATION, WORKSPACE, terms
     from nbtune.estimator.skeleton import facts
 
     f = facts(config, mc)
     t = terms(config, f, fused_optimizer=c.fused)
+    # the gathered units are the qlora config's: torchtune's FSDP gathers NF4 weights packed, as bitsandbytes'
+    shard = t.shard
     constants = t.weights.constants
     frozen, acts, recompute = t.weights.frozen, t.activations.forward_end, t.activations.recompute
     if c.torchtune_qlora:
@@ -246,7 +270,8 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
         # at a time: a buffer in the backward beside the recomputed block, none left at the forward end (as for
         # bitsandbytes: estimate.activation_terms)
         dequant = 2 * f.largest_linear_elems
-        frozen = t.weights.frozen + q // 2 - 2 * q
+        frozen = t.weights.frozen + (q // 2 - 2 * q) // shard.weight_shards  # this GPU's shard of the Linear weights
+        constants = -(-constants // shard.weight_shards)  # torchao shards the NF4 scales with the data
         acts, recompute = t.activations.forward_end, t.activations.recompute + dequant
         f = fl
     state = 0 if c.paged else t.optimizer.state
@@ -259,10 +284,11 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
         stored_back = 0
     if c.chunked_ce:
         logits = int(t.shape.tokens * f.dims["V"] * CHUNKED_CE_BYTES)
-    if c.shards > 1:
-        gathered = 2 * (frozen + t.weights.trainable) // max(f.total_layers, 1)
-        static = static // c.shards + gathered
-        grads = grads // c.shards
+    static += shard.buckets
+    # parameters gathered whole in the forward and the backward; the backward's whole gradients of a unit waiting to
+    # be reduce-scattered and its communication buckets
+    forward_extra = shard.gathered
+    backward_extra = shard.gathered + shard.gathered_gradients + shard.backward_buckets
     if c.grads_kept:  # zero_grad() zeroes in place: the gradients stay allocated through every forward
         static += grads
         grads = 0
@@ -271,15 +297,18 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
     # (all held when the backward starts)
     c.bound = static + max(0 if c.optimizer_in_backward else grads, stored_back)
     if c.optimizer_in_backward:
-        peaks = {"forward end": static + acts + logits,
-                 "backward": static + stored_back + recompute + 2 * f.largest_trainable_elems * f.trainable_elem_bytes}
+        peaks = {"forward end": static + acts + logits + forward_extra,
+                 "backward": static + stored_back + recompute + 2 * f.largest_trainable_elems * f.trainable_elem_bytes
+                 + backward_extra}
     else:
         ga = grads if c.accumulation > 1 else 0
-        peaks = {"forward end": static + ga + acts + logits, "backward": static + max(grads, stored_back) + recompute,
-                 "optimizer step": static + grads + (t.optimizer.step_temp if not c.paged else 0)}
+        peaks = {"forward end": static + ga + acts + logits + forward_extra,
+                 "backward": static + max(grads, stored_back) + recompute + backward_extra,
+                 "optimizer step": static + grads + (t.optimizer.step_temp if not c.paged else 0) + shard.step_buffers}
     phase = max(peaks, key=peaks.get)
     allocated = peaks[phase] + WORKSPACE
-    dynamic = {"forward end": acts + logits, "backward": max(grads, stored_back) + recompute}.get(phase, grads)
+    dynamic = {"forward end": acts + logits + forward_extra,
+               "backward": max(grads, stored_back) + recompute + backward_extra}.get(phase, grads)
     if c.kind == "allocated":
         return allocated
     reserved = allocated + FRAGMENTATION * dynamic
@@ -290,11 +319,12 @@ def adjusted(c: Case, est: Any, config: Any, mc: Any) -> float:
 
 def adjusted_simulated(c: Case, sim: Any, est: Any, est_adjusted: float) -> float:
     """The simulated peak with the same treatments: the instant tier's adjustment applied to the simulated total."""
-    return est_adjusted + (sim.allocated_bytes - est.allocated_bytes) / c.shards
+    return est_adjusted + sim.allocated_bytes - est.allocated_bytes
 
 
 def baselines(c: Case, est: Any) -> tuple[float, float, float]:
-    """accelerate weights-only, accelerate 'training with Adam' (largest single term), folk 4 × inference memory."""
+    """accelerate weights-only, accelerate 'training with Adam' (largest single term), folk 4 × inference memory.
+    They are whole-model figures: a multi-GPU row's are split evenly over the estimate's processes."""
     params = est.total_params
     size = 4 * params  # accelerate starts from the fp32 size
     weights = size if c.dtype == "fp32" else size / 2
@@ -303,7 +333,22 @@ def baselines(c: Case, est: Any) -> tuple[float, float, float]:
     inference = params * (2 if c.dtype != "fp32" else 4)
     if c.method.get("name") == "qlora":
         inference = params * 0.5
-    return weights / c.shards, training / c.shards, 4 * inference / c.shards
+    return weights / est.processes, training / est.processes, 4 * inference / est.processes
+
+
+def cpu_model() -> str:
+    """This machine's CPU as lscpu names it ("Model name"), or platform's word for it where lscpu is missing."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as uptime prints them."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / f"calibration-{datetime.date.today()}.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_before = load_average()
 
     from nbtune.estimator import estimate_memory, simulate_memory
     from nbtune.estimator.catalogue import from_catalogue
@@ -343,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                 # the simulated step is that LoRA step (peft's fp32-upcast QLoRA is not what torchtune runs)
                 sim_config = to_config(dataclasses.replace(c, method={**c.method, "name": "lora"})) \
                     if c.torchtune_qlora else config
-                sim = simulate_memory(sim_config, mc, steps=2, fused_optimizer=c.fused) if c.shards == 1 else None
+                # simulate_memory runs one process holding the whole model: not a GPU of a distributed run
+                sim = simulate_memory(sim_config, mc, steps=2, fused_optimizer=c.fused) if not c.distributed else None
                 simulated = adjusted_simulated(c, sim, estimate_memory(sim_config, mc, fused_optimizer=c.fused),
                                                instant) if sim is not None else None
             except Exception as error:  # noqa: BLE001
@@ -375,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     def summary(name: str) -> str:
         e = [abs(x) for x in errors[name]]
         if not e:
-            return f"| {name} | – | – | 0 |"
+            return f"| {name} | – | – | 0 | 0 |"
         return f"| {name} | {statistics.median(e):.1f} % | {max(e):.1f} % | {len(e)} | {sum(x <= 25 for x in e)} |"
 
     summaries = [summary(k) for k in errors]
@@ -390,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     text = [
         f"# Memory estimator calibration — {datetime.date.today()}",
         "",
-        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, no GPU); torch {torch.__version__}, "
+        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs: {cpu_model()}, no GPU; load "
+        f"average {load_before} at the start, {load_average()} at the end); torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Produced by `python bench/calibration.py`.",
         "",
         "Measured peaks are the published figures of bench/data/vram_calibration_points.csv (decimal GB). Each "
