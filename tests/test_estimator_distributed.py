@@ -15,8 +15,8 @@ from nbtune import TuneConfig
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "bench" / "data" / "vram_calibration_points.csv"  # the copy bench/calibration.py reads
 GIB = 2**30
-# The estimator's accuracy on the published single-GPU rows of the same file, as bench/calibration.py measures
-# it (24 of 26 rows within 25 %; against real CPU steps tests/test_estimator.py asks 15 %)
+# The estimator's accuracy on the published rows of the same file, as bench/calibration.py measures
+# it (24 of 26 within 25 %, bench/results/calibration-2026-12-02.md; against real CPU steps tests/test_estimator.py asks 15 %)
 PUBLISHED_ACCURACY = 0.25
 TORCHTUNE_LORA = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # q, v, output_proj + MLP
 
