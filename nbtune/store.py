@@ -44,6 +44,10 @@ EXPORTED = ("meta.json", "config.yaml", "events.jsonl", "summary.json", "checksu
 ENDED = ("finished", "stopped", "failed")
 # What an archive may carry: data, never code or pickles (.bin, .pt, .pkl are refused).
 SAFE_SUFFIXES = (".json", ".jsonl", ".yaml", ".safetensors", ".txt", ".model", ".md")
+# what an archive carries: the data files, and a tokenizer's chat template (transformers 5 saves it as
+# chat_template.jinja: text, rendered in a sandbox). The artifact's checksum reads SAFE_SUFFIXES only, so runs
+# recorded before templates travelled keep theirs.
+ARCHIVED_SUFFIXES = (*SAFE_SUFFIXES, ".jinja")
 # Import limits (overridable by RunStore.import_'s arguments): a 7B full fine-tune's weights fit, a zip bomb
 # does not. Weights compress by ~1.1x and JSON by ~10x, so more than 200x past the first 64 MiB is a bomb.
 MAX_IMPORT_BYTES = 64 * 2**30  # all files of one archive, uncompressed
@@ -483,7 +487,7 @@ def _export_run(tar: tarfile.TarFile, record: RunRecord, scrub: _Scrubber | None
         files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top] if top.is_file() else []
         for path in files:
             relative = path.relative_to(record.path).as_posix()
-            if not path.name.endswith(SAFE_SUFFIXES):
+            if not path.name.endswith(ARCHIVED_SUFFIXES):
                 log.warning("nbtune: export leaves out %s/%s (not JSON, YAML or safetensors)", record.id, relative)
             elif scrub is not None and relative in _SCRUBBED:
                 data = scrub.file(relative, path.read_text(encoding="utf-8")).encode()
@@ -551,7 +555,7 @@ class _ImportBudget:
             self.refuse(f"unsafe entry {m.name!r}")
         if not m.isfile():
             return
-        if not m.name.endswith(SAFE_SUFFIXES):
+        if not m.name.endswith(ARCHIVED_SUFFIXES):
             self.refuse(f"{m.name!r} is not JSON, YAML or safetensors")
         self.files += 1
         self.bytes += m.size

@@ -33,12 +33,17 @@ def add_store_parsers(subparsers: Any) -> None:
     p = command("delete", "delete runs and their files", _delete)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough)")
     p = command("export", "write runs to one .tar.gz archive (JSON and safetensors only), or one run's "
-                          "trained model to a folder that loads without nbtune (--merged)", _export)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough)")
+                          "trained model to a folder that loads without nbtune (--merged); or a config as a "
+                          "training script or another tool's YAML (--to)", _export)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (unique prefixes are enough); with --to, one "
+                   "config file")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("-o", "--output", help="archive to write, e.g. results.tar.gz")
     where.add_argument("--merged", metavar="DIR", help="write the trained model (adapters merged into the weights) "
                        "and its tokenizer to DIR, for AutoModelFor*.from_pretrained(DIR)")
+    where.add_argument("--to", nargs=2, metavar=("KIND", "DIR"), help="with a config file instead of runs: "
+                       "write it to DIR as KIND, one of script (a standalone training script), axolotl, "
+                       "llamafactory (that tool's YAML); e.g. nbtune export config.yaml --to script job/")
     p.add_argument("--include-private", action="store_true", help="keep host name, pid, tracebacks, absolute "
                    "paths and secret-looking environment values (left out by default)")
     p = command("import", "add the runs of an archive to the store (never executes code)", _import)
@@ -158,6 +163,14 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.to:  # a config, not runs (nbtune/export.py)
+        from nbtune.export import export_command
+
+        if len(args.runs) != 1:
+            print(f"nbtune: export --to takes one config file (got {len(args.runs)}: {' '.join(args.runs)})",
+                  file=sys.stderr)
+            return 2
+        return export_command(args.runs[0], *args.to)
     store = _store(args)
     if args.merged:
         return _export_merged(store, args.runs, args.merged)

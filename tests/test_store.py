@@ -208,6 +208,7 @@ def test_export_and_import_carry_runs_between_stores(tmp_path, caplog):
     first = ended_run(source, small_config())
     second = ended_run(source, small_config(seed=3), state="stopped")
     (first.artifact_path / "training_args.bin").write_bytes(b"pickle")  # never travels
+    (first.artifact_path / "chat_template.jinja").write_text("{{ messages }}")  # a tokenizer's template does
     checkpoint = first.path / "checkpoints" / "checkpoint-6"
     checkpoint.mkdir(parents=True)
     (checkpoint / "optimizer.pt").write_bytes(b"pickle")
@@ -222,6 +223,7 @@ def test_export_and_import_carry_runs_between_stores(tmp_path, caplog):
     assert (imported.artifact_path / "adapter_model.safetensors").read_bytes() == b"\0" * 64
     assert not (imported.path / "checkpoints").exists()
     assert not (imported.artifact_path / "training_args.bin").exists()
+    assert (imported.artifact_path / "chat_template.jinja").read_text() == "{{ messages }}"
     assert target.find_finished(imported.meta["key"]).id == first.id
     assert len(EventStream.read(imported.events_path)) == 3
     assert target.import_(archive) == []  # importing again adds nothing and breaks nothing
