@@ -112,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     local_file(config.data.source)  # a missing data file is the user's mistake, told before any run starts
+    if args.launch or args.execute:  # several processes or nodes: accelerate launch runs nbtune in each
+        from nbtune import distributed_cli
+
+        return distributed_cli.launch(Path(args.config), config, args)
     try:
         run = train(config, store=args.store, force=args.force, progress=not args.quiet)
     except ConfigError as err:  # found when the data is read (e.g. an unknown built-in dataset)
@@ -167,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="run store folder (default: $NBTUNE_HOME or ./.nbtune)")
     p.add_argument("--force", action="store_true", help="train even if an identical finished run is stored")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--launch", action="store_true", help="write the accelerate config beside CONFIG and print "
+                   "the `accelerate launch` command that trains it on its distributed.processes and nodes")
+    p.add_argument("--execute", action="store_true", help="with --launch: run that command here (one node)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("init", help="write a complete default config as YAML")

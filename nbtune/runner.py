@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import queue
 import shutil
 import sys
@@ -244,6 +245,10 @@ _DEVICE = _Device()
 
 
 _ACTIVE: dict[str, Run] = {}  # runs queued or training in this process, by id
+# A forked process (a distributed launch's, nbtune/distributed_launch.py) trains none of them; without this its
+# exit would wait for them (_finish_runs_at_exit).
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_ACTIVE.clear)
 
 
 def active_runs() -> list[Run]:
@@ -323,7 +328,8 @@ def _execute(run: Run) -> RunSummary:
     """Train and return the summary, whatever happens: stopped, finished, or failed with the reason."""
     record = run.record
     try:
-        from nbtune import training
+        # nbtune.training's names; its execute trains on the processes the distributed section asks for
+        from nbtune import distributed_launch as training
 
         if run.events.write_error is not None:  # its "queued" event met a full disk already
             raise run.events.write_error

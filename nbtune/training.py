@@ -106,7 +106,7 @@ class EventCallback(TrainerCallback):
         elapsed = max(now - self.last_time, 1e-9)
         tokens = state.num_input_tokens_seen - self.last_tokens
         steps = state.global_step - self.last_step
-        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.last_time, self.last_tokens, self.last_step = now, state.num_input_tokens_seen, state.global_step
         loss = float(logs["loss"])
         self.events.emit(
@@ -309,7 +309,10 @@ def _attempt(config: TuneConfig, run_dir: Path, events: EventStream, stop: threa
     outcome = _train(trainer, prepared, stop, resume_from)
     _finish(trainer, config, prepared, outcome, events)
     with disk.writing(run_dir / "artifact"):
-        artifact = _save_artifact(trainer.model, config, prepared, run_dir)
+        if trainer.is_world_process_zero():  # several processes (nbtune/distributed_worker.py): one saves
+            _save_artifact(trainer.model, config, prepared, run_dir)
+        trainer.accelerator.wait_for_everyone()
+    artifact = run_dir / "artifact"
     summary = _summary(config, prepared, trainer, outcome, events, artifact, time.perf_counter() - started)
     # Drop every reference to the model, optimizer and data before returning, so memory can be freed.
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
@@ -355,8 +358,11 @@ def _prepare(config: TuneConfig, events: EventStream) -> _Prepared:
 
 
 def _total_steps(config: TuneConfig, train_rows: int) -> int:
+    from nbtune.distributed import world_size
+
     t = config.training
-    micro_steps_per_epoch = math.ceil(train_rows / t.micro_batch_size)
+    # each of the run's processes takes its share of the rows (nbtune/distributed.py)
+    micro_steps_per_epoch = math.ceil(train_rows / (t.micro_batch_size * world_size(config)))
     # as transformers counts them (a last, shorter accumulation is a step): the same for every micro-batch of one
     # effective batch, so a run that training.on_oom shrinks keeps its total
     steps_per_epoch = max(1, math.ceil(micro_steps_per_epoch / t.gradient_accumulation_steps))
