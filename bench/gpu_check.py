@@ -9,7 +9,9 @@ left after the run, and for some rows a bare transformers Trainer's tokens/s. Ro
 under a time budget; a row that would not fit the time left (or the GPU) is skipped and says so. The report is
 written row by row, so a killed run keeps what it measured. After the matrix, in time kept back for it, one
 real out-of-memory: a row whose first micro-batch the estimate puts at 1.3x the free memory trains with
-`training.on_oom: shrink` and must finish shrunk, with memory back to baseline (`check_oom_shrink`). `--dry-run` runs tiny shapes on CPU, one step per
+`training.on_oom: shrink` and must finish shrunk, with memory back to baseline (`check_oom_shrink`); then one
+process trains under distributed.strategy fsdp through `accelerate launch`, its peak beside the per-GPU
+estimate (`check_fsdp`). `--dry-run` runs tiny shapes on CPU, one step per
 row and no CUDA call, so the whole path is tested here (tests/test_gpu_check.py).
 
 Here, once (the lock's transformers, peft, trl, bitsandbytes cut to its CUDA 13 library, and liger-kernel from
@@ -677,6 +679,53 @@ def check_oom_shrink(ctx: dict[str, Any], seconds_left: float) -> list[str]:
     return lines
 
 
+FSDP_ROW = Row("qwen-0.5b", "lora", 1024, 4, False)  # trained by one process under distributed.strategy fsdp
+FSDP_STEPS, FSDP_S = 3, 150.0  # steps; seconds kept back from the matrix for it (the launch starts a process)
+
+
+def check_fsdp(ctx: dict[str, Any], seconds_left: float) -> list[str]:
+    """Train FSDP_ROW with distributed.strategy fsdp on one process the way `nbtune run CONFIG --launch --execute`
+    does (accelerate launch, FSDP2), and put its measured peak beside the per-GPU estimate. --dry-run writes
+    the config and the launch command only: accelerate shards GPU processes only. The report's section."""
+    from nbtune import distributed_cli
+    from nbtune.estimator import estimate_memory
+
+    lines = ["", "## One process under FSDP (accelerate launch), beside the per-GPU estimate", ""]
+    cuda, tiny, work = ctx["cuda"], ctx["tiny"], ctx["work"]
+    if cuda and seconds_left < FSDP_S:
+        return [*lines, f"- skipped: needs ~{FSDP_S:.0f} s, {max(seconds_left, 0):.0f} s of the budget left"]
+    row = dry(FSDP_ROW) if tiny else FSDP_ROW
+    folder, rows_path, store = work / row.shape, work / "fsdp-rows.jsonl", work / "fsdp-store"
+    if not folder.exists():
+        build_shape(row.shape, folder, tiny, cuda)
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in text_rows(row, FSDP_STEPS * row.batch + 2)))
+    config = tune_config(row, str(folder), FSDP_STEPS).replace(**{  # a file: the launched process reads it
+        "data.source": str(rows_path), "data.eval_split": 0.1, "distributed.strategy": "fsdp"})
+    config_path = work / "fsdp.yaml"
+    config_path.write_text(config.to_yaml())
+    instant = estimate_memory(config, shape_config(row.shape, tiny))
+    accelerate_path = distributed_cli.write_accelerate_config(config_path, config)
+    lines += [f"- `{distributed_cli.launch_command(config_path, accelerate_path, config, str(store))}`",
+              f"- per-GPU estimate: {instant.allocated_bytes / GIB:.2f} GiB allocated, "
+              f"{instant.reserved_bytes / GIB:.2f} GiB reserved"]
+    if not cuda:
+        return [*lines, "- dry run: not launched (accelerate shards GPU processes only)"]
+    _free(cuda)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "nbtune", "run", str(config_path), "--launch", "--execute",
+                           "--store", str(store)], capture_output=True, text=True, timeout=max(seconds_left, 30))
+    summaries = sorted(store.glob("runs/*/summary.json"))
+    if done.returncode or not summaries:
+        return [*lines, f"- FAILED (exit {done.returncode}): {(done.stderr or done.stdout)[-600:]!r}"]
+    summary = json.loads(summaries[-1].read_text())
+    peak = summary.get("peak_memory", {})
+    allocated, reserved = peak.get("peak_allocated", 0) / GIB, peak.get("peak_reserved", 0) / GIB
+    error = f"{100 * (instant.allocated_bytes / GIB / allocated - 1):+.1f} %" if allocated else "n/a"
+    return [*lines, f"- {summary.get('state')} at step {summary.get('step')} of {FSDP_STEPS}, "
+                    f"{time.perf_counter() - started:.0f} s: measured {allocated:.2f} GiB allocated, {reserved:.2f} GiB "
+                    f"reserved (rank 0); instant estimate error {error}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="the markdown report (default bench/results/gpu-<date>.md)")
@@ -688,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prepare_wheels:
         return prepare_wheels(Path(args.prepare_wheels))
-    budget = Budget(args.budget_s - (DRY_OOM_S if args.dry_run else OOM_S))  # the matrix's; the rest: the OOM check
+    kept = (DRY_OOM_S if args.dry_run else OOM_S + FSDP_S)  # kept back from the matrix for the checks after it
+    budget = Budget(args.budget_s - kept)
     import torch
 
     from nbtune.estimator.gpus import peak_tflops
@@ -708,7 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         simulated = {i: simulated_estimate(row, args.dry_run, pool) for i, row in rows}  # all submitted at once
         for i, row in rows:
             report.add(check_row(i, row, ctx, budget, simulated[i]))
-        for line in check_oom_shrink(ctx, args.budget_s - (time.perf_counter() - budget.started)):
+        for line in check_oom_shrink(ctx, args.budget_s - FSDP_S - (time.perf_counter() - budget.started)):
+            report.write(line)
+        for line in check_fsdp(ctx, args.budget_s - (time.perf_counter() - budget.started)):
             report.write(line)
     for line in summary_lines(report.rows, time.perf_counter() - budget.started):
         report.write(line)

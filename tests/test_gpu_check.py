@@ -4,6 +4,7 @@ finish, the time budget skips what would not fit and says so, and the wheels it 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -147,3 +148,10 @@ def test_the_wheels_prepared_for_the_device_include_the_gpu_extras_liger_kernel(
     (args,) = asked
     assert "--no-deps" in args and any(a.startswith("liger-kernel>=") for a in args)
     assert {a.split("==")[0] for a in args if "==" in a} == {"transformers", "peft", "trl", "bitsandbytes"}
+
+
+def test_the_fsdp_check_writes_the_launch_of_one_sharded_process_beside_its_per_gpu_estimate(dry_report):
+    section = dry_report.split("## One process under FSDP (accelerate launch), beside the per-GPU estimate")[1]
+    assert "accelerate launch --config_file" in section and "-m nbtune.distributed_worker" in section
+    assert re.search(r"per-GPU estimate: \d+\.\d\d GiB allocated", section)
+    assert "dry run: not launched (accelerate shards GPU processes only)" in section
