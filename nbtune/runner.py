@@ -265,7 +265,6 @@ def _train(run: Run) -> None:
 
     try:
         with noise.captured(run.record.log_path, run.events):
-            gc.collect()  # what the kernel left to collect (an earlier Trainer's cycles) goes now, not mid-training
             summary = _execute(run)
             gc.collect()  # the model, optimizer and data are unreachable now; free them before the next run
             _empty_cuda_cache()
