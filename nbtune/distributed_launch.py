@@ -17,6 +17,7 @@ failure_summary, ...) are nbtune.training's, imported when first used.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import socket
@@ -76,7 +77,7 @@ def launch_here(config: TuneConfig, run_dir: Path, events: EventStream, stop: th
     relay.start()
     failure: BaseException | None = None
     try:
-        with _launcher_library_check_off(), _gloo_on_loopback():
+        with _launcher_library_check_off(), _gloo_on_loopback(), _no_collection_across_the_fork():
             notebook_launcher(_on_rank, args=(config, run_dir, resume_from, extra_callbacks, wire),
                               num_processes=processes, use_port=str(free_port()))
     except Exception as err:  # a process failed: its own error (below) says more than the launcher's
@@ -90,6 +91,9 @@ def launch_here(config: TuneConfig, run_dir: Path, events: EventStream, stop: th
 def _on_rank(*args: Any) -> None:
     """In each forked process: import what trains (here it would initialise CUDA before the fork), train."""
     from nbtune import distributed_worker
+
+    gc.freeze()  # what the kernel left for its collector stays uncollected here: see _no_collection_across_the_fork
+    gc.enable()
 
     distributed_worker.on_rank(*args)
 
@@ -124,6 +128,21 @@ def check_can_launch(config: TuneConfig) -> None:
             raise CannotLaunch(f"distributed.strategy {d.strategy} shards the model across GPUs, and this machine "
                                "has none (accelerate applies FSDP and DeepSpeed to GPU processes only); use ddp to "
                                "train on several CPU processes")
+
+
+@contextlib.contextmanager
+def _no_collection_across_the_fork() -> Iterator[None]:
+    """The kernel's collector off while the processes are forked and run (they inherit it off, then freeze what they
+    inherited): a forked process that collects the kernel's garbage runs its finalizers without the threads they
+    join. A torch.distributed TCPStore the kernel no longer reached hung both processes, joining its daemon thread,
+    in the first gc.collect() (accelerate calls one as training ends)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 @contextlib.contextmanager
