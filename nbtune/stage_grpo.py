@@ -38,10 +38,18 @@ def prepare(config: TuneConfig, tokenizer: Any) -> Any:
         formats.check_row(fmt, row)
     train, evaluation = ([example(fmt, r) for r in rows] for rows in (train_rows, eval_rows))
     conversational = use_chat_template(config, tokenizer, train[0])
+    longer = sum(n > config.data.max_length for n in prompt_lengths(tokenizer, [r["prompt"] for r in train]))
     return data.PreparedData(
         train=train, eval=evaluation, columns=columns, labels=(), fingerprint=data.fingerprint(train_rows, eval_rows),
-        stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation),
+        truncated=longer, stats={"format": fmt, "train_rows": len(train), "eval_rows": len(evaluation),
                "conversational": conversational})  # its answers use the chat template
+
+
+def prompt_lengths(tokenizer: Any, prompts: list[Any]) -> list[int]:
+    """Tokens of each prompt as TRL tokenizes it: a conversation through the chat template with the generation
+    prompt, text as it is."""
+    return [len(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)
+                ["input_ids"]) if formats.is_conversation(p) else len(tokenizer(p)["input_ids"]) for p in prompts]
 
 
 def example(fmt: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -66,9 +74,11 @@ def example(fmt: str, row: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class RewardConfig(GRPOConfig):
-    """GRPOConfig that also carries the names of the rewards the run sums (`training.rewards`)."""
+    """GRPOConfig that also carries the names of the rewards the run sums (`training.rewards`) and the prompt
+    tokens kept (`data.max_length`: a longer prompt loses tokens from its start, as the estimator assumes)."""
 
     rewards: list[str] = field(default_factory=list)
+    max_prompt_tokens: int | None = None
 
 
 def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
@@ -80,7 +90,8 @@ def arguments(config: TuneConfig, common: dict[str, Any]) -> Any:
     common = {**common, "per_device_eval_batch_size": groups * t.num_generations, "include_num_input_tokens_seen": "no"}
     return RewardConfig(**common,
                         num_generations=t.num_generations, max_completion_length=t.max_completion_length,
-                        temperature=t.temperature, beta=t.beta, log_completions=False, rewards=list(t.rewards))
+                        temperature=t.temperature, beta=t.beta, log_completions=False, rewards=list(t.rewards),
+                        max_prompt_tokens=config.data.max_length)
 
 
 def reward_functions(names: list[str]) -> list[Any]:
@@ -130,13 +141,18 @@ class RewardTrainer(GuardedCheckpoints, GRPOTrainer):
 
     held_out: list[dict[str, Any]] = []
 
+    def _tokenize_prompts(self, prompts: list[Any]) -> Any:
+        """TRL's prompt tokens, each prompt cut to its last `max_prompt_tokens` (TRL itself no longer cuts them)."""
+        prompt_ids, *rest = super()._tokenize_prompts(prompts)
+        return ([ids[-self.args.max_prompt_tokens:] for ids in prompt_ids], *rest)
+
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         from transformers.trainer_utils import EvalLoopOutput
 
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         self.model.eval()  # TRL's log() reads the mode from the model
         answers = greedy_answers(self.model, self.processing_class, [r["prompt"] for r in self.held_out],
-                                 self.args.max_completion_length)
+                                 self.args.max_completion_length, self.args.max_prompt_tokens)
         metrics = held_out_metrics(self.held_out, answers, self.args.rewards)
         return EvalLoopOutput(predictions=None, label_ids=None, num_samples=len(self.held_out),
                               metrics={f"{prefix}_{k}": v for k, v in metrics.items()})
@@ -152,9 +168,10 @@ def held_out_metrics(rows: list[dict[str, Any]], answers: list[str], names: list
     return {"accuracy": sum(matched) / len(rows), "reward": sum(summed) / len(rows)}
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int) -> list[str]:
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
+                   max_prompt_tokens: int | None = None) -> list[str]:
     """The model's greedy answer to each prompt (a conversation through the chat template, or text as it is),
-    left-padded in batches, without gradients."""
+    left-padded in batches, without gradients; a prompt over `max_prompt_tokens` keeps its last ones."""
     import torch
 
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
@@ -165,6 +182,8 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_token
         for start in range(0, len(texts), EVAL_BATCH):
             batch = tokenizer(texts[start:start + EVAL_BATCH], return_tensors="pt", padding=True,
                               add_special_tokens=not formats.is_conversation(prompts[start])).to(model.device)
+            if max_prompt_tokens is not None:  # left-padded: the last columns hold every prompt's last tokens
+                batch = {k: v[:, -max_prompt_tokens:] for k, v in batch.items()}
             with torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)

@@ -166,3 +166,33 @@ def test_the_sampling_temperature_reaches_trl_and_only_grpo_reads_it(tmp_path):
     assert sft.replace(**{"training.temperature": 0.7}).content_hash == sft.content_hash
     with pytest.raises(ConfigError, match=r"training.temperature must be .*\(got 0\)"):
         grpo(temperature=0)
+
+
+class RecordPromptLengths:
+    """A TrainerCallback that records the prompt length of every generate call (sampling and greedy answers)."""
+
+    def __init__(self):
+        self.lengths: list[int] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        generate = model.generate
+
+        def recorded(*a, **k):
+            self.lengths.append(k["input_ids"].shape[1])
+            return generate(*a, **k)
+        model.generate = recorded
+
+
+@pytest.mark.slow
+def test_prompts_longer_than_max_length_keep_their_last_tokens_and_the_run_says_how_many(tmp_path):
+    from transformers import TrainerCallback
+
+    from nbtune.training import execute as run
+
+    record = type("Record", (RecordPromptLengths, TrainerCallback), {})()
+    events = EventStream()
+    config = grpo(rewards=["format"], max_steps=1, eval_every=1).replace(**{"data.max_length": 8})
+    summary = run(config, tmp_path / "run", events, extra_callbacks=[record])
+    assert summary.state == "finished"
+    assert record.lengths and max(record.lengths) == 8  # the sampled groups and the held-out greedy answers
+    assert summary.data["truncated"] == summary.data["train_rows"] == 16  # every chat prompt is over 8 tokens
