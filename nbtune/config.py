@@ -161,7 +161,11 @@ class DataConfig:
         "The column holding the input text (empty: the dataset's default)."))
     target_column: str | None = field(default=None, metadata=_about(
         "The column appended as the target; only its tokens are trained on (causal LM)."))
-    label_column: str | None = field(default=None, metadata=_about("The column holding the class label (seq-cls)."))
+    label_column: str | None = field(default=None, metadata=_about(
+        "The column holding the class label (seq-cls, image-cls; image-cls default: label)."))
+    image_column: str | None = field(default=None, metadata=_about(
+        "The column holding each image: a file path (relative to the data file) or the image itself "
+        "(image-cls; default: image)."))
     prompt_template: str | None = field(default=None, metadata=_about(
         "How a row becomes the input text, with {column} placeholders, e.g. 'Q: {question}\\nA:'.", multiline=True))
     max_length: int = field(default=128, metadata=_about(
@@ -728,7 +732,12 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
     if isinstance(d.prompt_template, str) and "{" not in d.prompt_template:
         out.append(_bad("data.prompt_template", d.prompt_template,
                         "a template naming at least one column, like '{text}'"))
-    if d.format in formats.FORMATS and d.format not in ("prompt-completion", "text") and task != "causal-lm":
+    image_task = task in tasks.TASKS and tasks.TASKS[task].inputs == "image"
+    if image_task and d.format not in ("auto", formats.IMAGE):
+        out.append(_bad("data.format", d.format, f"auto or {formats.IMAGE} for model.task {task}"))
+    elif d.format == formats.IMAGE and not image_task:
+        out.append(_bad("data.format", d.format, "a text format: image rows need an image task (image-cls)"))
+    elif d.format in formats.FORMATS and d.format not in ("prompt-completion", "text") and task != "causal-lm":
         out.append(_bad("data.format", d.format, f"prompt-completion or text for model.task {task} "
                                                  "(the other formats need causal-lm)"))
     if task == "seq-cls" and isinstance(d.source, (list, dict)) and d.label_column is None:

@@ -22,6 +22,7 @@ from typing import Any
 from nbtune import formats, stages
 from nbtune.chat_templates import Piece
 from nbtune.config import EMBEDDED_PREFIX, IN_MEMORY, ConfigError, TuneConfig
+from nbtune.tasks import TASKS
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MIN_TRAIN_ROWS = 2  # what a held-out fraction must leave for training, and no fewer than it holds out
@@ -121,6 +122,10 @@ def load_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
             field = "data.split" if split == d.split else "data.eval_split"
             raise ConfigError([(field, f"{field} must be one of {', '.join(spec.splits)} for {source} (got {split!r})")])
         return embedded.load_rows(spec.name, split)
+    from nbtune import images
+
+    if images.is_image_folder(source):
+        return images.image_folder_split(config, split)
     path = local_file(source)
     if path is not None:
         _check_unsplit(d, split, "a single file")
@@ -335,14 +340,18 @@ def render(config: TuneConfig, fmt: str, columns: Columns, row: dict[str, Any], 
 def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
     """Tokenize train and eval rows for the config's task and format (refused before any training when the
     supervised stage cannot train the format)."""
+    task = config.model.task
+    if TASKS[task].inputs == "image":
+        from nbtune import images
+
+        return images.prepare(config, tokenizer)
     train_rows, eval_rows = load_rows(config)
     fmt, columns = resolve_format(config, train_rows[0])
     stages.check_format(stages.STAGES["sft"], fmt)
-    task = config.model.task
     if task != "causal-lm" and fmt not in ("prompt-completion", "text"):
         raise ConfigError([("data.format", f"data.format {fmt} needs model.task causal-lm (got {task})")])
     labels: tuple[str, ...] = ()
-    if task == "seq-cls":
+    if TASKS[task].classifies:
         if columns.label is None:
             raise ValueError("data.label_column must name the class column for task seq-cls")
         labels = columns.labels or tuple(sorted({str(r[columns.label]) for r in train_rows + eval_rows}))
@@ -436,6 +445,15 @@ def _encode_cls(tok: Any, columns: Columns, row: dict[str, Any], max_length: int
             raise ValueError(f"data.label_column value {value!r} is not among the labels {labels}")
         index = labels.index(str(value))
     return {"input_ids": ids, "labels": index}
+
+
+def collator(task: str, tokenizer: Any) -> Any:
+    """The supervised collator of a task: padded token rows, or stacked images."""
+    if TASKS[task].inputs == "image":
+        from nbtune import images
+
+        return images.Collator()
+    return Collator(tokenizer.pad_token_id, task)
 
 
 class Collator:
@@ -540,6 +558,10 @@ def packing_collator(config: TuneConfig, pad_token_id: int) -> PackingCollator:
 def preview(config: TuneConfig, tokenizer: Any = None, rows: int = 5) -> dict[str, Any]:
     """What the builder's data preview shows: the format, the first rows as the model sees them (`pieces`: text
     marked trained or not), row counts, token lengths and truncation."""
+    if TASKS[config.model.task].inputs == "image":
+        from nbtune import images
+
+        return images.preview(config, rows)
     train_rows, eval_rows = load_rows(config)
     fmt, columns = resolve_format(config, train_rows[0])
     shown = [_shown_row(config, fmt, columns, r, tokenizer) for r in train_rows[:rows]]

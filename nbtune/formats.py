@@ -24,10 +24,12 @@ DESCRIPTIONS = {
     "text": "plain text, trained on all of it (continued pre-training)",
     "preference": "preference pairs: prompt, chosen, rejected (chat or plain)",
     "prompt-reference": "prompts with a reference answer, for reward-based RL",
+    "image": "images with a class label (image-cls; an image folder, or image and label columns)",
 }
 FORMATS = tuple(DESCRIPTIONS)
 CHOICES = ("auto", *FORMATS)
-SUPERVISED = ("chat", "instruction", "prompt-completion", "text")  # what the supervised stage can train
+SUPERVISED = ("chat", "instruction", "prompt-completion", "text")  # text the supervised stage trains
+IMAGE = "image"  # the one format of an image task's rows (nbtune/images.py)
 REFERENCE_COLUMNS = ("reference", "answer", "solution")
 REQUIRED = {"chat": ("messages",), "instruction": ("instruction", "output"), "preference": ("prompt", "chosen",
             "rejected"), "prompt-reference": ("prompt",)}

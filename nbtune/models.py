@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbtune import distributed, packed_attention
 from nbtune._lazy import import_heavy
-from nbtune.config import EMBEDDED_MODEL, EMBEDDED_PREFIX, TuneConfig
+from nbtune.config import EMBEDDED_PREFIX, TuneConfig
 from nbtune.dtypes import DTYPES, from_torch, torch_dtype
 from nbtune.methods.registry import MethodContext
 from nbtune.tasks import TASKS
@@ -28,9 +28,10 @@ def resolve_path(name_or_path: str) -> str:
     if name_or_path.startswith(EMBEDDED_PREFIX):
         from nbtune import embedded
 
-        if name_or_path != EMBEDDED_MODEL:
-            raise ValueError(f"model.name_or_path must be {EMBEDDED_MODEL!r} for the embedded model (got {name_or_path!r})")
-        return str(embedded.BASE_MODEL_DIR)
+        if name_or_path not in embedded.MODELS:
+            allowed = " or ".join(map(repr, embedded.MODELS))
+            raise ValueError(f"model.name_or_path must be {allowed} for an embedded model (got {name_or_path!r})")
+        return str(embedded.MODELS[name_or_path])
     return os.path.expanduser(name_or_path)
 
 
@@ -105,10 +106,15 @@ def auto_class(task: str) -> Any:
 
 
 def load_tokenizer(config: TuneConfig) -> Any:
+    """The model's tokenizer, padding on the right; for an image task its image processor instead (what turns
+    a row into the model's inputs)."""
     import_heavy()
-    from transformers import AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     m = config.model
+    if TASKS[m.task].inputs == "image":
+        return AutoImageProcessor.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
+                                                  trust_remote_code=m.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
                                               trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -139,11 +145,13 @@ def load_model(config: TuneConfig, num_labels: int | None = None, extra_kwargs: 
     }
     if config.training.dropout is not None:
         kwargs.update(_dropout_kwargs(config, config.training.dropout))
-    if m.task == "seq-cls":
+    if TASKS[m.task].classifies:
         kwargs["num_labels"] = num_labels or 2
+    if TASKS[m.task].head:  # a pre-trained vision model comes with its own head (ImageNet's 1000 classes)
+        kwargs["ignore_mismatched_sizes"] = True
     kwargs.update(extra_kwargs or {})
     model = auto_class(m.task).from_pretrained(resolve_path(m.name_or_path), **kwargs)
-    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+    if getattr(tokenizer, "pad_token_id", None) is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

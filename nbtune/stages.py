@@ -82,7 +82,7 @@ def _supervised_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     built, task, packing = prepared.built, prepared.built.ctx.task, prepared.data.packing
     return (_packed_trainer_class() if packing else MethodTrainer)(
         model=built.model, args=args, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval or None,
-        data_collator=packing or data.Collator(prepared.tokenizer.pad_token_id, task),
+        data_collator=packing or data.collator(task, prepared.tokenizer),
         compute_metrics=task_metric(task), callbacks=callbacks, method_loss=built.method.compute_loss,
         method_context=built.ctx, chunked_loss=prepared.loss is not None and prepared.loss.value == "chunked",
     )
@@ -144,8 +144,8 @@ def _grpo(name: str) -> Callable[..., Any]:
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("sft", "Supervised fine-tuning (SFT)",
           "the task's loss on the answer: chat (assistant turns), instruction, prompt/completion and text rows; "
-          "classification and seq2seq rows", "transformers Trainer",
-          formats=formats.SUPERVISED, tasks=tuple(TASKS), prepare_data=_prepare_rows,
+          "classification, seq2seq and image rows", "transformers Trainer",
+          formats=(*formats.SUPERVISED, formats.IMAGE), tasks=tuple(TASKS), prepare_data=_prepare_rows,
           arguments=_training_arguments, build_trainer=_supervised_trainer, save_artifact=_save_with_method,
           reads=("packing", "loss_implementation")),
     Stage("dpo", "Direct preference optimisation (DPO)",

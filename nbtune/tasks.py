@@ -16,15 +16,25 @@ class Task:
     name: str
     description: str
     auto_class: str  # the transformers AutoModel class that loads a model for it
-    peft_task_type: str  # peft's TaskType value
+    peft_task_type: str | None  # peft's TaskType value; None: peft adapts the model as it is (vision models)
     metric: str | None = None  # an extra eval metric beside the loss ("accuracy"), computed from the logits
+    inputs: str = "text"  # what a row gives the model: "text" (a tokenizer) or "image" (an image processor)
+    head: tuple[str, ...] = ()  # a new head's modules, trained whatever the method (peft: `modules_to_save`)
+
+    @property
+    def classifies(self) -> bool:
+        """Rows carry a class label and the model a freshly initialised classification head."""
+        return self.metric == "accuracy"
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("causal-lm", "generate the target text", "AutoModelForCausalLM", "CAUSAL_LM"),
     Task("seq2seq", "encoder-decoder: generate the target from the input", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"),
     Task("seq-cls", "classify each row", "AutoModelForSequenceClassification", "SEQ_CLS", metric="accuracy"),
+    Task("image-cls", "classify each image", "AutoModelForImageClassification", None, metric="accuracy",
+         inputs="image", head=("classifier",)),
 )}
+TEXT_TASKS = tuple(name for name, t in TASKS.items() if t.inputs == "text")
 
 
 def task(name: str) -> Task:

@@ -29,6 +29,7 @@ from nbtune.estimator.estimate import Suggestion
 from nbtune.events import EventStream, standing
 from nbtune.optimizers import OPTIMIZERS
 from nbtune.records import RunSummary
+from nbtune.tasks import TASKS
 from nbtune.units import format_bytes
 
 import_heavy()  # the one guarded import: another thread may be loading transformers for the builder right now
@@ -416,7 +417,7 @@ def _shared_arguments(config: TuneConfig, run_dir: Path, evaluates: bool, precis
         disable_tqdm=True,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding" if TASKS[config.model.task].inputs == "text" else "no",
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
         prediction_loss_only=stages.task_metric(config.model.task) is None,  # logits only for a metric

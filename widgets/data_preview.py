@@ -50,7 +50,13 @@ def preview_html(result: dict[str, Any]) -> str:
     rows = result.get("rows") or []
     has_label = any(r.get("label") is not None for r in rows)
     cell = "white-space:pre-wrap;text-align:left;font-family:monospace"
-    if has_label:
+    if result.get("format") == "image":
+        head = "<tr><th>image</th><th>file</th><th>label</th></tr>"
+        body = "".join(f"<tr><td><img alt='{html.escape(r['input'])}' src='data:image/png;base64,{r['image_png']}' "
+                       f"style='width:48px;image-rendering:pixelated'></td><td style='{cell}'>"
+                       f"{html.escape(r['input'])}</td><td style='{cell}'>{html.escape(r['label'])}</td></tr>"
+                       for r in rows)
+    elif has_label:
         head = "<tr><th>input (after the template)</th><th>label</th></tr>"
         body = "".join(f"<tr><td style='{cell}'>{html.escape(str(r['input']))}</td><td style='{cell}'>"
                        f"{html.escape(str(r['label']))}</td></tr>" for r in rows)
@@ -68,6 +74,9 @@ def preview_html(result: dict[str, Any]) -> str:
         color = "#c62828" if truncated else "#2e7d32"
         trunc = (f" · <span style='color:{color}'>{truncated:,} row{'s' if truncated != 1 else ''} longer than "
                  f"max_length {max_length} (truncated)</span>")
+    per_label = result.get("per_label")
+    if per_label:
+        counts += " · per label: " + ", ".join(f"{html.escape(k)} {v:,}" for k, v in per_label.items())
     return (f"<div style='margin-top:6px'>{format_html(result)}{counts}{trunc}</div>"
             f"<table style='font-size:12px;margin:6px 0'>{head}{body}</table>"
             f"{histogram_html(result.get('histogram') or [], max_length)}")

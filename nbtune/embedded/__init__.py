@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 EMBEDDED_MODEL = "nbtune:tiny"
 BASE_MODEL_DIR = pathlib.Path(__file__).parent / "base"
+VISION_MODEL = "nbtune:tiny-vit"  # a tiny ViT pre-trained on generated shapes (build_vision.py)
+VISION_MODEL_DIR = pathlib.Path(__file__).parent / "vit"
+MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR}  # name -> folder
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
@@ -20,7 +23,7 @@ class BuiltinDataset:
     """A built-in dataset: its task, its rows' format and, for "columns" rows, how a row becomes model input."""
 
     name: str
-    task: str  # "causal-lm" or "seq-cls"
+    task: str  # "causal-lm", "seq-cls" or "image-cls"
     description: str
     text_column: str | None = None  # the input; for causal-lm the prompt
     target_column: str | None = None  # the completion (causal-lm), else None
@@ -29,7 +32,8 @@ class BuiltinDataset:
     prompt_template: str | None = None  # str.format over a row's columns
     splits: tuple[str, ...] = ("train", "eval")
     # "columns": the fields above say how; "chat": `messages` lists of {role, content} (plus a reference
-    # `answer`); "preference": conversational `prompt`/`chosen`/`rejected` message lists
+    # `answer`); "preference": conversational `prompt`/`chosen`/`rejected` message lists; "image-folder": a
+    # folder per split holding a folder of PNGs per label
     format: str = "columns"
 
 
@@ -98,6 +102,15 @@ DATASETS: dict[str, BuiltinDataset] = {
             "both stating the right fact, so the base has no prior on them. Eval countries are held out of train.",
             format="preference",
         ),
+        BuiltinDataset(
+            name="shapes",
+            task="image-cls",
+            description="Name the shape in a 32x32 image (circle, square, triangle, ...) drawn in several colours "
+            "and places. Eval images hold colour and place combinations that train never shows with that shape; "
+            "the base ViT was pre-trained on other images of the same world.",
+            label_column="label",
+            format="image-folder",
+        ),
     )
 }
 
@@ -114,6 +127,11 @@ def dataset_path(name: str, split: str) -> pathlib.Path:
 
 
 def load_rows(name: str, split: str) -> list[dict]:
-    """The rows of a built-in dataset split, as dicts of column values."""
+    """The rows of a built-in dataset split, as dicts of column values (an image folder's: `image`, a file
+    path, and `label`)."""
+    if DATASETS[name].format == "image-folder":
+        from nbtune import images
+
+        return images.folder_rows(DATA_DIR / name / split)
     with dataset_path(name, split).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

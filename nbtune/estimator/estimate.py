@@ -27,6 +27,7 @@ from nbtune.estimator.skeleton import Facts, LayerFacts, facts
 from nbtune.methods import registry
 from nbtune.optimizers import OPTIMIZERS
 from nbtune.precision import for_plan
+from nbtune.tasks import TASKS
 
 # Physically motivated constants (documented in bench/results/calibration-*.md):
 CUDA_CONTEXT = 600 * 2**20  # CUDA context + kernels of torch 2.x with lazy module loading; outside torch's counters
@@ -370,7 +371,8 @@ def step_shape(config: TuneConfig, f: Facts) -> StepShape:
     # prepare_model_for_kbit_training upcasts embeddings and norms to fp32: the hidden states follow them
     hidden = f.residual_bytes or BYTES[config.model.dtype]
     autocast = t.precision in ("fp16", "bf16") and hidden == 4
-    seq, batch = sequence_tokens(config) + f.virtual_tokens, sequences_per_micro_batch(config)
+    seq = f.dims.get("image_tokens") if TASKS[config.model.task].inputs == "image" else None
+    seq, batch = (seq or sequence_tokens(config)) + f.virtual_tokens, sequences_per_micro_batch(config)
     return StepShape(hidden_bytes=hidden, autocast=autocast, matmul_bytes=2 if (hidden == 2 or autocast) else 4,
                      batch=batch, tokens=batch * seq, kv_length=seq + f.prefix_tokens,
                      checkpointing=t.gradient_checkpointing or f.forced_checkpointing)
@@ -679,7 +681,7 @@ def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
                           reference_forward=inference_block_bytes(f, tokens, shape.matmul_bytes) if after else 0)
     if losses.requested(config) != "standard" and config.model.task == "causal-lm":
         return chunked_logit_terms(losses.requested(config), f, shape, head)
-    if config.model.task == "seq-cls":
+    if TASKS[config.model.task].classifies:
         logits = 0
     else:
         logits = int(tokens * vocab * 12)
@@ -956,7 +958,8 @@ def _options(config: TuneConfig) -> list[_Option]:
     if not t.gradient_checkpointing and not registry.get(config.method.name).no_gradient_checkpointing:
         options.append(_option("checkpointing", "gradient checkpointing",
                                {"training.gradient_checkpointing": True}))
-    if t.loss_implementation == "standard" and "loss_implementation" in stages.for_config(config).reads:
+    causal = config.model.task == "causal-lm"  # the chunked loss is over a vocabulary's logits
+    if t.loss_implementation == "standard" and "loss_implementation" in stages.for_config(config).reads and causal:
         options.append(_option("loss", "chunked loss (the logits a chunk of tokens at a time)",
                                {"training.loss_implementation": "chunked"}))
     if OPTIMIZERS[t.optimizer].state == "adam" and not OPTIMIZERS[t.optimizer].eight_bit:
@@ -968,7 +971,7 @@ def _options(config: TuneConfig) -> list[_Option]:
     options += [_option(f"method {name}", f"switch the method to {name}", {"method.name": name})
                 for name in lighter if registry.find(name) is not None]
     length, halvings = config.data.max_length // 2, 1
-    while length >= 128:
+    while length >= 128 and TASKS[config.model.task].inputs == "text":  # an image's tokens are its patches
         options.append(_option("max_length", f"shorter sequences: max_length {length}",
                                {"data.max_length": length}, halvings, max_length=length))
         length, halvings = length // 2, halvings + 1

@@ -14,6 +14,7 @@ from nbtune.config import TuneConfig
 from nbtune.estimator.estimate import packs
 from nbtune.estimator.skeleton import build_model
 from nbtune.optimizers import OPTIMIZERS
+from nbtune.tasks import TASKS
 
 
 def make_optimizer(config: TuneConfig, params: list[Any], *, foreach: bool | None = None, fused: bool = False) -> Any:
@@ -68,9 +69,13 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
     b, s = t.micro_batch_size, config.data.max_length
-    ids = torch.randint(0, int(model_config.vocab_size), (b, s))
-    labels = torch.zeros((b,), dtype=torch.long) if config.model.task == "seq-cls" else ids
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if TASKS[config.model.task].inputs == "image":
+        ids, inputs = None, image_inputs(model_config, b)
+        s = inputs["pixel_values"].shape[-1] ** 2 // model_config.patch_size ** 2 + 1  # patches and class token
+    else:
+        ids = torch.randint(0, int(model_config.vocab_size), (b, s))
+        labels = torch.zeros((b,), dtype=torch.long) if TASKS[config.model.task].classifies else ids
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     if packs(config):
         inputs = packed_inputs(config, ids)
     skip = {p.untyped_storage().data_ptr() for p in params}
@@ -92,7 +97,7 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
             loss = step_loss(config, model, inputs)
         if teacher is not None:
             with torch.no_grad():
-                teacher(input_ids=ids)
+                teacher(input_ids=ids) if ids is not None else teacher(pixel_values=inputs["pixel_values"])
         loss.backward()
     optimizer.step()
 
@@ -110,6 +115,15 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
         "step_peak": tracker.peak,
         "tokens": b * s,
     }
+
+
+def image_inputs(model_config: Any, batch: int) -> dict[str, Any]:
+    """A batch of random square images at the model's size, with class labels."""
+    import torch
+
+    size, channels = model_config.image_size, getattr(model_config, "num_channels", 3)
+    return {"pixel_values": torch.randn(batch, channels, size, size),
+            "labels": torch.randint(0, max(int(model_config.num_labels), 2), (batch,))}
 
 
 def step_loss(config: TuneConfig, model: Any, inputs: dict[str, Any]) -> Any:

@@ -37,6 +37,7 @@ from nbtune.estimator.estimate import (
 from nbtune.estimator.measure import make_optimizer
 from nbtune.estimator.skeleton import Facts, build_model
 from nbtune.optimizers import OPTIMIZERS
+from nbtune.tasks import TASKS
 
 
 class StorageTracker(TorchDispatchMode):
@@ -141,6 +142,9 @@ def simulate_memory(config: TuneConfig | None = None, model_config: Any = None, 
 
     started = time.perf_counter()
     config, model_config, f, notes = plan(config, model_config, gpu)
+    if TASKS[config.model.task].inputs != "text":
+        raise ValueError(f"the simulated tier runs text models; model.task {config.model.task} is estimated by the "
+                         "instant tier (estimate_memory), which tests check against real CPU steps")
     if losses.requested(config) == "liger":
         notes.append("liger's fused loss is simulated as the chunked loss (its Triton kernels need real tensors)")
     if config.distributed.strategy != "none":

@@ -14,6 +14,7 @@ from typing import Any
 
 from nbtune.config import TuneConfig
 from nbtune.methods.counting import count_parameters
+from nbtune.tasks import TASKS
 
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
 _BEFORE_LAYERS = ("embed", "wte", "wpe", "shared", "prompt_encoder", "prefix", "token_type")
@@ -105,9 +106,21 @@ def model_dims(model_config: Any) -> dict[str, int]:
                                default=0.0) or 0.0)
     if getattr(c, "is_encoder_decoder", False):
         layers += int(first("num_decoder_layers", default=layers))
-    return {"h": h, "I": int(first("intermediate_size", "n_inner", "d_ff", default=4 * h) or 4 * h), "a": a,
-            "kv": kv_heads * head_dim, "head_dim": head_dim, "q": a * head_dim, "V": int(c.vocab_size), "L": layers,
+    dims = {"h": h, "I": int(first("intermediate_size", "n_inner", "d_ff", default=4 * h) or 4 * h), "a": a,
+            "kv": kv_heads * head_dim, "head_dim": head_dim, "q": a * head_dim, "L": layers,
             "attn_dropout": int(attn_dropout > 0)}
+    # a vision model's "vocabulary" is its head's classes; its sequence is its patches and the class token
+    dims["V"] = int(c.vocab_size) if getattr(c, "vocab_size", None) else int(getattr(c, "num_labels", 2))
+    if getattr(c, "patch_size", None) and getattr(c, "image_size", None):
+        dims["image_tokens"] = _patch_grid(c.image_size, c.patch_size) + 1
+    return dims
+
+
+def _patch_grid(image_size: Any, patch_size: Any) -> int:
+    """Patches of an image: (height / patch) x (width / patch); sizes are ints or (height, width) pairs."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    return (height // ph) * (width // pw)
 
 
 def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> tuple[Any, dict[str, Any]]:
@@ -123,7 +136,7 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
     from nbtune import models
 
     model_config = copy.deepcopy(model_config)
-    if config.model.task == "seq-cls" and getattr(model_config, "num_labels", 2) < 2:
+    if TASKS[config.model.task].classifies and getattr(model_config, "num_labels", 2) < 2:
         model_config.num_labels = 2
     quantized: set[int] = set()
     info: dict[str, Any] = {}

@@ -78,7 +78,7 @@ def adapted_paths(model: Any) -> list[str]:
 
 
 def apply_adapters(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    """Insert adapters and train only them (plus a seq-cls model's classification head)."""
+    """Insert adapters and train only them (plus a classifier's new head)."""
     classifier = classifier_parameter_names(model, ctx)
     insert_adapters(model, params)
     for name, p in model.named_parameters():

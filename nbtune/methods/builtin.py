@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from nbtune.methods import adapters, distillation, peft_methods, selective
 from nbtune.methods.registry import Field, Method, register
-from nbtune.tasks import TASKS
+from nbtune.tasks import TEXT_TASKS
 
-PEFT_TASKS = tuple(TASKS)  # peft applies its methods to every task nbtune has
+# virtual tokens join a sequence of token embeddings: peft's prompt methods need a text model's input embeddings
+PROMPT_TASKS = TEXT_TASKS
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 
 
@@ -134,7 +135,7 @@ register(Method(
     ),
     apply=peft_methods.apply_prompt_tuning,
     learning_rate=3e-2,
-    tasks=PEFT_TASKS,
+    tasks=PROMPT_TASKS,
     virtual_tokens="num_virtual_tokens",
 ))
 
@@ -155,7 +156,7 @@ register(Method(
     ),
     apply=peft_methods.apply_prefix_tuning,
     learning_rate=1e-2,
-    tasks=PEFT_TASKS,
+    tasks=PROMPT_TASKS,
     virtual_tokens="num_virtual_tokens",
     no_gradient_checkpointing=PREFIX_RECOMPUTED,
 ))
@@ -173,7 +174,7 @@ register(Method(
     ),
     apply=peft_methods.apply_p_tuning,
     learning_rate=2e-2,
-    tasks=PEFT_TASKS,
+    tasks=PROMPT_TASKS,
     virtual_tokens="num_virtual_tokens",
 ))
 
@@ -188,7 +189,7 @@ register(Method(
     ),
     apply=peft_methods.apply_p_tuning_v2,
     learning_rate=1e-2,
-    tasks=PEFT_TASKS,
+    tasks=PROMPT_TASKS,
     virtual_tokens="num_virtual_tokens",
     no_gradient_checkpointing=PREFIX_RECOMPUTED,
 ))
@@ -252,6 +253,6 @@ register(Method(
     apply=distillation.apply_distillation,
     compute_loss=distillation.distillation_loss,
     learning_rate=1e-3,
-    tasks=("causal-lm", "seq-cls"),
+    tasks=("causal-lm", "seq-cls", "image-cls"),
     is_peft=False,
 ))

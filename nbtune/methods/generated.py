@@ -162,12 +162,17 @@ def apply_peft(peft_type: str, model: Any, params: dict[str, Any], ctx: MethodCo
     """Wrap the model with the peft method `peft_type` configured by these params."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from nbtune.methods.peft_methods import PEFT_TASK, get_peft_model
+    from nbtune.methods.peft_methods import default_targets, get_peft_model, task_arguments
 
     classes = {getattr(t, "value", t): c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
     if peft_type not in classes:
         raise ValueError(f"method {_method_name(peft_type)!r} is not a method of the installed peft; "
                          f"it has {', '.join(sorted(map(_method_name, classes)))}")
     config_class = classes[peft_type]
-    return get_peft_model(model, config_class(task_type=PEFT_TASK[ctx.task], **params))
+    if "target_modules" in params:  # peft's default for the model type, or one borrowed (a vision model)
+        params = {**params, "target_modules": default_targets(peft_type, model, params["target_modules"])}
+    task = task_arguments(ctx)
+    if "modules_to_save" in task:  # the task's new head, beside any modules the user named
+        params = {**params, "modules_to_save": [*task.pop("modules_to_save"), *(params.get("modules_to_save") or [])]}
+    return get_peft_model(model, config_class(**task, **params))
 

@@ -8,7 +8,14 @@ from nbtune.dtypes import torch_dtype
 from nbtune.methods.registry import MethodContext
 from nbtune.tasks import TASKS
 
-PEFT_TASK = {name: task.peft_task_type for name, task in TASKS.items()}
+
+def task_arguments(ctx: MethodContext) -> dict[str, Any]:
+    """What a peft config is told of the task: its TaskType, or, for a task peft has none for (image
+    classification), the new head to train beside the method (`modules_to_save`, peft's documented recipe)."""
+    task = TASKS[ctx.task]
+    if task.peft_task_type is not None:
+        return {"task_type": task.peft_task_type}
+    return {"modules_to_save": list(task.head)}
 
 
 def get_peft_model(model: Any, peft_config: Any) -> Any:
@@ -80,19 +87,51 @@ def _cache_under_its_old_name(peft_model: Any) -> None:
     peft_model.base_model_prepare_inputs_for_generation = renamed
 
 
+def default_targets(kind: str, model: Any, chosen: list[str] | None) -> list[str] | None:
+    """The modules a method adapts: those chosen, else peft's default for the model type (None: peft picks).
+
+    peft's defaults are per model type, and vision transformers (ViT, DeiT, ...) have none: such a model
+    borrows the default of the first model type in peft's table whose module names it all has (transformers 5
+    names ViT's q_proj ... fc2, as BART's). `kind` names peft's table (LORA, IA3, ADALORA, ...)."""
+    if chosen:
+        return chosen
+    borrowed = _borrowed_model_type(kind, model)
+    return None if borrowed is None else list(_peft_table(kind, "TARGET")[borrowed])
+
+
+def _peft_table(kind: str, what: str) -> dict[str, list[str]]:
+    from peft.utils import constants
+
+    return getattr(constants, f"TRANSFORMERS_MODELS_TO_{kind}_{what}_MODULES_MAPPING", {})
+
+
+def _borrowed_model_type(kind: str, model: Any) -> str | None:
+    """The model type whose peft default a model without its own gets; None: its own, or none fits."""
+    table = _peft_table(kind, "TARGET")
+    if getattr(model.config, "model_type", None) in table:
+        return None
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    names = {name for name, _ in model.named_modules()}
+
+    def has(target: str) -> bool:
+        return target in leaves if "." not in target else any(n.endswith("." + target) for n in names)
+
+    return next((t for t, targets in table.items() if targets and all(map(has, targets))), None)
+
+
 def apply_lora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    return get_peft_model(model, _lora_config(params, ctx))
+    return get_peft_model(model, _lora_config(model, params, ctx))
 
 
-def _lora_config(params: dict[str, Any], ctx: MethodContext) -> Any:
+def _lora_config(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        task_type=PEFT_TASK[ctx.task],
+        **task_arguments(ctx),
         r=params["r"],
         lora_alpha=params["alpha"],
         lora_dropout=params["dropout"],
-        target_modules=params["target_modules"] or None,
+        target_modules=default_targets("LORA", model, params["target_modules"]),
         use_dora=params["use_dora"],
         use_rslora=params["use_rslora"],
     )
@@ -110,6 +149,8 @@ def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, A
         bnb_4bit_use_double_quant=params["double_quant"],
         bnb_4bit_compute_dtype=compute,
         **({"bnb_4bit_quant_storage": compute} if ctx.sharded else {}),
+        # a task's new head trains in full (modules_to_save): it must stay unquantized
+        **({"llm_int8_skip_modules": list(TASKS[ctx.task].head)} if TASKS[ctx.task].head else {}),
     )}
 
 
@@ -121,7 +162,7 @@ def apply_qlora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
         # Gradient checkpointing is the engine's choice (training.gradient_checkpointing), not the method's.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         disable_cpu_inference_repacking(model)
-    return get_peft_model(model, _lora_config(params, ctx))
+    return get_peft_model(model, _lora_config(model, params, ctx))
 
 
 def disable_cpu_inference_repacking(model: Any) -> None:
@@ -146,7 +187,7 @@ def apply_prompt_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) 
     n = params["num_virtual_tokens"]
     if params["init"] == "text" and not params["init_text"]:
         raise ValueError("method.init_text must be non-empty text when method.init is 'text' (got '')")
-    peft_model = get_peft_model(model, PromptTuningConfig(task_type=PEFT_TASK[ctx.task], num_virtual_tokens=n))
+    peft_model = get_peft_model(model, PromptTuningConfig(**task_arguments(ctx), num_virtual_tokens=n))
     embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
     if params["init"] == "text" and not embedding.weight.is_meta:
         if ctx.tokenizer is None:
@@ -166,7 +207,7 @@ def apply_prefix_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) 
     from peft import PrefixTuningConfig
 
     return get_peft_model(model, PrefixTuningConfig(
-        task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"],
+        **task_arguments(ctx), num_virtual_tokens=params["num_virtual_tokens"],
         prefix_projection=True, encoder_hidden_size=params["encoder_hidden_size"]))
 
 
@@ -174,7 +215,7 @@ def apply_p_tuning(model: Any, params: dict[str, Any], ctx: MethodContext) -> An
     from peft import PromptEncoderConfig
 
     return get_peft_model(model, PromptEncoderConfig(
-        task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"],
+        **task_arguments(ctx), num_virtual_tokens=params["num_virtual_tokens"],
         encoder_reparameterization_type=params["encoder"].upper(),
         encoder_hidden_size=params["encoder_hidden_size"]))
 
@@ -183,15 +224,15 @@ def apply_p_tuning_v2(model: Any, params: dict[str, Any], ctx: MethodContext) ->
     from peft import PrefixTuningConfig
 
     return get_peft_model(model, PrefixTuningConfig(
-        task_type=PEFT_TASK[ctx.task], num_virtual_tokens=params["num_virtual_tokens"], prefix_projection=False))
+        **task_arguments(ctx), num_virtual_tokens=params["num_virtual_tokens"], prefix_projection=False))
 
 
 def apply_ia3(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     from peft import IA3Config
 
     return get_peft_model(model, IA3Config(
-        task_type=PEFT_TASK[ctx.task], target_modules=params["target_modules"] or None,
-        feedforward_modules=params["feedforward_modules"] or None))
+        **task_arguments(ctx), target_modules=default_targets("IA3", model, params["target_modules"]),
+        feedforward_modules=params["feedforward_modules"] or _ia3_feedforward(model, params)))
 
 
 def apply_adalora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
@@ -206,9 +247,16 @@ def apply_adalora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any
         raise ValueError(f"method.tinit + method.tfinal must be less than the training steps ({total}) "
                          f"(got tinit={tinit}, tfinal={tfinal}); lower them or train longer")
     return get_peft_model(model, AdaLoraConfig(
-        task_type=PEFT_TASK[ctx.task], init_r=params["init_r"], target_r=params["target_r"],
+        **task_arguments(ctx), init_r=params["init_r"], target_r=params["target_r"],
         lora_alpha=params["alpha"], lora_dropout=params["dropout"], tinit=tinit, tfinal=tfinal,
-        deltaT=params["deltaT"], total_step=total, target_modules=params["target_modules"] or None))
+        deltaT=params["deltaT"], total_step=total,
+        target_modules=default_targets("ADALORA", model, params["target_modules"])))
+
+
+def _ia3_feedforward(model: Any, params: dict[str, Any]) -> list[str] | None:
+    """IA3's feed-forward modules: peft's default, or that of the model type its targets are borrowed from."""
+    borrowed = None if params["target_modules"] else _borrowed_model_type("IA3", model)
+    return None if borrowed is None else list(_peft_table("IA3", "FEEDFORWARD")[borrowed])
 
 
 def adalora_callbacks(model: Any, params: dict[str, Any], ctx: MethodContext) -> list[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbtune.methods.registry import MethodContext
+from nbtune.tasks import TASKS
 
 # Attribute names under which architectures keep their list of transformer layers
 # (Llama/Mistral `layers`, GPT-2 `h`, BERT `layer`, T5 `block`, some vision/hybrid models `blocks`).
@@ -59,8 +60,8 @@ def head_parameter_names(model: Any) -> set[str]:
 
 
 def classifier_parameter_names(model: Any, ctx: MethodContext) -> set[str]:
-    """A seq-cls model's freshly initialised classification head (empty for other tasks)."""
-    if ctx.task != "seq-cls":
+    """A classifier's freshly initialised classification head (empty for other tasks)."""
+    if not TASKS[ctx.task].classifies:
         return set()
     return {n for n in head_parameter_names(model) if any(part in HEAD_NAMES for part in n.split("."))}
 
@@ -100,7 +101,7 @@ def apply_freeze(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
 
 
 def apply_bitfit(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
-    """Train the bias terms only (plus the classification head of a seq-cls model)."""
+    """Train the bias terms only (plus a classifier's new head)."""
     biases = [name for name, _ in model.named_parameters() if name == "bias" or name.endswith(".bias")]
     if not biases:
         raise ValueError(f"method bitfit needs bias parameters, but {type(model).__name__} has none "
