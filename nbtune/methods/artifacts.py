@@ -91,7 +91,7 @@ def describe(config: Any, method: Method, ctx: MethodContext, fmt: str,
     """What an artifact records about itself: base, task, method, labels, chat template, and how to load it."""
     model_config = ctx.model_config
     labels = []
-    if config.model.task == "seq-cls" and getattr(model_config, "id2label", None):
+    if TASKS[config.model.task].classifies and getattr(model_config, "id2label", None):
         labels = [model_config.id2label[i] for i in sorted(model_config.id2label)]
     record: dict[str, Any] = {
         "format": fmt, "base_model": config.model.name_or_path, "revision": config.model.revision,
