@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nbtune.config import ConfigError, TuneConfig
+from nbtune.tasks import TASKS
 
 # Where architectures state how many positions they embed (learned position embeddings fail past it).
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
@@ -105,7 +106,12 @@ def _format_blockers(config: TuneConfig) -> list[Blocker]:
         return []
     try:
         rows, _ = data.load_rows(config)
-        stages.check_format(stages.for_config(config), data.resolve_format(config, rows[0])[0])
+        if TASKS[config.model.task].inputs == "image":  # one format: an image and a label column
+            from nbtune import images
+
+            images.columns(config, rows[0])
+        else:
+            stages.check_format(stages.for_config(config), data.resolve_format(config, rows[0])[0])
     except ConfigError as err:
         return [Blocker(field, message) for field, message in err.problems]
     except Exception:  # rows that cannot be read fail where the run starts, with their own message

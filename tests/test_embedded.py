@@ -119,7 +119,7 @@ def test_generator_is_deterministic_and_matches_shipped_data():
     assert first == list(world_gen.corpus_documents(world, SEED, 50_000))
     rows = world_gen.dataset_rows(world, SEED)
     for name, spec in DATASETS.items():
-        for split in spec.splits:
+        for split in spec.splits if spec.task != "image-cls" else ():  # images: nbtune/embedded/shapes.py
             assert load_rows(name, split) == rows[name][split]
 
 

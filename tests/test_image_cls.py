@@ -206,3 +206,27 @@ def test_the_memory_estimate_suggests_nothing_an_image_model_cannot_do(world):
     kinds = {part for s in estimate.suggestions for part in s.changes}
     assert "training.micro_batch_size" in kinds
     assert "data.max_length" not in kinds and "training.loss_implementation" not in kinds
+
+
+def test_the_builder_is_ready_for_an_image_folder_and_names_a_wrong_image_column(world):
+    from nbtune import preflight
+
+    assert preflight.readiness(image_config(world), "T4", None) == []
+    blockers = preflight.readiness(image_config(world, image_column="picture"), "T4", None)
+    assert [b.field for b in blockers] == ["data.image_column"]
+
+
+def test_an_identical_image_run_is_served_from_the_store_and_compares_with_others(world, tmp_path, monkeypatch):
+    import nbtune
+
+    monkeypatch.setenv("NBTUNE_HOME", str(tmp_path / "store"))
+    config = image_config(world, "lora")
+    first = nbtune.launch(config)
+    first.wait()
+    again = nbtune.launch(config)
+    assert again.id == first.id and again.status == "finished"
+    comparison = nbtune.compare(config, methods=["lora", "bitfit"], seeds=1)
+    rows = {row["variant"]: row for row in comparison.rows()}
+    assert rows.keys() == {"lora", "bitfit"} and rows["lora"]["served_from_store"]
+    assert all(0.0 <= row["eval_accuracy"] <= 1.0 for row in rows.values())
+    assert "accuracy" in comparison.recommendation()
