@@ -4,6 +4,9 @@ For each method: eval loss of the untuned base and after tuning (and accuracy on
 trainable share, wall time. Runs go through the run store, so a repeat is served from the cache.
 
     python bench/all_methods.py --dataset capitals --out bench/results/all-methods-capitals.md
+    python bench/all_methods.py --dataset shapes   # image-cls on the embedded ViT
+
+A method the task cannot train (the prompt methods on images) is listed with the registry's reason.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import nbtune
 from nbtune.methods import registry
 from nbtune.records import RunSummary
 
-TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls"}
+TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls", "shapes": "image-cls"}
+MODEL = {"shapes": "nbtune:tiny-vit"}  # the rest: nbtune:tiny
 
 
 def main() -> None:
@@ -30,10 +34,14 @@ def main() -> None:
     args = parser.parse_args()
 
     methods = args.methods or registry.names(include_generated=False)
-    base = nbtune.TuneConfig(model={"task": TASK[args.dataset]}, data={"source": f"nbtune:{args.dataset}"})
+    base = nbtune.TuneConfig(model={"task": TASK[args.dataset], "name_or_path": MODEL.get(args.dataset, "nbtune:tiny")},
+                             data={"source": f"nbtune:{args.dataset}"})
     rows = []
     started = time.time()
     for name in methods:
+        if TASK[args.dataset] not in registry.get(name).tasks:
+            print(f"{name}: not for {TASK[args.dataset]} (supports {', '.join(registry.get(name).tasks)})", flush=True)
+            continue
         run = nbtune.train(base.replace(method=name), store=args.store, progress=False)
         s = run.summary or RunSummary()  # train() returns an ended run, which always has a summary
         base_loss, final_loss = s.base_eval_loss, s.final_eval_loss
@@ -50,9 +58,9 @@ def main() -> None:
     learned = [r for r in rows if r["drop %"] is not None and r["drop %"] >= 10 and
                (r["acc"] is None or r["base acc"] is None or r["acc"] > r["base acc"])]
     verdict = f"{len(learned)} of {len(rows)} methods learned (eval loss >= 10 % below the base's" + (
-        ", accuracy above the base's)" if TASK[args.dataset] == "seq-cls" else ")")
+        ", accuracy above the base's)" if TASK[args.dataset] != "causal-lm" else ")")
     header = (f"# All methods on the embedded default: `nbtune:{args.dataset}`\n\n"
-              f"Date: {date.today()}. Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+              f"Date: {date.today()}. Machine: {platform.machine()}, {_cpu_model()}, "
               f"{_cores()} cores, CPU only. Budget: each method's defaults (TuneConfig: max_steps "
               f"{base.training.max_steps}, micro-batch {base.training.micro_batch_size}, the registry's "
               f"learning rate). Total wall time {time.time() - started:.0f} s (cached rows cost nothing).\n\n")
@@ -60,6 +68,15 @@ def main() -> None:
     print("\n" + report)
     if args.out:
         Path(args.out).write_text(report)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as lscpu gives it."""
+    import subprocess
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.processor() or "cpu")
 
 
 def _cores() -> int:

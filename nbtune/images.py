@@ -46,9 +46,14 @@ def split_folders(folder: Path) -> list[str]:
 
 
 def folder_rows(folder: Path) -> list[dict[str, Any]]:
-    """One row per image of a folder of label folders: {image: its path, label: its folder's name}."""
-    return [{DEFAULT_IMAGE_COLUMN: str(image), DEFAULT_LABEL_COLUMN: labelled.name}
+    """One row per image of a folder of label folders: {image: its path, label: its folder's name}, in a fixed
+    shuffled order (a listing is grouped by label, and `data.max_samples` must not take one label's images)."""
+    import random
+
+    rows = [{DEFAULT_IMAGE_COLUMN: str(image), DEFAULT_LABEL_COLUMN: labelled.name}
             for labelled in _label_folders(folder) for image in _images_in(labelled)]
+    random.Random(0).shuffle(rows)
+    return rows
 
 
 def image_folder_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:

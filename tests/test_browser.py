@@ -49,7 +49,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _notebook(path: Path) -> None:
+# The image classifier's notebook: the embedded ViT on nbtune:shapes, short enough to watch to the end.
+IMAGE_CONFIG = ('nbtune.TuneConfig(model={"name_or_path": "nbtune:tiny-vit", "task": "image-cls"}, '
+                'data={"source": "nbtune:shapes"}, training={"max_steps": 40, "log_every": 1, "eval_every": 10})')
+
+
+def _notebook(path: Path, config: str = f"nbtune.TuneConfig().replace(**{CONFIG!r})") -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
@@ -57,7 +62,7 @@ def _notebook(path: Path) -> None:
         nbformat.v4.new_code_cell("%load_ext nbtune"),
         nbformat.v4.new_code_cell(
             "import nbtune\nfrom nbtune.widgets import Builder\n\n"
-            f"config = nbtune.TuneConfig().replace(**{CONFIG!r})\n"
+            f"config = {config}\n"
             "builder = Builder(config, store='store')\nbuilder"),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -71,8 +76,9 @@ APPS = {
 }
 
 
-def _server(tmp_path: Path, app: str):
-    """Start `jupyter <app>` on a generated notebook with isolated Jupyter dirs; yield its base URL and token."""
+def _server(tmp_path: Path, app: str, config: str | None = None):
+    """Start `jupyter <app>` on a generated notebook (of `config`, a TuneConfig expression; default: the
+    embedded text default) with isolated Jupyter dirs; yield its base URL and token."""
     missing = _requirements()
     if missing:
         if os.environ.get("CI"):  # CI installs chromium: a missing browser there is a failure, not a skip
@@ -94,7 +100,7 @@ def _server(tmp_path: Path, app: str):
     env["JUPYTER_PATH"] = str(home / "prefix" / "share" / "jupyter")
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    _notebook(notebooks / "builder.ipynb")
+    _notebook(notebooks / "builder.ipynb", *([config] if config else []))
     port, token = _free_port(), "nbtune-browser-test"
     log = tmp_path / f"{app}.log"
     server = subprocess.Popen(
@@ -132,6 +138,11 @@ def lab(tmp_path: Path):
 @pytest.fixture
 def notebook7(tmp_path: Path):
     yield from _server(tmp_path, "notebook")
+
+
+@pytest.fixture
+def image_lab(tmp_path: Path):
+    yield from _server(tmp_path, "lab", IMAGE_CONFIG)
 
 
 def _kernel_idle(server: dict) -> bool:
@@ -443,3 +454,38 @@ def test_builder_states_live_chart_stop_and_resume_in_notebook7(notebook7: dict)
 def _record(measured: dict, app: str) -> None:
     """Keep what the browser measured beside the screenshots (bench/results copies it with the CPU model)."""
     (SHOTS / f"{app}-measured.json").write_text(json.dumps(measured, indent=1))
+
+
+def test_an_image_classifier_previews_its_images_and_charts_accuracy_to_the_end_in_jupyterlab(image_lab: dict):
+    """The image task in a real browser: the builder is Ready with an estimate, "Preview data" shows the images
+    with their labels, and the launched run's dashboard charts the loss and the held-out accuracy to Finished."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1500})
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page: {e}"))
+        try:
+            builder = _open_builder(image_lab, page, "/lab/tree/builder.ipynb")
+            _show_tab(page, "Data")
+            page.click(".nbtune-builder button:has-text('Preview data')")
+            page.wait_for_selector(".nbtune-builder img[src^='data:image/png']", timeout=60_000)
+            shown = builder.inner_text()
+            assert "Format image" in shown and "per label:" in shown, shown[-600:]
+            assert page.locator(".nbtune-builder img[src^='data:image/png']").count() == 5
+            builder.screenshot(path=str(SHOTS / "image-builder.png"))
+            page.click(".nbtune-builder button:has-text('Launch')")
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            page.wait_for_selector(".nbtune-status:has-text('Finished')", timeout=240_000)
+            traces = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                                   ".flatMap(p => (p.data || []).map(t => t.name))")
+            assert "train loss" in traces and any("accuracy" in (name or "") for name in traces), traces
+            _shoot_dashboard(page, lambda stage, target: target.screenshot(path=str(SHOTS / "image-finished.png")),
+                             "finished")
+        finally:
+            browser.close()
+    assert not errors, "\n".join(errors)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from nbtune.embedded import BASE_MODEL_DIR, DATASETS, EMBEDDED_MODEL, dataset_path, load_rows
+from nbtune.embedded import BASE_MODEL_DIR, DATA_DIR, DATASETS, EMBEDDED_MODEL, dataset_path, load_rows
 from nbtune.embedded import world as world_gen
 from nbtune.embedded.build import CHAT_TEMPLATE, CORPUS_BYTES, SEED, SEQ_LEN
 
@@ -274,3 +275,57 @@ def test_every_chat_row_fits_the_base_context(name, tokenizer):
         for split in ("train", "eval") for r in load_rows(name, split) for side in ("chosen", "rejected")
     ]
     assert max(lengths) <= SEQ_LEN - 16, max(lengths)
+
+
+# ----- the embedded vision default: nbtune:tiny-vit and nbtune:shapes (nbtune/embedded/build_vision.py) -------
+
+def test_the_shapes_set_holds_out_colour_and_place_combinations_from_train():
+    from nbtune.embedded import shapes
+
+    spec = DATASETS["shapes"]
+    assert spec.task == "image-cls" and spec.format == "image-folder"
+    train, evaluation = load_rows("shapes", "train"), load_rows("shapes", "eval")
+    assert len(train) == 640 and len(evaluation) == 160
+    assert sorted({r["label"] for r in train}) == list(shapes.SHAPES) == sorted({r["label"] for r in evaluation})
+    trained = set(shapes.combos("train"))
+    assert not trained & set(shapes.combos("eval"))  # no eval combination is ever seen in training
+    assert all(Path(r["image"]).is_file() for r in train + evaluation)
+
+
+def test_the_shapes_images_are_the_generators(tmp_path):
+    from nbtune.embedded import build_vision
+
+    build_vision.write_dataset(tmp_path)
+    shipped = sorted(p.relative_to(DATA_DIR / "shapes") for p in (DATA_DIR / "shapes").rglob("*.png"))
+    made = sorted(p.relative_to(tmp_path / "data" / "shapes") for p in (tmp_path / "data" / "shapes").rglob("*.png"))
+    assert shipped == made
+    for path in shipped[::37]:
+        assert (DATA_DIR / "shapes" / path).read_bytes() == (tmp_path / "data" / "shapes" / path).read_bytes()
+
+
+def test_the_embedded_vit_is_pretrained_on_the_shapes_world(offline):
+    """Its pre-training head (shape, colour, place) names the shapes of the downstream eval images, which a
+    random ViT of the same config does not."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from nbtune.embedded import VISION_MODEL_DIR, shapes
+
+    processor = AutoImageProcessor.from_pretrained(VISION_MODEL_DIR)
+    rows = load_rows("shapes", "eval")
+    pixels = torch.cat([processor(images=Image.open(r["image"]).convert("RGB"), return_tensors="pt")["pixel_values"]
+                        for r in rows])
+    truth = torch.tensor([shapes.SHAPES.index(r["label"]) for r in rows])
+
+    def shape_accuracy(model) -> float:
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        columns = [names.index(f"shape:{s}") for s in shapes.SHAPES]
+        with torch.no_grad():
+            logits = model.eval()(pixel_values=pixels).logits[:, columns]
+        return float((logits.argmax(1) == truth).float().mean())
+
+    pretrained = AutoModelForImageClassification.from_pretrained(VISION_MODEL_DIR)
+    torch.manual_seed(0)
+    random_vit = AutoModelForImageClassification.from_config(pretrained.config)
+    assert shape_accuracy(pretrained) >= 0.8 > 0.4 >= shape_accuracy(random_vit)

@@ -230,3 +230,9 @@ def test_an_identical_image_run_is_served_from_the_store_and_compares_with_other
     assert rows.keys() == {"lora", "bitfit"} and rows["lora"]["served_from_store"]
     assert all(0.0 <= row["eval_accuracy"] <= 1.0 for row in rows.values())
     assert "accuracy" in comparison.recommendation()
+
+
+def test_a_sample_of_an_image_folder_holds_every_label(world):
+    """An image folder lists its images label by label: the first rows must not all be one label's."""
+    out = prepared(image_config(world, max_samples=6, max_eval_samples=4))
+    assert {x["labels"] for x in out.train} == {0, 1} and {x["labels"] for x in out.eval} == {0, 1}

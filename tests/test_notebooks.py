@@ -18,7 +18,8 @@ from nbtune.methods import registry
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "example_notebooks"
 NAMES = ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_memory_planning.ipynb",
-         "04_your_own_model_and_data.ipynb", "05_colab.ipynb", "06_chat_and_preferences.ipynb"]
+         "04_your_own_model_and_data.ipynb", "05_colab.ipynb", "06_chat_and_preferences.ipynb",
+         "07_image_classification.ipynb"]
 CHART_TYPES = ("application/vnd.plotly.v1+json", "image/png")
 pytestmark = pytest.mark.slow
 
@@ -309,3 +310,20 @@ def test_no_library_noise_reaches_a_cell(executed, name):
     noisy = [(i, out.text[:200]) for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])
              if out.output_type == "stream" and out.name == "stderr" and LIBRARY_NOISE.search(out.text)]
     assert not noisy, noisy
+
+
+def test_image_classification_notebook_previews_estimates_trains_compares_and_loads_without_nbtune(executed):
+    nb = executed("07_image_classification.ipynb").nb
+    previewed = text(cell_with(nb, "data_preview("))
+    assert re.search(r"image: \d+ training images, \d+ evaluation images", previewed), previewed
+    assert all(f"'{shape}'" in previewed for shape in ("circle", "cross", "diamond", "square", "triangle"))
+    verdicts = text(cell_with(nb, "vit_base = ViTConfig"))
+    assert " full: " in verdicts and " lora: " in verdicts and "NVIDIA T4" in verdicts
+    ended = text(cell_with(nb, "dashboard.wait("))
+    assert "state: finished" in ended
+    before, after = map(float, re.search(r"eval accuracy: ([\d.]+) before -> ([\d.]+) after", ended).groups())
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+    assert charts(nb), "the dashboard left no static chart in the notebook"
+    assert "Use " in text(cell_with(nb, "comparison.recommendation()"))
+    answers = [line for line in text(cell_with(nb, "PeftModel.from_pretrained")).splitlines() if "(label " in line]
+    assert len(answers) == 5

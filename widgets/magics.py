@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from nbtune.tasks import TASKS
+
 MAGIC = "nbtune"
 
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=None, help="micro batch size")
     e.add_argument("--seq", type=int, default=None, help="sequence length (data.max_length)")
     e.add_argument("--gpu", default="t4", help="GPU to check against (default: t4; or custom:48)")
-    e.add_argument("--task", default=None, help="causal-lm, seq2seq or seq-cls")
+    e.add_argument("--task", default=None, help=", ".join(TASKS))
     e.add_argument("--dtype", default=None, help="weights dtype: auto (default: the checkpoint's where the GPU "
                                                  "computes it), fp32, fp16 or bf16")
     e.add_argument("--precision", default=None, help="training precision: auto (default: bf16 on Ampere or newer, "
