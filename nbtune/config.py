@@ -732,7 +732,7 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
     if isinstance(d.prompt_template, str) and "{" not in d.prompt_template:
         out.append(_bad("data.prompt_template", d.prompt_template,
                         "a template naming at least one column, like '{text}'"))
-    image_task = task in tasks.TASKS and tasks.TASKS[task].inputs == "image"
+    image_task = isinstance(task, str) and task in tasks.TASKS and tasks.TASKS[task].inputs == "image"
     if image_task and d.format not in ("auto", formats.IMAGE):
         out.append(_bad("data.format", d.format, f"auto or {formats.IMAGE} for model.task {task}"))
     elif d.format == formats.IMAGE and not image_task:

@@ -236,3 +236,9 @@ def test_a_sample_of_an_image_folder_holds_every_label(world):
     """An image folder lists its images label by label: the first rows must not all be one label's."""
     out = prepared(image_config(world, max_samples=6, max_eval_samples=4))
     assert {x["labels"] for x in out.train} == {0, 1} and {x["labels"] for x in out.eval} == {0, 1}
+
+
+def test_a_task_that_is_not_a_name_is_refused_naming_model_task():
+    """Found by tests/test_config_properties.py in CI: a list as the task crashed the data checks."""
+    with pytest.raises(ConfigError, match=r"model.task"):
+        TuneConfig(model={"task": []})
