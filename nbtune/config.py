@@ -36,6 +36,7 @@ PRECISIONS = DTYPES  # training.precision names the same formats, auto included
 OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
 SCHEDULERS = ("linear", "cosine", "constant", "constant-with-warmup")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+AUGMENTATIONS = ("none", "flip")  # data.augment: what nbtune/images.py does to training images
 # distributed.strategy: how several processes share a run (nbtune/distributed.py says what each means to
 # accelerate; the estimator's per-GPU terms read the same names)
 STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
@@ -166,6 +167,10 @@ class DataConfig:
     image_column: str | None = field(default=None, metadata=_about(
         "The column holding each image: a file path (relative to the data file) or the image itself "
         "(image-cls; default: image)."))
+    augment: str = field(default="none", metadata=_about(
+        "How training images are varied (image tasks; evaluation images never are): none; flip: each training "
+        "image mirrored left to right with probability 1/2 each time it is read (for classes a mirror keeps).",
+        choices=AUGMENTATIONS))
     prompt_template: str | None = field(default=None, metadata=_about(
         "How a row becomes the input text, with {column} placeholders, e.g. 'Q: {question}\\nA:'.", multiline=True))
     max_length: int = field(default=128, metadata=_about(
@@ -413,6 +418,9 @@ class TuneConfig:
         resolved["training"].pop("report_to", None)  # where metrics are copied to, not what is learnt
         if not resolved["training"].get("extra_arguments"):  # as before the option existed
             resolved["training"].pop("extra_arguments", None)
+        for name, default in (("image_column", None), ("augment", "none")):  # as before the options existed
+            if resolved["data"].get(name) == default:
+                resolved["data"].pop(name)
         if resolved["distributed"] == dataclasses.asdict(DistributedConfig()):  # one process: as before
             resolved.pop("distributed")
         if "rewards" in resolved["training"]:  # a user reward's source, so editing the function retrains
@@ -740,6 +748,8 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
     elif d.format in formats.FORMATS and d.format not in ("prompt-completion", "text") and task != "causal-lm":
         out.append(_bad("data.format", d.format, f"prompt-completion or text for model.task {task} "
                                                  "(the other formats need causal-lm)"))
+    if d.augment != "none" and d.augment in AUGMENTATIONS and not image_task:
+        out.append(_bad("data.augment", d.augment, f"none for model.task {task}, whose rows hold no images"))
     if task == "seq-cls" and isinstance(d.source, (list, dict)) and d.label_column is None:
         out.append(_bad("data.label_column", None, "the column holding the class label (task seq-cls)"))
     return out

@@ -4,8 +4,8 @@ Sources: an image folder (a folder per label holding its images, optionally unde
 `train/<label>/*.png`), a CSV/JSONL/parquet file of image paths (relative to the file) and labels, a
 `datasets` image dataset (its Image column, in memory or saved with `save_to_disk`), or the built-in
 `nbtune:shapes`. A row is {image, label}: the image a path, a PIL image, datasets' {bytes, path} or an array.
-The image processor of the model (resize, rescale, normalise) makes each example's pixels; nothing else is done
-to them (no augmentation). The fingerprint hashes each image's bytes, so a changed image is a new dataset.
+The image processor of the model (resize, rescale, normalise) makes each example's pixels; `data.augment: flip`
+mirrors training images at random as they are read (`Flipped`), and nothing else is done to them. The fingerprint hashes each image's bytes, so a changed image is a new dataset.
 """
 
 from __future__ import annotations
@@ -170,17 +170,40 @@ def prepare(config: TuneConfig, processor: Any) -> Any:
 
     train, evaluation = [encode(r) for r in train_rows], [encode(r) for r in eval_rows]
     size = tuple(train[0]["pixel_values"].shape)
+    if config.data.augment == "flip":
+        train = Flipped(train, config.training.seed)
     return PreparedData(
         train=train, eval=evaluation, columns=_no_text_columns(label, labels), labels=labels,
         fingerprint=fingerprint(train_rows, eval_rows, image, label, base),
         stats={"format": "image", "train_rows": len(train), "eval_rows": len(evaluation),
-               "image_size": list(size)})
+               "image_size": list(size), "augment": config.data.augment})
 
 
 def _no_text_columns(label: str, labels: tuple[str, ...]) -> Any:
     from nbtune.data import Columns
 
     return Columns(text=None, target=None, label=label, template=None, labels=labels)
+
+
+class Flipped:
+    """Training examples whose image is mirrored left to right with probability 1/2 each time it is read
+    (`data.augment: flip`). Which reads mirror follows from the seed, the example and how often it was read
+    before, so the same config sees the same images in the same order."""
+
+    def __init__(self, examples: list[dict[str, Any]], seed: int):
+        self.examples, self.seed, self.reads = examples, seed, [0] * len(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import random
+
+        example, read = self.examples[index], self.reads[index]
+        self.reads[index] += 1
+        if random.Random(f"{self.seed}-{index}-{read}").random() < 0.5:
+            return {**example, "pixel_values": example["pixel_values"].flip(-1)}
+        return example
 
 
 class Collator:

@@ -126,3 +126,13 @@ def test_choice_fields_offer_exactly_what_validation_accepts():
         assert TuneConfig(training={"optimizer": choice}).training.optimizer == choice
     with pytest.raises(ConfigError, match="training.optimizer must be one of adamw"):
         TuneConfig(training={"optimizer": "adam"})
+
+
+def test_cache_keys_of_configs_without_the_image_options_are_those_of_before_the_options_existed():
+    # hashes computed by the nbtune of 0b237bb^ (before data.image_column), so its stored runs are found again
+    assert TuneConfig().content_hash == "474bec3bcf65641d"
+    classifier = TuneConfig(method={"name": "lora", "r": 4}, data={"source": "nbtune:regions"},
+                            model={"task": "seq-cls"})
+    assert classifier.content_hash == "232baefc116dfd1e"
+    assert TuneConfig(model={"task": "image-cls"}, data={"augment": "flip"}).content_hash != TuneConfig(
+        model={"task": "image-cls"}).content_hash

@@ -242,3 +242,36 @@ def test_a_task_that_is_not_a_name_is_refused_naming_model_task():
     """Found by tests/test_config_properties.py in CI: a list as the task crashed the data checks."""
     with pytest.raises(ConfigError, match=r"model.task"):
         TuneConfig(model={"task": []})
+
+
+def test_flip_mirrors_training_images_at_random_the_same_way_each_run_and_never_eval_images(world):
+    import torch
+
+    plain, flipped = prepared(image_config(world)), prepared(image_config(world, augment="flip"))
+    again = prepared(image_config(world, augment="flip"))
+    reads = [flipped.train[i % 24]["pixel_values"] for i in range(96)]  # each example read 4 times
+    mirrored = [torch.equal(x, plain.train[i % 24]["pixel_values"].flip(-1)) for i, x in enumerate(reads)]
+    kept = [torch.equal(x, plain.train[i % 24]["pixel_values"]) for i, x in enumerate(reads)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert 24 <= sum(mirrored) <= 72  # about half of 96 reads
+    assert any(mirrored[i] != mirrored[i + 24] for i in range(24))  # a later read of an example may differ
+    assert all(torch.equal(x, again.train[i % 24]["pixel_values"]) for i, x in enumerate(reads))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(plain.eval, flipped.eval, strict=True))
+    assert flipped.stats["augment"] == "flip"
+
+
+def test_a_flipped_image_run_trains_and_is_another_result_than_the_plain_one(world, tmp_path):
+    from nbtune.training import execute
+
+    config = image_config(world, "full", augment="flip")
+    summary = execute(config, tmp_path / "run", EventStream())
+    assert summary.state == "finished", summary
+    assert config.content_hash != image_config(world, "full").content_hash
+
+
+def test_augmenting_a_text_task_or_an_unknown_augmentation_is_refused_naming_data_augment():
+    refused = r"data.augment must be none for model.task causal-lm, whose rows hold no images \(got 'flip'\)"
+    with pytest.raises(ConfigError, match=refused):
+        TuneConfig(data={"augment": "flip"})
+    with pytest.raises(ConfigError, match=r"data.augment must be one of .*none.*flip.*\(got 'rotate'\)"):
+        TuneConfig(model={"task": "image-cls"}, data={"augment": "rotate"})
