@@ -32,7 +32,7 @@ from nbtune import report
 from nbtune.config import TuneConfig
 from nbtune.records import RunSummary
 from nbtune.runner import Run, open_run
-from nbtune.stages import STAGES, Stage
+from nbtune.stages import STAGES, Stage, for_config
 from nbtune.store import RunRecord, RunStore, cache_key, write_atomic
 from nbtune.tasks import task
 
@@ -233,8 +233,9 @@ class Comparison:
 
     @property
     def scores_accuracy(self) -> bool:
-        """Whether the task is scored by eval accuracy (classification), else by eval loss and perplexity."""
-        return task(self.task).metric == "accuracy"
+        """Whether the task is scored by eval accuracy (classification, caption exact match), else by eval loss
+        and perplexity."""
+        return task(self.task).metric is not None
 
     @property
     def metric(self) -> str:
@@ -244,12 +245,12 @@ class Comparison:
     @property
     def stages(self) -> dict[str, Stage]:
         """Each variant's stage (`training.stage`)."""
-        return {name: STAGES[config.training.stage] for name, config in self.configs.items()}
+        return {name: for_config(config) for name, config in self.configs.items()}
 
     @property
     def qualities(self) -> dict[str, str]:
         """Each stage the variants train (in their order), with the column its variants are judged by."""
-        present = list(self.stages.values()) or [STAGES[self.base_config.training.stage]]
+        present = list(self.stages.values()) or [for_config(self.base_config)]
         return {stage.name: stage_quality(self.task, stage) for stage in present}
 
     @property
@@ -383,7 +384,7 @@ class Comparison:
 
     def table(self) -> Table:
         """The rows as of now, with the quality they are judged by: what one render of charts and HTML reads."""
-        return Table(self.rows(), self.quality, self.target, self.qualities)
+        return Table(self.rows(), self.quality, self.target, self.qualities, self.task)
 
     def to_pandas(self) -> Any:
         """The comparison table as a pandas DataFrame, one row per variant (indexed by variant name)."""
@@ -568,6 +569,7 @@ class Table:
     quality: str  # the eval-quality column that `best` and the Pareto front judge by
     target: Target | None = None
     qualities: Mapping[str, str] = field(default_factory=dict)  # each stage of the rows -> its quality column
+    task: str = "causal-lm"  # model.task of the variants
 
     @property
     def mixed_stages(self) -> bool:
@@ -588,7 +590,7 @@ class Table:
         if stage not in self.qualities:
             raise ValueError(f"stage {stage!r} is not one of the compared stages ({known})")
         rows = [r for r in self.rows if r.get("stage") == stage] if self.mixed_stages else self.rows
-        return Table(rows, self.qualities[stage], self.target, {stage: self.qualities[stage]})
+        return Table(rows, self.qualities[stage], self.target, {stage: self.qualities[stage]}, self.task)
 
     def per_stage(self) -> dict[str, Table]:
         """One table per stage, of its rows judged by its own quality (just this table when stages agree)."""
@@ -736,7 +738,7 @@ def aggregate(seed_rows: Sequence[Mapping[str, Any]], quality: str,
 def stage_quality(task_name: str, stage: Stage) -> str:
     """The column a stage's variants are judged by: eval accuracy for classification, and for a stage whose
     loss is no token cross-entropy (its eval accuracy measures `stage.accuracy_means`); else the eval loss."""
-    accuracy = task(task_name).metric == "accuracy" or not stage.language_model_loss
+    accuracy = task(task_name).metric is not None or not stage.language_model_loss
     return "eval_accuracy" if accuracy else "final_eval_loss"
 
 

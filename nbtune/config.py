@@ -161,12 +161,13 @@ class DataConfig:
     text_column: str | None = field(default=None, metadata=_about(
         "The column holding the input text (empty: the dataset's default)."))
     target_column: str | None = field(default=None, metadata=_about(
-        "The column appended as the target; only its tokens are trained on (causal LM)."))
+        "The column appended as the target; only its tokens are trained on (causal LM); image-to-text: the "
+        "caption (default: caption)."))
     label_column: str | None = field(default=None, metadata=_about(
         "The column holding the class label (seq-cls, image-cls; image-cls default: label)."))
     image_column: str | None = field(default=None, metadata=_about(
         "The column holding each image: a file path (relative to the data file) or the image itself "
-        "(image-cls; default: image)."))
+        "(image-cls, image-to-text; default: image)."))
     augment: str = field(default="none", metadata=_about(
         "How training images are varied (image tasks; evaluation images never are): none; flip: each training "
         "image mirrored left to right with probability 1/2 each time it is read (for classes a mirror keeps).",
@@ -744,12 +745,16 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
     if image_task and d.format not in ("auto", formats.IMAGE):
         out.append(_bad("data.format", d.format, f"auto or {formats.IMAGE} for model.task {task}"))
     elif d.format == formats.IMAGE and not image_task:
-        out.append(_bad("data.format", d.format, "a text format: image rows need an image task (image-cls)"))
+        out.append(_bad("data.format", d.format, "a text format: image rows need an image task (image-cls, "
+                                                 "image-to-text)"))
     elif d.format in formats.FORMATS and d.format not in ("prompt-completion", "text") and task != "causal-lm":
         out.append(_bad("data.format", d.format, f"prompt-completion or text for model.task {task} "
                                                  "(the other formats need causal-lm)"))
     if d.augment != "none" and d.augment in AUGMENTATIONS and not image_task:
         out.append(_bad("data.augment", d.augment, f"none for model.task {task}, whose rows hold no images"))
+    elif d.augment == "flip" and task == "image-to-text":
+        out.append(_bad("data.augment", d.augment, "none for model.task image-to-text: a mirrored image no "
+                                                   "longer matches a caption that says left or right"))
     if task == "seq-cls" and isinstance(d.source, (list, dict)) and d.label_column is None:
         out.append(_bad("data.label_column", None, "the column holding the class label (task seq-cls)"))
     return out

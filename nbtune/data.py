@@ -342,9 +342,9 @@ def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
     supervised stage cannot train the format)."""
     task = config.model.task
     if TASKS[task].inputs == "image":
-        from nbtune import images
+        from nbtune import captions, images
 
-        return images.prepare(config, tokenizer)
+        return (captions if TASKS[task].captions else images).prepare(config, tokenizer)
     train_rows, eval_rows = load_rows(config)
     fmt, columns = resolve_format(config, train_rows[0])
     stages.check_format(stages.STAGES["sft"], fmt)
@@ -450,9 +450,9 @@ def _encode_cls(tok: Any, columns: Columns, row: dict[str, Any], max_length: int
 def collator(task: str, tokenizer: Any) -> Any:
     """The supervised collator of a task: padded token rows, or stacked images."""
     if TASKS[task].inputs == "image":
-        from nbtune import images
+        from nbtune import captions, images
 
-        return images.Collator()
+        return (captions if TASKS[task].captions else images).Collator()
     return Collator(tokenizer.pad_token_id, task)
 
 

@@ -24,7 +24,8 @@ DESCRIPTIONS = {
     "text": "plain text, trained on all of it (continued pre-training)",
     "preference": "preference pairs: prompt, chosen, rejected (chat or plain)",
     "prompt-reference": "prompts with a reference answer, for reward-based RL",
-    "image": "images with a class label (image-cls; an image folder, or image and label columns)",
+    "image": "images with a class label (image-cls; an image folder, or image and label columns) or a caption "
+             "(image-to-text; image and caption columns)",
 }
 FORMATS = tuple(DESCRIPTIONS)
 CHOICES = ("auto", *FORMATS)

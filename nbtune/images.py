@@ -1,4 +1,5 @@
-"""Image rows for image tasks: where they come from and how they become a model's `pixel_values`.
+"""Image rows for image tasks: where they come from and how they become a model's `pixel_values` (the
+captions of image-to-text rows: nbtune/captions.py).
 
 Sources: an image folder (a folder per label holding its images, optionally under a folder per split:
 `train/<label>/*.png`), a CSV/JSONL/parquet file of image paths (relative to the file) and labels, a
@@ -218,13 +219,16 @@ class Collator:
 
 def preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
     """What the data preview shows of image rows: the first images as small PNG thumbnails (base64) with their
-    labels, the row counts and the images per label."""
+    labels (image-to-text: their captions), the row counts and, for labels, the images per label."""
     import base64
 
+    from nbtune import captions
     from nbtune.data import load_rows
+    from nbtune.tasks import TASKS
 
+    captioned = TASKS[config.model.task].captions
     train_rows, eval_rows = load_rows(config)
-    image, label = columns(config, train_rows[0])
+    image, label = (captions.columns if captioned else columns)(config, train_rows[0])
     base = base_folder(config)
     shown = []
     for row in train_rows[:rows]:
@@ -232,13 +236,18 @@ def preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
         thumbnail.thumbnail((64, 64))
         buffer = io.BytesIO()
         thumbnail.save(buffer, format="PNG")
-        shown.append({"input": _describe_image(row[image]), "label": str(row[label]), "target": None, "pieces": [],
+        text = str(row[label])
+        shown.append({"input": _describe_image(row[image]), "label": None if captioned else text,
+                      "target": text if captioned else None, "pieces": [],
                       "image_png": base64.b64encode(buffer.getvalue()).decode()})
-    per_label: dict[str, int] = {}
-    for row in train_rows:
-        per_label[str(row[label])] = per_label.get(str(row[label]), 0) + 1
-    return {"format": "image", "trainable": True, "rows": shown, "train_rows": len(train_rows),
-            "eval_rows": len(eval_rows), "per_label": dict(sorted(per_label.items()))}
+    out = {"format": "image", "trainable": True, "rows": shown, "train_rows": len(train_rows),
+           "eval_rows": len(eval_rows)}
+    if not captioned:
+        per_label: dict[str, int] = {}
+        for row in train_rows:
+            per_label[str(row[label])] = per_label.get(str(row[label]), 0) + 1
+        out["per_label"] = dict(sorted(per_label.items()))
+    return out
 
 
 def _describe_image(value: Any) -> str:

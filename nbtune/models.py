@@ -106,12 +106,17 @@ def auto_class(task: str) -> Any:
 
 
 def load_tokenizer(config: TuneConfig) -> Any:
-    """The model's tokenizer, padding on the right; for an image task its image processor instead (what turns
-    a row into the model's inputs)."""
+    """The model's tokenizer, padding on the right; for image-cls its image processor instead, for image-to-text
+    both (nbtune/captions.py): what turns a row into the model's inputs."""
     import_heavy()
     from transformers import AutoImageProcessor, AutoTokenizer
 
     m = config.model
+    if TASKS[m.task].captions:
+        from nbtune import captions
+
+        return captions.load_processor(resolve_path(m.name_or_path), revision=m.revision,
+                                       trust_remote_code=m.trust_remote_code)
     if TASKS[m.task].inputs == "image":
         return AutoImageProcessor.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
                                                   trust_remote_code=m.trust_remote_code)

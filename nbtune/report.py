@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nbtune.stages import STAGES
+from nbtune.stages import STAGES, of_task
 from nbtune.units import format_bytes
 
 if TYPE_CHECKING:
@@ -427,9 +427,9 @@ def _per_stage_text(table: Table) -> str:
 def measure_words(table: Table) -> str:
     """What a one-stage table's quality measures, in words: its stage's `accuracy_means` where it is the eval
     accuracy, else "eval loss"."""
-    stage = STAGES.get(next(iter(table.qualities), ""))
-    if table.quality == "eval_accuracy" and stage is not None and not table.mixed_stages:
-        return stage.accuracy_means
+    name = next(iter(table.qualities), "")
+    if table.quality == "eval_accuracy" and name in STAGES and not table.mixed_stages:
+        return of_task(name, table.task).accuracy_means
     return QUALITY_WORDS[table.quality]
 
 

@@ -10,13 +10,14 @@ See ARCHITECTURE.md. Importing this module imports neither torch nor transformer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtune import formats
-from nbtune.tasks import TASKS
+from nbtune.tasks import HELD_OUT_ACCURACY, TASKS
 
 if TYPE_CHECKING:
     from nbtune.config import TuneConfig
@@ -46,7 +47,7 @@ class Stage:
     reference_model: bool = False  # scores against a frozen reference (the base: adapter disabled, or a copy)
     generates: bool = False  # samples completions while training (KV cache, num_generations)
     fused_log_probs: bool = False  # scores tokens through TRL's fused LM head: never the (tokens, vocab) logits
-    accuracy_means: str = "held-out accuracy"  # what its eval "accuracy" measures, in words
+    accuracy_means: str = HELD_OUT_ACCURACY  # what its eval "accuracy" measures, in words (else the task's)
     language_model_loss: bool = True  # its loss is a token cross-entropy (so exp(loss) is a perplexity)
 
     def unsupported(self, method: Method, task: str) -> str | None:
@@ -80,7 +81,13 @@ def _supervised_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
     from nbtune.training import MethodTrainer
 
     built, task, packing = prepared.built, prepared.built.ctx.task, prepared.data.packing
-    return (_packed_trainer_class() if packing else MethodTrainer)(
+    trainer_class = _packed_trainer_class() if packing else MethodTrainer
+    if TASKS[task].captions:
+        from nbtune import captions
+
+        trainer_class = captions.trainer_class()
+        trainer_class.caption_tokenizer = prepared.tokenizer.tokenizer
+    return trainer_class(
         model=built.model, args=args, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval or None,
         data_collator=packing or data.collator(task, prepared.tokenizer),
         compute_metrics=task_metric(task), callbacks=callbacks, method_loss=built.method.compute_loss,
@@ -103,7 +110,7 @@ def _packed_trainer_class() -> type:
 
 def task_metric(task: str) -> Callable[[Any], dict[str, float]] | None:
     """The Trainer's compute_metrics for a task: accuracy for classification, None (loss only) otherwise."""
-    return _accuracy if TASKS[task].metric == "accuracy" else None
+    return _accuracy if TASKS[task].classifies else None
 
 
 def _accuracy(eval_prediction: Any) -> dict[str, float]:
@@ -184,8 +191,17 @@ ONLY_SOME_READ = ("beta", "num_generations", "max_completion_length", "temperatu
 
 
 def for_config(config: TuneConfig) -> Stage:
-    """The stage a config trains with (`training.stage`)."""
-    return STAGES[config.training.stage]
+    """The stage a config trains with (`training.stage`), as it trains the config's task."""
+    return of_task(config.training.stage, config.model.task)
+
+
+def of_task(name: str, task: str) -> Stage:
+    """Stage `name` as it trains `task`: where the stage's eval accuracy is plain held-out accuracy, it
+    measures what the task's does (image-to-text: the exact match of greedy captions)."""
+    stage = STAGES[name]
+    if stage.accuracy_means != HELD_OUT_ACCURACY or task not in TASKS:
+        return stage
+    return dataclasses.replace(stage, accuracy_means=TASKS[task].accuracy_means)
 
 
 def trainers_of(fmt: str) -> list[str]:

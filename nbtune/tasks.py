@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+HELD_OUT_ACCURACY = "held-out accuracy"  # what an eval "accuracy" measures unless a task or stage says more
+
 
 @dataclass(frozen=True)
 class Task:
@@ -17,7 +19,8 @@ class Task:
     description: str
     auto_class: str  # the transformers AutoModel class that loads a model for it
     peft_task_type: str | None  # peft's TaskType value; None: peft adapts the model as it is (vision models)
-    metric: str | None = None  # an extra eval metric beside the loss ("accuracy"), computed from the logits
+    metric: str | None = None  # an eval metric beside the loss: "accuracy" (from the logits) or "exact-match"
+    accuracy_means: str = HELD_OUT_ACCURACY  # what its eval "accuracy" measures, in words
     inputs: str = "text"  # what a row gives the model: "text" (a tokenizer) or "image" (an image processor)
     head: tuple[str, ...] = ()  # a new head's modules, trained whatever the method (peft: `modules_to_save`)
 
@@ -26,6 +29,11 @@ class Task:
         """Rows carry a class label and the model a freshly initialised classification head."""
         return self.metric == "accuracy"
 
+    @property
+    def captions(self) -> bool:
+        """Rows carry an image and its caption; the model writes captions, scored by greedy exact match."""
+        return self.inputs == "image" and self.metric == "exact-match"
+
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("causal-lm", "generate the target text", "AutoModelForCausalLM", "CAUSAL_LM"),
@@ -33,6 +41,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("seq-cls", "classify each row", "AutoModelForSequenceClassification", "SEQ_CLS", metric="accuracy"),
     Task("image-cls", "classify each image", "AutoModelForImageClassification", None, metric="accuracy",
          inputs="image", head=("classifier",)),
+    Task("image-to-text", "caption each image", "AutoModelForImageTextToText", None, metric="exact-match",
+         accuracy_means="held-out exact match of greedy captions", inputs="image"),
 )}
 TEXT_TASKS = tuple(name for name, t in TASKS.items() if t.inputs == "text")
 

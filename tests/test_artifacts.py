@@ -342,7 +342,7 @@ def test_a_chat_adapter_names_its_embedded_base_as_nbtune_tiny_and_says_where_th
     adapter_config = json.loads((artifact / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "nbtune:tiny"  # never this machine's path
     how = json.loads((artifact / "nbtune_run.json").read_text())["how_to_load"]
-    assert artifacts.EMBEDDED_BASE_HINT in how and "from_pretrained(BASE)" in how
+    assert artifacts.embedded_base_hint("nbtune:tiny") in how and "from_pretrained(BASE)" in how
     assert (artifact / "tokenizer.json").exists() and (artifact / "chat_template.jinja").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def test_generator_is_deterministic_and_matches_shipped_data():
     assert first == list(world_gen.corpus_documents(world, SEED, 50_000))
     rows = world_gen.dataset_rows(world, SEED)
     for name, spec in DATASETS.items():
-        for split in spec.splits if spec.task != "image-cls" else ():  # images: nbtune/embedded/shapes.py
+        for split in spec.splits if not spec.task.startswith("image-") else ():  # images: shapes.py
             assert load_rows(name, split) == rows[name][split]
 
 
@@ -329,3 +330,97 @@ def test_the_embedded_vit_is_pretrained_on_the_shapes_world(offline):
     torch.manual_seed(0)
     random_vit = AutoModelForImageClassification.from_config(pretrained.config)
     assert shape_accuracy(pretrained) >= 0.8 > 0.4 >= shape_accuracy(random_vit)
+
+
+# ----- the embedded captioner: nbtune:tiny-captioner and nbtune:shape-captions (build_captioner.py) -----------
+
+CAPTIONER_DIR = Path(__file__).parents[1] / "nbtune" / "embedded" / "captioner"
+
+
+def _caption_rows(split: str) -> list[dict]:
+    from nbtune.embedded import build_captioner
+
+    return build_captioner.load_caption_rows(DATA_DIR / "shape-captions", split)
+
+
+def test_the_caption_rows_reuse_the_shipped_shapes_and_caption_the_generators_attributes():
+    import numpy as np
+    from PIL import Image
+
+    from nbtune.embedded import build_captioner, shapes
+
+    combos = {}
+    for split, size in (("train", 640), ("eval", 160)):
+        raw = [json.loads(line) for line in (DATA_DIR / "shape-captions" / f"{split}.jsonl").open(encoding="utf-8")]
+        assert len(raw) == size and all(set(r) == {"image", "caption"} for r in raw)
+        assert all(r["image"].startswith(f"../shapes/{split}/") for r in raw)
+        rows = _caption_rows(split)
+        shipped = sorted(str(p.resolve()) for p in (DATA_DIR / "shapes" / split).rglob("*.png"))
+        assert sorted(r["image"] for r in rows) == shipped  # every shipped PNG once, nothing else
+        made = {str((DATA_DIR / "shapes" / rel).resolve()): s for rel, s in build_captioner.shipped_samples(split)}
+        for i, row in enumerate(rows):
+            s = made[row["image"]]
+            assert row["caption"] == build_captioner.DOWNSTREAM_TEMPLATE.format(
+                shape=s.shape, colour=s.colour, position=s.position.replace("-", " "))
+            assert build_captioner.parse(row["caption"], (build_captioner.DOWNSTREAM_TEMPLATE,)) == (
+                s.shape, s.colour, s.position)
+            if i % 23 == 0:  # the regenerated image is the shipped one
+                with Image.open(row["image"]) as png:
+                    assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(s.image))
+        combos[split] = {(s.shape, s.colour, s.position) for s in made.values()}
+    assert combos["train"] == set(shapes.combos("train")) and combos["eval"] == set(shapes.combos("eval"))
+    assert not combos["train"] & combos["eval"]  # eval captions describe combinations train never shows
+
+
+def test_the_caption_forms_of_pretraining_and_the_dataset_differ():
+    from nbtune.embedded import build_captioner
+
+    assert build_captioner.DOWNSTREAM_TEMPLATE not in build_captioner.PRETRAIN_TEMPLATES
+    first_words = [t.split()[0] for t in build_captioner.PRETRAIN_TEMPLATES]
+    assert len(set(first_words)) == len(first_words)
+    assert build_captioner.caption(build_captioner.DOWNSTREAM_TEMPLATE, "circle", "red", "top-left") == (
+        "a red circle in the top left")
+
+
+def test_the_captioner_tokenizer_round_trips_every_caption(offline):
+    from transformers import AutoTokenizer
+
+    from nbtune.embedded import build_captioner, shapes
+
+    tokenizer = AutoTokenizer.from_pretrained(CAPTIONER_DIR)
+    assert tokenizer.pad_token and tokenizer.bos_token and tokenizer.eos_token and tokenizer.unk_token
+    captions = [build_captioner.caption(t, *c) for t in (*build_captioner.PRETRAIN_TEMPLATES,
+                                                         build_captioner.DOWNSTREAM_TEMPLATE)
+                for c in shapes.combos("all")]
+    ids = tokenizer(captions)["input_ids"]
+    for text, seq in zip(captions, ids, strict=True):
+        assert seq[-1] == tokenizer.eos_token_id and tokenizer.bos_token_id not in seq
+        assert tokenizer.unk_token_id not in seq and len(seq) == len(text.split()) + 1
+        assert tokenizer.decode(seq, skip_special_tokens=True) == text
+    forms = captions[::100][:3]  # one caption of each pre-training form, of different lengths
+    labels = build_captioner.labels(tokenizer, forms)  # the training labels: ids + EOS, no BOS, pad -100
+    for row, seq in zip(labels.tolist(), tokenizer(forms)["input_ids"], strict=True):
+        assert row == seq + [-100] * (labels.shape[1] - len(seq))
+
+
+def test_the_embedded_captioner_captions_eval_images_in_its_pretraining_forms_only(offline):
+    """Greedy captions (no generate arguments) of held-out downstream images name the right shape, colour and
+    place in a pre-training form; none is in the dataset's form, which only a fine-tune learns."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from nbtune.embedded import build_captioner
+
+    tokenizer = AutoTokenizer.from_pretrained(CAPTIONER_DIR)
+    processor = AutoImageProcessor.from_pretrained(CAPTIONER_DIR)
+    model = AutoModelForImageTextToText.from_pretrained(CAPTIONER_DIR).eval()
+    assert type(model).__name__ == "VisionEncoderDecoderModel"
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    rows = _caption_rows("eval")[:40]
+    pixels = build_captioner.image_pixels(processor, [r["image"] for r in rows])
+    with torch.no_grad():
+        made = tokenizer.batch_decode(model.generate(pixel_values=pixels), skip_special_tokens=True)
+    truth = [build_captioner.parse(r["caption"], (build_captioner.DOWNSTREAM_TEMPLATE,)) for r in rows]
+    correct = sum(build_captioner.parse(m) == t for m, t in zip(made, truth, strict=True)) / len(rows)
+    downstream = sum(m == r["caption"] for m, r in zip(made, rows, strict=True)) / len(rows)
+    assert correct >= 0.8 and downstream <= 0.05, (correct, downstream, made[:5])

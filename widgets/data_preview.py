@@ -51,10 +51,11 @@ def preview_html(result: dict[str, Any]) -> str:
     has_label = any(r.get("label") is not None for r in rows)
     cell = "white-space:pre-wrap;text-align:left;font-family:monospace"
     if result.get("format") == "image":
-        head = "<tr><th>image</th><th>file</th><th>label</th></tr>"
+        said = "caption" if any(r.get("target") is not None for r in rows) else "label"
+        head = f"<tr><th>image</th><th>file</th><th>{said}</th></tr>"
         body = "".join(f"<tr><td><img alt='{html.escape(r['input'])}' src='data:image/png;base64,{r['image_png']}' "
                        f"style='width:48px;image-rendering:pixelated'></td><td style='{cell}'>"
-                       f"{html.escape(r['input'])}</td><td style='{cell}'>{html.escape(r['label'])}</td></tr>"
+                       f"{html.escape(r['input'])}</td><td style='{cell}'>{html.escape(str(r[said if said == 'label' else 'target']))}</td></tr>"
                        for r in rows)
     elif has_label:
         head = "<tr><th>input (after the template)</th><th>label</th></tr>"

@@ -14,7 +14,9 @@ EMBEDDED_MODEL = "nbtune:tiny"
 BASE_MODEL_DIR = pathlib.Path(__file__).parent / "base"
 VISION_MODEL = "nbtune:tiny-vit"  # a tiny ViT pre-trained on generated shapes (build_vision.py)
 VISION_MODEL_DIR = pathlib.Path(__file__).parent / "vit"
-MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR}  # name -> folder
+CAPTION_MODEL = "nbtune:tiny-captioner"  # the tiny ViT + a 2-layer GPT-2 decoder, pre-trained to caption shapes
+CAPTION_MODEL_DIR = pathlib.Path(__file__).parent / "captioner"  # (build_captioner.py)
+MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR}
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
@@ -23,7 +25,7 @@ class BuiltinDataset:
     """A built-in dataset: its task, its rows' format and, for "columns" rows, how a row becomes model input."""
 
     name: str
-    task: str  # "causal-lm", "seq-cls" or "image-cls"
+    task: str  # "causal-lm", "seq-cls", "image-cls" or "image-to-text"
     description: str
     text_column: str | None = None  # the input; for causal-lm the prompt
     target_column: str | None = None  # the completion (causal-lm), else None
@@ -33,7 +35,8 @@ class BuiltinDataset:
     splits: tuple[str, ...] = ("train", "eval")
     # "columns": the fields above say how; "chat": `messages` lists of {role, content} (plus a reference
     # `answer`); "preference": conversational `prompt`/`chosen`/`rejected` message lists; "image-folder": a
-    # folder per split holding a folder of PNGs per label
+    # folder per split holding a folder of PNGs per label; "image-captions": `image` paths relative to the
+    # split's file, and `caption`
     format: str = "columns"
 
 
@@ -111,6 +114,15 @@ DATASETS: dict[str, BuiltinDataset] = {
             label_column="label",
             format="image-folder",
         ),
+        BuiltinDataset(
+            name="shape-captions",
+            task="image-to-text",
+            description="Caption a 32x32 image of nbtune:shapes in one form, 'a red circle in the top left'. Eval "
+            "images hold colour and place combinations that train never shows with that shape; the base "
+            "captioner was pre-trained on other images of the same world, captioned in other forms only.",
+            target_column="caption",
+            format="image-captions",
+        ),
     )
 }
 
@@ -128,10 +140,14 @@ def dataset_path(name: str, split: str) -> pathlib.Path:
 
 def load_rows(name: str, split: str) -> list[dict]:
     """The rows of a built-in dataset split, as dicts of column values (an image folder's: `image`, a file
-    path, and `label`)."""
+    path, and `label`; image captions': `image`, an absolute path, and `caption`)."""
     if DATASETS[name].format == "image-folder":
         from nbtune import images
 
         return images.folder_rows(DATA_DIR / name / split)
-    with dataset_path(name, split).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    path = dataset_path(name, split)
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if DATASETS[name].format == "image-captions":  # the images are nbtune:shapes' files
+        rows = [{**row, "image": str((path.parent / row["image"]).resolve())} for row in rows]
+    return rows

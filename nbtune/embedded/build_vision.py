@@ -17,6 +17,7 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nbtune.embedded import shapes
@@ -61,18 +62,24 @@ def write_dataset(out: pathlib.Path) -> dict[str, int]:
     return sizes
 
 
-def to_tensors(samples: list[shapes.Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels normalised as the saved image processor does ((x / 255 - 0.5) / 0.5) and multi-hot targets."""
+def pixels(samples: list[shapes.Sample]) -> torch.Tensor:
+    """The images as N, C, H, W pixels normalised as the saved image processor does ((x / 255 - 0.5) / 0.5)."""
     import numpy as np
     import torch
 
-    pixels = np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples])  # N, H, W, C
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255).sub_(0.5).div_(0.5)
+    stacked = np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples])  # N, H, W, C
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255).sub_(0.5).div_(0.5).contiguous()
+
+
+def to_tensors(samples: list[shapes.Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels normalised as the saved image processor does ((x / 255 - 0.5) / 0.5) and multi-hot targets."""
+    import torch
+
     y = torch.zeros(len(samples), len(PRETRAIN_LABELS))
     for i, s in enumerate(samples):
         for name in (f"shape:{s.shape}", f"colour:{s.colour}", f"position:{s.position}"):
             y[i, PRETRAIN_LABELS.index(name)] = 1.0
-    return x.contiguous(), y
+    return pixels(samples), y
 
 
 def make_model() -> ViTForImageClassification:
@@ -125,15 +132,22 @@ def pretrain(
     steps: int | None,
     batch_size: int = 64,
     lr: float = 2e-3,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> dict:
-    """AdamW + warmup/cosine; `steps` or else a wall budget (estimated after the first steps) sets its length."""
+    """AdamW + warmup/cosine; `steps` or else a wall budget (estimated after the first steps) sets its length.
+    `y` is what the model's loss takes as labels (multi-hot targets here, caption ids in build_captioner);
+    `lr_scale(name)` multiplies a parameter's learning rate (default 1; the captioner's encoder learns slower)."""
     import torch
 
     gen = torch.Generator().manual_seed(SEED)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for n, p in model.named_parameters():
+        groups.setdefault((p.ndim >= 2 and "embeddings" not in n, lr_scale(n) if lr_scale else 1.0), []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+        [{"params": ps, "weight_decay": 0.05 if decay else 0.0, "lr_scale": scale}
+         for (decay, scale), ps in groups.items() if ps],
+        lr=lr,
+        betas=(0.9, 0.98),
     )
     total = steps or 10**9
     warmup = 60
@@ -147,7 +161,7 @@ def pretrain(
         pos += batch_size
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
         for group in opt.param_groups:
-            group["lr"] = lr * max(scale, 0.01)
+            group["lr"] = lr * max(scale, 0.01) * group["lr_scale"]
         loss = model(pixel_values=x[idx], labels=y[idx]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,7 +25,11 @@ from nbtune.methods.registry import Method, MethodContext
 from nbtune.tasks import TASKS
 
 RUN_FILE = "nbtune_run.json"
-EMBEDDED_BASE_HINT = 'python -c "import nbtune.embedded as e; print(e.BASE_MODEL_DIR)"'
+
+
+def embedded_base_hint(name: str) -> str:
+    """The command that prints the folder of the embedded base `name` (nbtune:tiny, nbtune:tiny-vit, ...)."""
+    return f'python -c "import nbtune.embedded as e; print(e.MODELS[{name!r}])"'
 
 
 def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodContext,
@@ -126,22 +130,22 @@ def how_to_load(record: dict[str, Any]) -> str:
 
 def _loading_code(record: dict[str, Any]) -> str:
     auto = record["auto_class"]
+    classes, preprocess = _preprocessors(record)
     if record["format"] == "transformers-model":
-        return (f"from transformers import {auto}, AutoTokenizer\n"
-                f'model = {auto}.from_pretrained("ARTIFACT")\ntokenizer = AutoTokenizer.from_pretrained("ARTIFACT")')
+        return f'from transformers import {auto}, {classes}\nmodel = {auto}.from_pretrained("ARTIFACT")\n{preprocess}'
     if record["format"] == "transformers-model-with-code":
-        return (f"from transformers import {auto}, AutoTokenizer\n"
+        return (f"from transformers import {auto}, {classes}\n"
                 f'model = {auto}.from_pretrained("ARTIFACT", trust_remote_code=True)  # builds the adapters\n'
-                'tokenizer = AutoTokenizer.from_pretrained("ARTIFACT")')
+                f"{preprocess}")
     if record["format"] == "nbtune-adapters":
         return ("nbtune's own format (bottleneck adapters have no peft or transformers layer): load it with\n"
                 "nbtune (`run.model`), or export it once with `nbtune export RUN --merged DIR` (or\n"
                 "`run.merge(DIR)`) and load DIR without nbtune:\n"
                 f'{auto}.from_pretrained("DIR", trust_remote_code=True)')
     base = record["base_model"]
-    lines = [f"from peft import PeftModel\nfrom transformers import {auto}, AutoTokenizer"]
+    lines = [f"from peft import PeftModel\nfrom transformers import {auto}, {classes}"]
     if base.startswith("nbtune:"):
-        lines.append(f"# BASE: the folder of the embedded base {base}, printed by {EMBEDDED_BASE_HINT}\n"
+        lines.append(f"# BASE: the folder of the embedded base {base}, printed by {embedded_base_hint(base)}\n"
                      "# (or skip the base: `nbtune export RUN --merged DIR` writes one folder that carries it)")
         where = "BASE"
     else:
@@ -156,9 +160,24 @@ def _loading_code(record: dict[str, Any]) -> str:
                      "quantization = BitsAndBytesConfig.from_dict(nbtune_run['base_quantization'])")
         options += ", quantization_config=quantization"
     lines.append(f"base = {auto}.from_pretrained({where}{options})\n"
-                 'model = PeftModel.from_pretrained(base, "ARTIFACT")\n'
-                 'tokenizer = AutoTokenizer.from_pretrained("ARTIFACT")  # the one it trained with')
+                 'model = PeftModel.from_pretrained(base, "ARTIFACT")\n' + preprocess)
     return "\n".join(lines)
+
+
+def _preprocessors(record: dict[str, Any]) -> tuple[str, str]:
+    """(the classes to import, the lines that load what turns inputs into the model's): the tokenizer for text,
+    the image processor for images, both for image-to-text, with a caption made."""
+    task = TASKS.get(record.get("task", ""))
+    if task is None or task.inputs == "text":
+        return "AutoTokenizer", 'tokenizer = AutoTokenizer.from_pretrained("ARTIFACT")  # the one it trained with'
+    images = 'image_processor = AutoImageProcessor.from_pretrained("ARTIFACT")'
+    if not task.captions:
+        return "AutoImageProcessor", images
+    return "AutoImageProcessor, AutoTokenizer", (
+        f'{images}\ntokenizer = AutoTokenizer.from_pretrained("ARTIFACT")\n'
+        "# from PIL import Image; pixels = image_processor(images=Image.open(PATH).convert(\"RGB\"), "
+        'return_tensors="pt").pixel_values\n'
+        "# print(tokenizer.batch_decode(model.generate(pixel_values=pixels), skip_special_tokens=True)[0])")
 
 
 def _name_the_base(directory: Path, record: dict[str, Any]) -> None:

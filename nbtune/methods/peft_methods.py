@@ -92,7 +92,8 @@ def default_targets(kind: str, model: Any, chosen: list[str] | None) -> list[str
 
     peft's defaults are per model type, and vision transformers (ViT, DeiT, ...) have none: such a model
     borrows the default of the first model type in peft's table whose module names it all has (transformers 5
-    names ViT's q_proj ... fc2, as BART's). `kind` names peft's table (LORA, IA3, ADALORA, ...)."""
+    names ViT's q_proj ... fc2, as BART's); a vision-encoder-decoder borrows its decoder's (GPT-2: c_attn).
+    `kind` names peft's table (LORA, IA3, ADALORA, ...)."""
     if chosen:
         return chosen
     borrowed = _borrowed_model_type(kind, model)
@@ -110,6 +111,9 @@ def _borrowed_model_type(kind: str, model: Any) -> str | None:
     table = _peft_table(kind, "TARGET")
     if getattr(model.config, "model_type", None) in table:
         return None
+    decoder = getattr(getattr(model.config, "decoder", None), "model_type", None)
+    if decoder in table:  # an image-to-text model: its text decoder's (the encoder adapted only if it shares names)
+        return decoder
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     names = {name for name, _ in model.named_modules()}
 
