@@ -10,6 +10,7 @@ reference (whitespace and case aside, nbtune/rewards.py), `token_f1` the mean ov
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,9 +126,8 @@ class Collator:
 
 
 # ----- captions and their scores -------------------------------------------------------------------------------
-def greedy_captions(model: Any, tokenizer: Any, pixels: Sequence[Any], max_new_tokens: int, **settings: Any
-                    ) -> list[str]:
-    """The model's caption of each image's pixels (greedy unless `settings` say otherwise), without gradients,
+def generated_captions(model: Any, tokenizer: Any, pixels: Sequence[Any], **generate: Any) -> list[str]:
+    """The model's caption of each image's pixels (`generate`: model.generate's settings), without gradients,
     in batches of EVAL_BATCH."""
     import torch
 
@@ -136,10 +136,27 @@ def greedy_captions(model: Any, tokenizer: Any, pixels: Sequence[Any], max_new_t
     for start in range(0, len(pixels), EVAL_BATCH):
         batch = torch.stack(list(pixels[start:start + EVAL_BATCH])).to(device)
         with torch.no_grad():
-            ids = model.generate(pixel_values=batch, max_length=max_new_tokens + 1, **(  # + the start token
-                settings or {"do_sample": False, "num_beams": 1}))
+            ids = model.generate(pixel_values=batch, **generate)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [text.strip() for text in out]
+
+
+def describe(model: Any, processor: ImageTextProcessor, images: Sequence[Any], generation_config: Any,
+             seed: int = 0) -> list[str]:
+    """`Run.generate` for image-to-text: the caption of each image (a file path or a PIL image) under
+    `generation_config` (nbtune/generation.py GenerationSettings); sampling is seeded, the caller's random state
+    kept."""
+    import torch
+
+    from nbtune import images as image_rows
+
+    pixels = [processor(images=image_rows.open_image(image), return_tensors="pt")["pixel_values"][0]
+              for image in images]
+    config = copy.deepcopy(generation_config)  # as a length, so the model's own max_length does not compete
+    config.max_length, config.max_new_tokens = config.max_new_tokens + 1, None  # + the decoder's start token
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return generated_captions(model, processor.tokenizer, pixels, generation_config=config)
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -189,8 +206,9 @@ def held_out_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]) 
     was_training = model.training
     model.eval()
     try:
-        made = greedy_captions(model, tokenizer, [r["pixel_values"] for r in rows],
-                               max(len(r["labels"]) for r in rows) + 1)
+        longest = max(len(r["labels"]) for r in rows)  # + the start token, + one token more
+        made = generated_captions(model, tokenizer, [r["pixel_values"] for r in rows], max_length=longest + 2,
+                                  do_sample=False, num_beams=1)
     finally:
         model.train(was_training)
     return scores(made, references)

@@ -173,6 +173,11 @@ def answers(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Genera
     batches so every prompt ends where its answer starts."""
     import torch
 
+    from nbtune import captions
+
+    if isinstance(tokenizer, captions.ImageTextProcessor):  # image-to-text: the prompts are images
+        return captions.describe(model, tokenizer, prompts, settings.generation_config(tokenizer, model),
+                                 settings.seed)
     templated = uses_chat_template(tokenizer, settings.chat_template)
     texts = chat_prompts(tokenizer, prompts, settings.chat_template)
     config = settings.generation_config(tokenizer, model)
@@ -248,9 +253,11 @@ def generate(run: Run, prompts: str | Sequence[str], **settings: Any) -> list[st
 
 
 def _refuse_classifier(run: Run) -> None:
-    if run.config.model.task == "seq-cls":
-        raise ValueError(f"run {run.id} is a classifier (model.task seq-cls): it picks a label, it does not "
-                         f"generate text; use run.predict(texts) for its label names")
+    task = run.config.model.task
+    if task in ("seq-cls", "image-cls"):
+        use = "use run.predict(texts) for its label names" if task == "seq-cls" else "it has no run.generate"
+        raise ValueError(f"run {run.id} is a classifier (model.task {task}): it picks a label, it does not "
+                         f"generate text; {use}")
 
 
 def _quiet(run: Run) -> Any:
@@ -437,8 +444,18 @@ class SideBySide:
         return self.task == "seq-cls"
 
     @property
+    def captions(self) -> bool:
+        """The prompts are images (image-to-text) and the answers their captions."""
+        return self.task == "image-to-text"
+
+    @property
     def accuracy(self) -> dict[str, float]:
-        """Classification with true labels: the fraction of prompts each column labels right."""
+        """With the true labels (classification) or captions (exact match, as evaluations score them): the
+        fraction of prompts each column gets right."""
+        if self.captions and self.expected:
+            from nbtune import rewards
+
+            return {c: sum(rewards.exact_match(a, self.expected)) / len(self.prompts) for c, a in self.answers.items()}
         if not (self.classifies and self.expected):
             return {}
         n = len(self.prompts)
@@ -604,7 +621,7 @@ def side_by_side_html(table: SideBySide) -> str:
     lines += [f'<table class="nbtune-generations" style="{_STYLE[0]}">', "<thead><tr>"
               + "".join(f'<th style="{cell}">{html.escape(h)}</th>' for h in head) + "</tr></thead><tbody>"]
     for row in table.rows:
-        lines.append("<tr>" + "".join(_cell(row, h, cell, table.classifies) for h in head) + "</tr>")
+        lines.append("<tr>" + "".join(_cell(row, h, cell, table) for h in head) + "</tr>")
     accuracy = table.accuracy
     if accuracy:
         lines.append(f'<tr><th style="{cell}" colspan="{len(head) - len(table.columns)}">accuracy</th>'
@@ -617,10 +634,31 @@ def side_by_side_html(table: SideBySide) -> str:
     return "\n".join(lines)
 
 
-def _cell(row: Mapping[str, str], column: str, style: str, classifies: bool) -> str:
-    wrong = classifies and column not in ("prompt", "expected") and "expected" in row and row[column] != row["expected"]
+def _cell(row: Mapping[str, str], column: str, style: str, table: SideBySide) -> str:
+    """One cell, escaped: a wrong label or caption in red; an image prompt as its thumbnail and file name."""
+    if column == "prompt" and table.captions:
+        return f'<td style="{style}">{_image_html(row[column])}</td>'
+    from nbtune.rewards import normalise
+
+    same = (lambda a, b: normalise(a) == normalise(b)) if table.captions else (lambda a, b: a == b)
+    checked = table.classifies or table.captions
+    wrong = checked and column not in ("prompt", "expected") and "expected" in row and not same(row[column],
+                                                                                                row["expected"])
     mark = ";color:#b00" if wrong else ""
     return f'<td style="{style}{mark}">{html.escape(row[column])}</td>'
+
+
+def _image_html(path: str) -> str:
+    """An image prompt: its thumbnail (when the file is still there) and its file name."""
+    from nbtune import images
+    from nbtune.config import ConfigError
+
+    name = html.escape(Path(path).name)
+    try:
+        png = images.thumbnail_png(path, size=48)
+    except ConfigError:
+        return name
+    return f'<img alt="{name}" src="data:image/png;base64,{png}" style="width:48px;image-rendering:pixelated"> {name}'
 
 
 def _confusion_html(name: str, counts: Mapping[str, Mapping[str, int]]) -> str:

@@ -220,8 +220,6 @@ class Collator:
 def preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
     """What the data preview shows of image rows: the first images as small PNG thumbnails (base64) with their
     labels (image-to-text: their captions), the row counts and, for labels, the images per label."""
-    import base64
-
     from nbtune import captions
     from nbtune.data import load_rows
     from nbtune.tasks import TASKS
@@ -232,14 +230,10 @@ def preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
     base = base_folder(config)
     shown = []
     for row in train_rows[:rows]:
-        thumbnail = open_image(row[image], base)
-        thumbnail.thumbnail((64, 64))
-        buffer = io.BytesIO()
-        thumbnail.save(buffer, format="PNG")
         text = str(row[label])
         shown.append({"input": _describe_image(row[image]), "label": None if captioned else text,
                       "target": text if captioned else None, "pieces": [],
-                      "image_png": base64.b64encode(buffer.getvalue()).decode()})
+                      "image_png": thumbnail_png(row[image], base)})
     out = {"format": "image", "trainable": True, "rows": shown, "train_rows": len(train_rows),
            "eval_rows": len(eval_rows)}
     if not captioned:
@@ -248,6 +242,17 @@ def preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
             per_label[str(row[label])] = per_label.get(str(row[label]), 0) + 1
         out["per_label"] = dict(sorted(per_label.items()))
     return out
+
+
+def thumbnail_png(value: Any, base: Path | None = None, size: int = 64) -> str:
+    """An image value as a PNG of at most size x size pixels, base64 (for an <img> in HTML)."""
+    import base64
+
+    thumbnail = open_image(value, base)
+    thumbnail.thumbnail((size, size))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _describe_image(value: Any) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbtune import distributed, packed_attention
 from nbtune._lazy import import_heavy
-from nbtune.config import EMBEDDED_PREFIX, TuneConfig
+from nbtune.config import EMBEDDED_PREFIX, ConfigError, TuneConfig
 from nbtune.dtypes import DTYPES, from_torch, torch_dtype
 from nbtune.methods.registry import MethodContext
 from nbtune.tasks import TASKS
@@ -49,8 +49,6 @@ def check_hub_reachable(config: TuneConfig, timeout_s: float = 2.0) -> None:
     name, revision = config.model.name_or_path, config.model.revision
     if name.startswith(EMBEDDED_PREFIX) or Path(resolve_path(name)).exists():
         return
-    from nbtune.config import ConfigError
-
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
         raise ConfigError([("model.name_or_path", f"model.name_or_path {name!r}: no such model folder")])
     from huggingface_hub import constants, try_to_load_from_cache
@@ -155,7 +153,15 @@ def load_model(config: TuneConfig, num_labels: int | None = None, extra_kwargs: 
     if TASKS[m.task].head:  # a pre-trained vision model comes with its own head (ImageNet's 1000 classes)
         kwargs["ignore_mismatched_sizes"] = True
     kwargs.update(extra_kwargs or {})
-    model = auto_class(m.task).from_pretrained(resolve_path(m.name_or_path), **kwargs)
+    try:
+        model = auto_class(m.task).from_pretrained(resolve_path(m.name_or_path), **kwargs)
+    except ValueError as err:
+        if "does not support an attention implementation" not in str(err):
+            raise
+        raise ConfigError([("model.attn_implementation", (
+            f"model.attn_implementation must be eager for {m.name_or_path}, a part of which has no "
+            f"{kwargs['attn_implementation']} attention ({str(err).split('.')[0]}) (got "
+            f"{m.attn_implementation!r})"))]) from None
     if getattr(tokenizer, "pad_token_id", None) is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -69,7 +69,9 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
     b, s = t.micro_batch_size, config.data.max_length
-    if TASKS[config.model.task].inputs == "image":
+    if TASKS[config.model.task].captions:
+        ids, inputs = None, caption_inputs(model_config, b, s)
+    elif TASKS[config.model.task].inputs == "image":
         ids, inputs = None, image_inputs(model_config, b)
         s = inputs["pixel_values"].shape[-1] ** 2 // model_config.patch_size ** 2 + 1  # patches and class token
     else:
@@ -124,6 +126,21 @@ def image_inputs(model_config: Any, batch: int) -> dict[str, Any]:
     size, channels = model_config.image_size, getattr(model_config, "num_channels", 3)
     return {"pixel_values": torch.randn(batch, channels, size, size),
             "labels": torch.randint(0, max(int(model_config.num_labels), 2), (batch,))}
+
+
+def caption_inputs(model_config: Any, batch: int, length: int) -> dict[str, Any]:
+    """A batch as nbtune/captions.py's Collator makes it for an image-to-text model, every caption `length`
+    tokens long (the estimate's worst case, data.max_length): random square images at the encoder's size, random
+    caption ids as labels and a decoder attention mask over all of them."""
+    import torch
+
+    encoder = model_config.encoder
+    size = encoder.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    labels = torch.randint(0, int(model_config.decoder.vocab_size), (batch, length))
+    pixels = torch.randn(batch, getattr(encoder, "num_channels", 3), height, width)
+    return {"pixel_values": pixels, "labels": labels,
+            "decoder_attention_mask": torch.ones_like(labels)}
 
 
 def step_loss(config: TuneConfig, model: Any, inputs: dict[str, Any]) -> Any:
