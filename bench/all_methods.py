@@ -5,6 +5,7 @@ trainable share, wall time. Runs go through the run store, so a repeat is served
 
     python bench/all_methods.py --dataset capitals --out bench/results/all-methods-capitals.md
     python bench/all_methods.py --dataset shapes   # image-cls on the embedded ViT
+    python bench/all_methods.py --dataset shape-captions   # image-to-text on the embedded captioner (acc: exact match)
 
 A method the task cannot train (the prompt methods on images) is listed with the registry's reason.
 """
@@ -21,8 +22,9 @@ import nbtune
 from nbtune.methods import registry
 from nbtune.records import RunSummary
 
-TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls", "shapes": "image-cls"}
-MODEL = {"shapes": "nbtune:tiny-vit"}  # the rest: nbtune:tiny
+TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls", "shapes": "image-cls",
+        "shape-captions": "image-to-text"}
+MODEL = {"shapes": "nbtune:tiny-vit", "shape-captions": "nbtune:tiny-captioner"}  # the rest: nbtune:tiny
 
 
 def main() -> None:
