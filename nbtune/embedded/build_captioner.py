@@ -278,19 +278,9 @@ def save(model, tokenizer, out_dir: pathlib.Path, vit_dir: pathlib.Path, info: d
 # ----- the probe: does a fine-tune learn the downstream form? -----------------------------------------------------
 
 
-def token_f1(prediction: str, reference: str) -> float:
-    """Bag-of-words F1 of two captions."""
-    from collections import Counter
-
-    p, r = prediction.split(), reference.split()
-    common = sum((Counter(p) & Counter(r)).values())
-    if not common:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
 def score(model, tokenizer, x, references: list[str]) -> dict:
+    from nbtune.captions import token_f1
+
     made = generate(model, tokenizer, x)
     return {"exact_match": round(sum(a == b for a, b in zip(made, references, strict=True)) / len(made), 4),
             "token_f1": round(sum(map(token_f1, made, references)) / len(made), 4), "example": made[0]}
