@@ -752,9 +752,9 @@ def _data_problems(d: DataConfig, task: str) -> list[tuple[str, str]]:
                                                  "(the other formats need causal-lm)"))
     if d.augment != "none" and d.augment in AUGMENTATIONS and not image_task:
         out.append(_bad("data.augment", d.augment, f"none for model.task {task}, whose rows hold no images"))
-    elif d.augment == "flip" and task == "image-to-text":
-        out.append(_bad("data.augment", d.augment, "none for model.task image-to-text: a mirrored image no "
-                                                   "longer matches a caption that says left or right"))
+    elif d.augment == "flip" and task in ("image-to-text", "text-to-image"):
+        out.append(_bad("data.augment", d.augment, f"none for model.task {task}: a mirrored image no longer "
+                                                   "matches a caption or prompt that says left or right"))
     if task == "seq-cls" and isinstance(d.source, (list, dict)) and d.label_column is None:
         out.append(_bad("data.label_column", None, "the column holding the class label (task seq-cls)"))
     return out

@@ -342,9 +342,7 @@ def prepare(config: TuneConfig, tokenizer: Any) -> PreparedData:
     supervised stage cannot train the format)."""
     task = config.model.task
     if TASKS[task].inputs == "image":
-        from nbtune import captions, images
-
-        return (captions if TASKS[task].captions else images).prepare(config, tokenizer)
+        return image_rows(task).prepare(config, tokenizer)
     train_rows, eval_rows = load_rows(config)
     fmt, columns = resolve_format(config, train_rows[0])
     stages.check_format(stages.STAGES["sft"], fmt)
@@ -447,12 +445,19 @@ def _encode_cls(tok: Any, columns: Columns, row: dict[str, Any], max_length: int
     return {"input_ids": ids, "labels": index}
 
 
+def image_rows(task: str) -> Any:
+    """The module that reads and encodes an image task's rows: images (classification), captions
+    (image-to-text) or diffusion (text-to-image)."""
+    import importlib
+
+    t = TASKS[task]
+    return importlib.import_module("nbtune." + ("diffusion" if t.draws else "captions" if t.captions else "images"))
+
+
 def collator(task: str, tokenizer: Any) -> Any:
     """The supervised collator of a task: padded token rows, or stacked images."""
     if TASKS[task].inputs == "image":
-        from nbtune import captions, images
-
-        return (captions if TASKS[task].captions else images).Collator()
+        return image_rows(task).Collator()
     return Collator(tokenizer.pad_token_id, task)
 
 

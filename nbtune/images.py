@@ -219,14 +219,14 @@ class Collator:
 
 def preview(config: TuneConfig, rows: int = 5) -> dict[str, Any]:
     """What the data preview shows of image rows: the first images as small PNG thumbnails (base64) with their
-    labels (image-to-text: their captions), the row counts and, for labels, the images per label."""
-    from nbtune import captions
-    from nbtune.data import load_rows
+    labels (image-to-text: their captions; text-to-image: their prompts), the row counts and, for labels, the
+    images per label."""
+    from nbtune.data import image_rows, load_rows
     from nbtune.tasks import TASKS
 
-    captioned = TASKS[config.model.task].captions
+    captioned = not TASKS[config.model.task].classifies  # a caption, or a prompt (text-to-image)
     train_rows, eval_rows = load_rows(config)
-    image, label = (captions.columns if captioned else columns)(config, train_rows[0])
+    image, label = image_rows(config.model.task).columns(config, train_rows[0])
     base = base_folder(config)
     shown = []
     for row in train_rows[:rows]:

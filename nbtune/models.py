@@ -74,9 +74,9 @@ def model_identity(config: TuneConfig) -> str:
     path = Path(resolve_path(config.model.name_or_path))
     if path.is_dir():
         digest = hashlib.sha256()
-        for file in sorted(path.iterdir()):
+        for file in sorted(path.rglob("*")):  # a pipeline folder holds its parts in subfolders
             if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
-                digest.update(file.name.encode())
+                digest.update(file.relative_to(path).as_posix().encode())
                 stat = file.stat()
                 if stat.st_size > 64 * 2**20:  # large weights: name, size and modification time stand for content
                     digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -87,20 +87,25 @@ def model_identity(config: TuneConfig) -> str:
 
 
 def load_model_config(config: TuneConfig) -> Any:
-    """The transformers PretrainedConfig of the config's model (local files or hub)."""
+    """The transformers PretrainedConfig of the config's model (local files or hub); for a diffusers pipeline
+    its parts' configs (nbtune/diffusion.py PipelineConfig)."""
     import_heavy()
     from transformers import AutoConfig
 
     m = config.model
+    if TASKS[m.task].draws:
+        from nbtune import diffusion
+
+        return diffusion.load_config(resolve_path(m.name_or_path), revision=m.revision)
     return AutoConfig.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
                                       trust_remote_code=m.trust_remote_code)
 
 
 def auto_class(task: str) -> Any:
     """The transformers AutoModel class that loads a model for `task`."""
-    import transformers
+    import importlib
 
-    return getattr(transformers, TASKS[task].auto_class)
+    return getattr(importlib.import_module(TASKS[task].library), TASKS[task].auto_class)
 
 
 def load_tokenizer(config: TuneConfig) -> Any:
@@ -110,6 +115,10 @@ def load_tokenizer(config: TuneConfig) -> Any:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     m = config.model
+    if TASKS[m.task].draws:
+        from nbtune import diffusion
+
+        return diffusion.load_tokenizer(resolve_path(m.name_or_path), revision=m.revision)
     if TASKS[m.task].captions:
         from nbtune import captions
 
@@ -140,6 +149,11 @@ def load_model(config: TuneConfig, num_labels: int | None = None, extra_kwargs: 
     """Load the base model for the config's task, dtype ("auto": see `weights_dtype`) and attention."""
 
     m = config.model
+    if TASKS[m.task].draws:
+        from nbtune import diffusion
+
+        return diffusion.load_model(resolve_path(m.name_or_path), torch_dtype(weights_dtype(config)),
+                                    revision=m.revision)
     kwargs: dict[str, Any] = {
         "revision": m.revision,
         "trust_remote_code": m.trust_remote_code,
@@ -225,12 +239,18 @@ def _apply(base: BuiltModel, prepare: Callable[[Any, dict[str, Any]], None] | No
     if prepare is not None:
         prepare(base.model, base.load_kwargs)
     base.ctx.model_config = base.model.config
+    draws = TASKS[base.ctx.task].draws  # a diffusion model: the method adapts its UNet, the rest stays frozen
+    part = base.model.unet if draws else base.model
     if trained is not None:
         from nbtune.methods.artifacts import load_trained
 
-        base.model = load_trained(base.method, base.model, trained, base.ctx)
+        part = load_trained(base.method, part, trained, base.ctx)
     else:
-        base.model = base.method.apply(base.model, base.params, base.ctx)
+        part = base.method.apply(part, base.params, base.ctx)
+    if draws:
+        base.model.unet = part
+    else:
+        base.model = part
     return base
 
 
@@ -248,5 +268,9 @@ def _fresh_model(config: TuneConfig, model_config: Any, load_kwargs: dict[str, A
     if isinstance(chosen, str):
         chosen = torch_dtype(from_torch(chosen) or chosen)
     kwargs = {"dtype": chosen} if chosen is not None else {}  # none: transformers' default, fp32
+    if TASKS[config.model.task].draws:
+        from nbtune import diffusion
+
+        return diffusion.fresh_model(model_config, chosen)
     return auto_class(config.model.task).from_config(
         model_config, attn_implementation=packed_attention.attn_implementation(config), **kwargs)

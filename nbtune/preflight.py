@@ -106,10 +106,8 @@ def _format_blockers(config: TuneConfig) -> list[Blocker]:
         return []
     try:
         rows, _ = data.load_rows(config)
-        if TASKS[config.model.task].inputs == "image":  # one format: an image and a label (or caption) column
-            from nbtune import captions, images
-
-            (captions if TASKS[config.model.task].captions else images).columns(config, rows[0])
+        if TASKS[config.model.task].inputs == "image":  # one format: an image and a label, caption or prompt
+            data.image_rows(config.model.task).columns(config, rows[0])
         else:
             stages.check_format(stages.for_config(config), data.resolve_format(config, rows[0])[0])
     except ConfigError as err:

@@ -87,6 +87,11 @@ def _supervised_trainer(prepared: Any, args: Any, callbacks: list[Any]) -> Any:
 
         trainer_class = captions.trainer_class()
         trainer_class.caption_tokenizer = prepared.tokenizer.tokenizer
+    if TASKS[task].draws:
+        from nbtune import diffusion
+
+        trainer_class = diffusion.trainer_class()
+        trainer_class.judge = prepared.data.stats.get("judge")
     return trainer_class(
         model=built.model, args=args, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval or None,
         data_collator=packing or data.collator(task, prepared.tokenizer),

@@ -19,10 +19,14 @@ class Task:
     description: str
     auto_class: str  # the transformers AutoModel class that loads a model for it
     peft_task_type: str | None  # peft's TaskType value; None: peft adapts the model as it is (vision models)
-    metric: str | None = None  # an eval metric beside the loss: "accuracy" (from the logits) or "exact-match"
+    metric: str | None = None  # an eval metric beside the loss: "accuracy" (from the logits), "exact-match"
+    # (greedy captions) or "judged" (drawn images, by a classifier)
     accuracy_means: str = HELD_OUT_ACCURACY  # what its eval "accuracy" measures, in words
     inputs: str = "text"  # what a row gives the model: "text" (a tokenizer) or "image" (an image processor)
     head: tuple[str, ...] = ()  # a new head's modules, trained whatever the method (peft: `modules_to_save`)
+    library: str = "transformers"  # what loads and runs it: transformers, or diffusers (a pipeline folder)
+    token_loss: bool = True  # its loss is a token cross-entropy, so exp(loss) is a perplexity
+    default_targets: tuple[str, ...] = ()  # the modules peft methods adapt when not chosen (else peft's default)
 
     @property
     def classifies(self) -> bool:
@@ -34,6 +38,11 @@ class Task:
         """Rows carry an image and its caption; the model writes captions, scored by greedy exact match."""
         return self.inputs == "image" and self.metric == "exact-match"
 
+    @property
+    def draws(self) -> bool:
+        """The model draws images from prompts (a diffusers pipeline; nbtune/diffusion.py)."""
+        return self.library == "diffusers"
+
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("causal-lm", "generate the target text", "AutoModelForCausalLM", "CAUSAL_LM"),
@@ -43,6 +52,10 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          inputs="image", head=("classifier",)),
     Task("image-to-text", "caption each image", "AutoModelForImageTextToText", None, metric="exact-match",
          accuracy_means="held-out exact match of greedy captions", inputs="image"),
+    Task("text-to-image", "draw images from a prompt (DreamBooth: a new concept)", "StableDiffusionPipeline", None,
+         metric="judged", accuracy_means="the share of images drawn from held-out prompts that the data's judge "
+         "(an image classifier) recognises as the prompt's concept", inputs="image", library="diffusers",
+         token_loss=False, default_targets=("to_k", "to_q", "to_v", "to_out.0")),  # diffusers' DreamBooth LoRA
 )}
 TEXT_TASKS = tuple(name for name, t in TASKS.items() if t.inputs == "text")
 

@@ -16,7 +16,11 @@ VISION_MODEL = "nbtune:tiny-vit"  # a tiny ViT pre-trained on generated shapes (
 VISION_MODEL_DIR = pathlib.Path(__file__).parent / "vit"
 CAPTION_MODEL = "nbtune:tiny-captioner"  # the tiny ViT + a 2-layer GPT-2 decoder, pre-trained to caption shapes
 CAPTION_MODEL_DIR = pathlib.Path(__file__).parent / "captioner"  # (build_captioner.py)
-MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR}
+DIFFUSION_MODEL = "nbtune:tiny-diffusion"  # a tiny Stable Diffusion pipeline of the shapes world
+DIFFUSION_MODEL_DIR = pathlib.Path(__file__).parent / "diffusion"  # (build_diffusion.py)
+MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR,
+          DIFFUSION_MODEL: DIFFUSION_MODEL_DIR}
+SHAPE_JUDGE_DIR = pathlib.Path(__file__).parent / "shape_judge"  # a classifier of the shapes world's shapes
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
@@ -36,8 +40,9 @@ class BuiltinDataset:
     # "columns": the fields above say how; "chat": `messages` lists of {role, content} (plus a reference
     # `answer`); "preference": conversational `prompt`/`chosen`/`rejected` message lists; "image-folder": a
     # folder per split holding a folder of PNGs per label; "image-captions": `image` paths relative to the
-    # split's file, and `caption`
+    # split's file, and `caption`; "image-prompts": `prompt`, an `image` path where the row has one, `concept`
     format: str = "columns"
+    judge: pathlib.Path | None = None  # text-to-image: the classifier whose recognised share is eval accuracy
 
 
 DATASETS: dict[str, BuiltinDataset] = {
@@ -123,6 +128,17 @@ DATASETS: dict[str, BuiltinDataset] = {
             target_column="caption",
             format="image-captions",
         ),
+        BuiltinDataset(
+            name="sks-star",
+            task="text-to-image",
+            description="DreamBooth: teach the word 'sks' a shape the base never drew, a star. Train: star images "
+            "prompted 'a red sks in the top left'; eval: prompts of colour and place combinations train never "
+            "shows, each drawn once and judged by a classifier of the shapes world (eval accuracy: the share "
+            "it recognises as a star).",
+            text_column="prompt",
+            format="image-prompts",
+            judge=SHAPE_JUDGE_DIR,
+        ),
     )
 }
 
@@ -148,6 +164,7 @@ def load_rows(name: str, split: str) -> list[dict]:
     path = dataset_path(name, split)
     with path.open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    if DATASETS[name].format == "image-captions":  # the images are nbtune:shapes' files
-        rows = [{**row, "image": str((path.parent / row["image"]).resolve())} for row in rows]
+    if DATASETS[name].format in ("image-captions", "image-prompts"):  # image paths: relative to the file
+        rows = [{**row, "image": str((path.parent / row["image"]).resolve())} if row.get("image") else row
+                for row in rows]
     return rows

@@ -41,17 +41,22 @@ def save_trained(model: Any, method: Method, directory: str | Path, ctx: MethodC
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if method.save is not None:
+    fmt = artifact_format(method)
+    if TASKS[ctx.task].draws:
+        from nbtune import diffusion
+
+        fmt = diffusion.save_artifact(model, method.is_peft, directory)
+    elif method.save is not None:
         method.save(model, directory, ctx)
     else:
         model.save_pretrained(str(directory))
     chat = None
-    if ctx.tokenizer is not None:
+    if ctx.tokenizer is not None and not TASKS[ctx.task].draws:  # a pipeline keeps its tokenizer in its folder
         chat = chat_template_of_run(config, ctx.tokenizer, ctx.extras.get("data_format"),
                                     ctx.extras.get("conversational", False))
         save_tokenizer(ctx.tokenizer, directory, chat)
     if config is not None:
-        record = describe(config, method, ctx, artifact_format(method), chat)
+        record = describe(config, method, ctx, fmt, chat)
         if method.is_peft:
             _name_the_base(directory, record)
         write_record(directory, record)
@@ -130,6 +135,13 @@ def how_to_load(record: dict[str, Any]) -> str:
 
 def _loading_code(record: dict[str, Any]) -> str:
     auto = record["auto_class"]
+    if record["format"].startswith("diffusers-"):
+        from nbtune import diffusion
+
+        base = record["base_model"]
+        hint = (f"# BASE: the folder of the embedded base {base}, printed by {embedded_base_hint(base)}\n"
+                if base.startswith("nbtune:") else "")
+        return hint + diffusion.how_to_load(record, "BASE" if hint else repr(base))
     classes, preprocess = _preprocessors(record)
     if record["format"] == "transformers-model":
         return f'from transformers import {auto}, {classes}\nmodel = {auto}.from_pretrained("ARTIFACT")\n{preprocess}'
@@ -211,6 +223,10 @@ def load_trained(method: Method, base_model: Any, directory: str | Path, ctx: Me
     """The trained model, in eval mode, from an artifact directory and a freshly loaded base model."""
     if method.load_trained is not None:
         return method.load_trained(base_model, directory)
+    if TASKS[ctx.task].draws and not method.is_peft:
+        from nbtune import diffusion
+
+        return diffusion.load_unet(directory, base_model)
     if method.is_peft:
         from peft import PeftModel
 

@@ -6,7 +6,7 @@ Learning rates are recommendations for the tiny embedded model; larger models us
 from __future__ import annotations
 
 from nbtune.methods import adapters, distillation, peft_methods, selective
-from nbtune.methods.registry import Field, Method, register
+from nbtune.methods.registry import ALL_TASKS, DRAWING_TASKS, Field, Method, register
 from nbtune.tasks import TEXT_TASKS
 
 # virtual tokens join a sequence of token embeddings: peft's prompt methods need a text model's input embeddings
@@ -35,6 +35,7 @@ register(Method(
     fields=(),
     apply=selective.apply_full,
     learning_rate=1e-4,
+    tasks=(*ALL_TASKS, *DRAWING_TASKS),  # text-to-image: the whole UNet
     is_peft=False,
 ))
 
@@ -79,6 +80,7 @@ register(Method(
     apply=peft_methods.apply_lora,
     learning_rate=3e-3,
     lighter_methods=("qlora",),
+    tasks=(*ALL_TASKS, *DRAWING_TASKS),  # text-to-image: the UNet's attention (tasks.py default_targets)
 ))
 
 register(Method(

@@ -87,7 +87,7 @@ def _cache_under_its_old_name(peft_model: Any) -> None:
     peft_model.base_model_prepare_inputs_for_generation = renamed
 
 
-def default_targets(kind: str, model: Any, chosen: list[str] | None) -> list[str] | None:
+def default_targets(kind: str, model: Any, chosen: list[str] | None, task: str | None = None) -> list[str] | None:
     """The modules a method adapts: those chosen, else peft's default for the model type (None: peft picks).
 
     peft's defaults are per model type, and vision transformers (ViT, DeiT, ...) have none: such a model
@@ -96,6 +96,8 @@ def default_targets(kind: str, model: Any, chosen: list[str] | None) -> list[str
     `kind` names peft's table (LORA, IA3, ADALORA, ...)."""
     if chosen:
         return chosen
+    if task is not None and TASKS[task].default_targets:  # a UNet: its attention (tasks.py)
+        return list(TASKS[task].default_targets)
     borrowed = _borrowed_model_type(kind, model)
     return None if borrowed is None else list(_peft_table(kind, "TARGET")[borrowed])
 
@@ -135,7 +137,7 @@ def _lora_config(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
         r=params["r"],
         lora_alpha=params["alpha"],
         lora_dropout=params["dropout"],
-        target_modules=default_targets("LORA", model, params["target_modules"]),
+        target_modules=default_targets("LORA", model, params["target_modules"], ctx.task),
         use_dora=params["use_dora"],
         use_rslora=params["use_rslora"],
     )

@@ -19,7 +19,8 @@ from nbtune._lazy import import_heavy
 from nbtune.tasks import TASKS
 
 FIELD_KINDS = ("int", "float", "bool", "choice", "str", "str-list", "int-list")
-ALL_TASKS = tuple(TASKS)
+ALL_TASKS = tuple(n for n, t in TASKS.items() if t.library == "transformers")  # a method's default
+DRAWING_TASKS = tuple(n for n, t in TASKS.items() if t.draws)  # only the methods that name them train them
 
 
 @dataclass(frozen=True)
