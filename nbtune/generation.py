@@ -175,6 +175,11 @@ def answers(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Genera
 
     from nbtune import captions
 
+    if hasattr(model, "draw"):  # text-to-image (nbtune/diffusion.py): each answer an image, as a base64 PNG
+        from nbtune import diffusion
+
+        drawn = model.draw(prompts, dataclasses.replace(diffusion.SAMPLING, seed=settings.seed))
+        return [diffusion.png(image, size=96) for image in drawn]
     if isinstance(tokenizer, captions.ImageTextProcessor):  # image-to-text: the prompts are images
         return captions.describe(model, tokenizer, prompts, settings.generation_config(tokenizer, model),
                                  settings.seed)
@@ -252,8 +257,22 @@ def generate(run: Run, prompts: str | Sequence[str], **settings: Any) -> list[st
         return answers(model, tokenizer, texts, chosen)
 
 
+def draw(run: Run, prompts: str | Sequence[str], seed: int = 0) -> list[Any]:
+    """`Run.draw`: a text-to-image run's images of `prompts`."""
+    from nbtune import diffusion
+
+    texts = prompt_list(prompts)
+    if run.config.model.task != "text-to-image":
+        raise ValueError(f"run {run.id} does not draw (model.task {run.config.model.task}); draw is for "
+                         "text-to-image runs: use run.generate(prompts)")
+    with _quiet(run):
+        return run.model.draw(texts, dataclasses.replace(diffusion.SAMPLING, seed=seed))
+
+
 def _refuse_classifier(run: Run) -> None:
     task = run.config.model.task
+    if task == "text-to-image":
+        raise ValueError(f"run {run.id} draws images (model.task text-to-image): use run.draw(prompts)")
     if task in ("seq-cls", "image-cls"):
         use = "use run.predict(texts) for its label names" if task == "seq-cls" else "it has no run.generate"
         raise ValueError(f"run {run.id} is a classifier (model.task {task}): it picks a label, it does not "
@@ -449,6 +468,11 @@ class SideBySide:
         return self.task == "image-to-text"
 
     @property
+    def draws(self) -> bool:
+        """The answers are images drawn from the prompts (text-to-image), as base64 PNGs."""
+        return self.task == "text-to-image"
+
+    @property
     def accuracy(self) -> dict[str, float]:
         """With the true labels (classification) or captions (exact match, as evaluations score them): the
         fraction of prompts each column gets right."""
@@ -638,6 +662,9 @@ def _cell(row: Mapping[str, str], column: str, style: str, table: SideBySide) ->
     """One cell, escaped: a wrong label or caption in red; an image prompt as its thumbnail and file name."""
     if column == "prompt" and table.captions:
         return f'<td style="{style}">{_image_html(row[column])}</td>'
+    if column not in ("prompt", "expected") and table.draws:
+        return (f'<td style="{style}"><img alt="{html.escape(column)}" src="data:image/png;base64,{row[column]}" '
+                'style="width:64px;image-rendering:pixelated"></td>')
     from nbtune.rewards import normalise
 
     same = (lambda a, b: normalise(a) == normalise(b)) if table.captions else (lambda a, b: a == b)

@@ -142,6 +142,13 @@ class Run:
 
         return generation.generate(self, prompts, **settings)
 
+    def draw(self, prompts: str | Sequence[str], seed: int = 0) -> list[Any]:
+        """A text-to-image run's image (PIL) for each prompt, the i-th from seed `seed + i`, with the sampling
+        its evaluations use (nbtune.diffusion.SAMPLING)."""
+        from nbtune import generation
+
+        return generation.draw(self, prompts, seed)
+
     def predict(self, texts: str | Sequence[str]) -> list[str]:
         """A classification run's label name for each text (the model input, as in training)."""
         from nbtune import generation

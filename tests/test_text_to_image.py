@@ -1,0 +1,246 @@
+"""Text-to-image (model.task text-to-image): rows, methods, evaluations that draw, diffusers' own artifacts and
+images side by side, on a random tiny Stable Diffusion pipeline made here (a 32x32 pipeline of 1 M parameters:
+a step takes milliseconds). The embedded pipeline, its judge and the DreamBooth acceptance are checked in
+tests/test_embedded_diffusion.py and bench/results.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from nbtune.config import ConfigError, TuneConfig
+from nbtune.events import EventStream
+
+pytest.importorskip("diffusers")
+SHAPES = Path(__file__).parents[1] / "nbtune" / "embedded" / "data" / "shapes" / "train"
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "sks", "in", "the", "top",
+         "left", "right", "bottom"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A random tiny Stable Diffusion pipeline folder (word-level tokenizer, 32x32 images, 16x16 latents)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=12)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                        sample_size=32)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(folder)
+    return folder
+
+
+def rows() -> dict[str, list[dict]]:
+    """Eight training rows (circles, one prompt), four eval rows: two with an image, two prompts only."""
+    images = sorted((SHAPES / "circle").glob("*.png"))
+    train = [{"image": str(p), "prompt": "a red circle in the top left"} for p in images[:8]]
+    evaluation = [{"image": str(p), "prompt": "a blue circle"} for p in images[8:10]]
+    evaluation += [{"prompt": "a red circle in the bottom right"}, {"prompt": "a blue square"}]
+    return {"train": train, "eval": evaluation}
+
+
+def draw_config(pipeline: Path, method: str = "lora", source=None, steps: int = 4, **data) -> TuneConfig:
+    return TuneConfig(model={"name_or_path": str(pipeline), "task": "text-to-image"}, method=method,
+                      data={"source": source if source is not None else rows(), "eval_split": "eval", **data},
+                      training={"max_steps": steps, "micro_batch_size": 4, "log_every": 1, "eval_every": steps})
+
+
+def prepared(config: TuneConfig):
+    from nbtune import data, models
+
+    return data.prepare(config, models.load_tokenizer(config))
+
+
+def decoded(png: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(png)))
+
+
+def test_rows_become_pixels_in_minus_one_to_one_and_padded_prompt_ids(pipeline):
+    out = prepared(draw_config(pipeline))
+    assert len(out.train) == 8 and len(out.eval) == 4 and out.stats["image_size"] == [3, 32, 32]
+    first = out.train[0]
+    assert tuple(first["pixel_values"].shape) == (3, 32, 32)
+    assert -1.0 <= float(first["pixel_values"].min()) < 0.0 < float(first["pixel_values"].max()) <= 1.0
+    assert len(first["input_ids"]) == 12 and first["input_ids"][:2] == [WORDS.index("a"), WORDS.index("red")]
+    assert ["pixel_values" in r for r in out.eval] == [True, True, False, False]
+
+
+def test_bad_rows_and_settings_name_the_field_the_value_and_what_is_allowed(pipeline):
+    with pytest.raises(ConfigError, match=r"data.text_column must be one of the data's columns .*'caption'"):
+        prepared(draw_config(pipeline, text_column="caption"))
+    broken = rows()
+    broken["train"][3] = {"prompt": "a blue square"}
+    with pytest.raises(ConfigError, match=r"data.image_column: every training row needs an image; the row "
+                                          r"prompted 'a blue square' has none"):
+        prepared(draw_config(pipeline, source=broken))
+    with pytest.raises(ConfigError, match=r"data.augment must be none for model.task text-to-image"):
+        draw_config(pipeline, augment="flip")
+    for method in ("bitfit", "ia3", "prompt-tuning", "adapter", "qlora"):
+        with pytest.raises(ConfigError, match=rf"model.task 'text-to-image' is not supported by {method}"):
+            draw_config(pipeline, method)
+
+
+def test_lora_adapts_the_unets_attention_only(pipeline):
+    from nbtune import models
+
+    config = draw_config(pipeline)
+    built = models.build(config, tokenizer=models.load_tokenizer(config))
+    trainable = [n for n, p in built.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("unet.") and "lora_" in n for n in trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert adapted <= {"to_q", "to_k", "to_v", "0"}  # to_out.0 ends in 0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_each_method_trains_and_every_evaluation_draws_the_eval_prompts(pipeline, tmp_path, method):
+    from nbtune.training import execute
+
+    events = EventStream()
+    summary = execute(draw_config(pipeline, method), tmp_path / "run", events)
+    assert summary.state == "finished", summary
+    evals = [e.data for e in events.history if e.kind == "eval"]
+    assert [e["step"] for e in evals] == [0, 4]
+    for e in evals:
+        assert len(e["samples"]) == 4 and e["sample_prompts"][2] == "a red circle in the bottom right"
+        assert decoded(e["samples"][0]).size == (32, 32)
+        assert e["loss"] > 0 and "perplexity" not in e  # an MSE is no token loss
+    trainable = summary.trainable_params / summary.total_params
+    assert (trainable < 0.1) if method == "lora" else (0.5 < trainable < 1.0)  # full: the UNet, not VAE/text
+
+
+def test_the_eval_loss_uses_fixed_noise_so_the_same_model_scores_the_same(pipeline):
+    from nbtune import diffusion
+
+    config = draw_config(pipeline)
+    model = diffusion.load_model(pipeline)
+    examples = prepared(config).eval
+    first, again = (diffusion.evaluation(model, examples, None)["loss"] for _ in range(2))
+    assert first == again
+
+
+def test_a_judge_scores_the_share_of_drawn_images_it_recognises_as_the_concept(pipeline, tmp_path):
+    """A judge that names everything a circle: every drawn image of a circle prompt counts, none of a square's."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from nbtune import diffusion
+
+    judge = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                id2label={0: "circle", 1: "square"}))
+    with torch.no_grad():
+        judge.classifier.weight.zero_()
+        judge.classifier.bias.copy_(torch.tensor([1.0, 0.0]))
+    judge.save_pretrained(tmp_path / "judge")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "judge")
+    model = diffusion.load_model(pipeline)
+    concept = [{"input_ids": [4] + [0] * 11, "prompt": "a circle", "concept": c} for c in ("circle", "circle",
+                                                                                          "square", "circle")]
+    assert diffusion.evaluation(model, concept, tmp_path / "judge")["accuracy"] == 0.75
+
+
+@pytest.fixture(scope="module")
+def drawn(pipeline, tmp_path_factory):
+    """A LoRA run and a full one in a store of their own."""
+    import nbtune
+
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NBTUNE_HOME", str(root))
+        runs = {}
+        for method in ("lora", "full"):
+            runs[method] = nbtune.launch(draw_config(pipeline, method))
+            runs[method].wait()
+            assert runs[method].status == "finished", runs[method].error
+        yield runs, root
+
+
+def test_the_lora_artifact_draws_with_diffusers_alone_as_the_run_does(drawn, pipeline):
+    """The artifact's own loading code (nbtune_run.json how_to_load), run as written, loads diffusers' LoRA
+    file; with the same scheduler and seed it draws what `Run.draw` draws, and not what the base draws."""
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from nbtune import diffusion
+
+    run = drawn[0]["lora"]
+    artifact = Path(run.artifact_path)
+    assert (artifact / diffusion.LORA_FILE).exists() and (artifact / "adapter_config.json").exists()
+    how = json.loads((artifact / "nbtune_run.json").read_text())["how_to_load"]
+    namespace: dict = {}
+    code = how.replace("ARTIFACT", str(artifact)).replace('pipe("PROMPT", ', 'pipe("a red circle", height=32, '
+                                                                             'width=32, ')
+    exec(compile(code.replace("image = pipe", "_ = pipe"), "how_to_load", "exec"), namespace)  # noqa: S102
+    pipe = namespace["pipe"]
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    sampling = diffusion.SAMPLING
+    plain = pipe("a red circle", height=32, width=32, num_inference_steps=sampling.steps,
+                 guidance_scale=sampling.guidance_scale, generator=[torch.Generator().manual_seed(0)]).images[0]
+    ours = run.draw("a red circle")[0]
+    base = diffusion.load_model(pipeline).draw(["a red circle"])[0]
+    difference = np.abs(np.asarray(plain, float) - np.asarray(ours, float))
+    assert difference.max() <= 1.0  # rounding to 8 bits at most
+    assert np.abs(np.asarray(base, float) - np.asarray(ours, float)).max() > 1.0
+
+
+def test_the_full_artifact_is_a_pipeline_folder_with_the_trained_unet(drawn):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    run = drawn[0]["full"]
+    pipe = StableDiffusionPipeline.from_pretrained(run.artifact_path, safety_checker=None,
+                                                   requires_safety_checker=False)
+    trained = run.model.unet.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in pipe.unet.state_dict().items())
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # the training scheduler, not the sampling one
+
+
+def test_images_side_by_side_show_the_base_and_every_run_and_are_kept(drawn):
+    from nbtune.generation import side_by_side
+
+    runs, _ = drawn
+    prompts = ["a red circle", "a blue square in the top left"]
+    table = side_by_side(runs, prompts)
+    assert table.columns == ["base", "lora", "full"]
+    assert all(decoded(png).size == (32, 32) for column in table.answers.values() for png in column)
+    assert table.to_html().count("<img ") == 6
+    assert side_by_side(runs, prompts).served_from_store
+    with pytest.raises(ValueError, match=r"draws images \(model.task text-to-image\): use run.draw"):
+        runs["lora"].generate("a red circle")
+
+
+def test_an_identical_run_is_served_from_the_store_and_runs_compare(drawn, pipeline, monkeypatch):
+    import nbtune
+
+    runs, root = drawn
+    monkeypatch.setenv("NBTUNE_HOME", str(root))
+    assert nbtune.launch(draw_config(pipeline, "lora")).id == runs["lora"].id
+    comparison = nbtune.compare(draw_config(pipeline), methods=["lora", "full"], seeds=1)
+    rows_ = {row["variant"]: row for row in comparison.rows()}
+    assert rows_["lora"]["served_from_store"] and rows_["full"]["served_from_store"]
+    assert rows_["lora"]["trainable_percent"] < rows_["full"]["trainable_percent"]
