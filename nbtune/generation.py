@@ -535,7 +535,8 @@ def side_by_side(runs: Mapping[str, Run | None], prompts: str | Sequence[str], b
     if kept is not None:
         return kept
     task = first.config.model.task
-    columns = {} if task == "seq-cls" else {"base": _base_answers(base_config, texts, chosen)}
+    with _quiet(first):  # what the libraries warn while the base answers goes to the first run's log.txt
+        columns = {} if task == "seq-cls" else {"base": _base_answers(base_config, texts, chosen)}
     for name, run in answering.items():  # each run as it was trained (runs of other stages may differ)
         columns[name] = _run_answers(run, texts, asked.for_run(run))
     result = SideBySide(texts, columns, task, chosen.to_dict(), truth, skipped, key)

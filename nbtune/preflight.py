@@ -126,6 +126,9 @@ def shape_blockers(config: TuneConfig) -> list[Blocker]:
         model_config = models.load_model_config(config)
     except Exception:  # the model cannot be had: model_blockers says why
         return []
+    wrong_kind = _task_problems(config, model_config)
+    if wrong_kind:
+        return [Blocker(field, message) for field, message in wrong_kind]
     problems = [*_length_problems(config, model_config), *_rank_problems(config, model_config)]
     return [Blocker(field, message) for field, message in problems]
 
@@ -142,6 +145,22 @@ def memory_blockers(estimate: Any, gpu: str | int | float | None) -> list[Blocke
         return []
     name = f"the {_short_gpu_name(title)}" if gpu_spec(gpu) is not None else f"a {title} GPU"
     return [Blocker("", f"needs {_gib(need)}, {name} has {_gib(capacity)}: {_gib(need - capacity)} over")]
+
+
+def _task_problems(config: TuneConfig, model_config: Any) -> list[tuple[str, str]]:
+    """A transformers model the task's auto class cannot load (a text model for image-to-text, a ViT
+    classifier as a captioner), said before the weights load."""
+    if TASKS[config.model.task].library != "transformers":
+        return []
+    from nbtune import models
+
+    auto = models.auto_class(config.model.task)
+    mapping = getattr(auto, "_model_mapping", None)
+    if mapping is None or type(model_config) in mapping or getattr(model_config, "auto_map", None):
+        return []
+    kind = getattr(model_config, "model_type", type(model_config).__name__)
+    return [("model.name_or_path", f"model.name_or_path {config.model.name_or_path!r} is a {kind} model, which "
+             f"{auto.__name__} cannot load for model.task {config.model.task}: choose a model of that task")]
 
 
 def model_blockers(config: TuneConfig) -> list[Blocker]:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nbtune.stages import STAGES, of_task
+from nbtune.tasks import HELD_OUT_ACCURACY
 from nbtune.units import format_bytes
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def quality_chart(table: Table) -> Any:
             text=[r["variant"] for r in group], mode="markers+text", textposition="top center", name=label,
             marker=marker))
     better = "higher is better" if table.higher_is_better else "lower is better"
-    words = QUALITY_WORDS.get(table.quality, table.quality)
+    words = quality_name(table)
     fig.update_layout(title=f"{words} ({better}) vs trainable share of parameters (★ recommended)",
                       xaxis_type="log", xaxis_title="trainable parameters (% of the model, log)", yaxis_title=words,
                       template="plotly_white", height=450, showlegend=False)
@@ -433,6 +434,15 @@ def measure_words(table: Table) -> str:
     return QUALITY_WORDS[table.quality]
 
 
+def quality_name(table: Table) -> str:
+    """The eval-quality column in words short enough for a sentence or an axis: "eval accuracy", "eval loss",
+    or what the eval accuracy of the task or stage measures ("held-out exact match of greedy captions")."""
+    meaning = measure_words(table)
+    if table.quality != "eval_accuracy" or meaning == HELD_OUT_ACCURACY or table.mixed_stages:
+        return QUALITY_WORDS[table.quality]
+    return meaning.split(":")[0]
+
+
 def near_words(table: Table) -> str:
     """The near-best margin in words."""
     from nbtune.comparison import NEAR_BEST_ACCURACY_POINTS, NEAR_BEST_LOSS_SHARE
@@ -460,7 +470,7 @@ def _target_sentence(table: Table, rec: Recommendation | None) -> str:
 
 
 def _leaders_sentence(table: Table, rec: Recommendation) -> str:
-    rows, words = table.by_variant(), QUALITY_WORDS[table.quality]
+    rows, words = table.by_variant(), quality_name(table)
     if len(rec.leaders) > 1:
         shown = ", ".join(f"{n} {quality_text(table, rows[n])}" for n in rec.leaders)
         return f"{_join(rec.leaders)} tie for the best {words} ({shown}): their means differ by no more than the " \

@@ -53,8 +53,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("image-to-text", "caption each image", "AutoModelForImageTextToText", None, metric="exact-match",
          accuracy_means="held-out exact match of greedy captions", inputs="image"),
     Task("text-to-image", "draw images from a prompt (DreamBooth: a new concept)", "StableDiffusionPipeline", None,
-         metric="judged", accuracy_means="the share of images drawn from held-out prompts that the data's judge "
-         "(an image classifier) recognises as the prompt's concept", inputs="image", library="diffusers",
+         metric="judged", accuracy_means="held-out concept recognition: the share of images drawn from held-out "
+         "prompts that the data's judge (an image classifier) names as the prompt's concept", inputs="image", library="diffusers",
          token_loss=False, default_targets=("to_k", "to_q", "to_v", "to_out.0")),  # diffusers' DreamBooth LoRA
 )}
 TEXT_TASKS = tuple(name for name, t in TASKS.items() if t.inputs == "text")

@@ -19,7 +19,7 @@ from nbtune.methods import registry
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "example_notebooks"
 NAMES = ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_memory_planning.ipynb",
          "04_your_own_model_and_data.ipynb", "05_colab.ipynb", "06_chat_and_preferences.ipynb",
-         "07_image_classification.ipynb"]
+         "07_image_classification.ipynb", "08_image_captioning.ipynb"]
 CHART_TYPES = ("application/vnd.plotly.v1+json", "image/png")
 pytestmark = pytest.mark.slow
 
@@ -327,3 +327,65 @@ def test_image_classification_notebook_previews_estimates_trains_compares_and_lo
     assert "Use " in text(cell_with(nb, "comparison.recommendation()"))
     answers = [line for line in text(cell_with(nb, "PeftModel.from_pretrained")).splitlines() if "(label " in line]
     assert len(answers) == 5
+
+
+CAPTION = re.compile(r"a (\w+) (circle|cross|diamond|square|triangle) in the (top|bottom) (left|right)")
+
+
+def generation_rows(cell: Any) -> list[list[str]]:
+    """The side-by-side table a cell shows, as each row's cells in text (an image prompt: "image:" + its file name
+    when its thumbnail is there)."""
+    import html
+
+    def shown(td: str) -> str:
+        image = re.search(r'<img alt="([^"]*)" src="data:image/png;base64,', td)
+        return f"image:{image.group(1)}" if image else html.unescape(re.sub(r"<[^>]+>", "", td)).strip()
+
+    table = next(o.data["text/html"] for o in cell.outputs
+                 if "nbtune-generations" in o.get("data", {}).get("text/html", ""))
+    body = re.search(r"<tbody>(.*?)</tbody>", table, re.S).group(1)
+    return [[shown(td) for td in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def test_image_captioning_notebook_learns_the_new_caption_form_compares_and_captions_side_by_side(executed):
+    nb = executed("08_image_captioning.ipynb").nb
+    previewed = text(cell_with(nb, "data_preview("))
+    assert "image: 640 training images, 160 evaluation images" in previewed, previewed
+    captions = re.findall(r"^\S+\.png: '(.*)'$", previewed, re.M)
+    assert len(captions) == 3 and all(CAPTION.fullmatch(c) for c in captions), previewed
+    verdicts = text(cell_with(nb, "vit_gpt2 = "))
+    assert " full: " in verdicts and " lora: " in verdicts and "NVIDIA T4" in verdicts, verdicts
+
+    ended = text(cell_with(nb, "dashboard.wait("))
+    assert "state: finished" in ended
+    before, after = map(float, re.search(r"held-out exact match: ([\d.]+) before -> ([\d.]+) after", ended).groups())
+    # pre-trained on other sentence forms, the captioner matches no held-out caption; 300 LoRA steps teach the form
+    assert before <= 0.05 and after >= 0.9, ended
+    # the dashboard's static chart: the eval panel says what its accuracy is, and holds every evaluation
+    figure = next(o.data["application/vnd.plotly.v1+json"] for o in cell_with(nb, "Dashboard(run)").outputs
+                  if "application/vnd.plotly.v1+json" in o.get("data", {}))
+    titles = [a["text"] for a in figure["layout"]["annotations"]]
+    assert "<b>Held-out exact match of greedy captions</b>" in titles, titles
+    exact = next(t for t in figure["data"] if t["name"] == "eval accuracy")
+    assert len(exact["y"]) >= 3 and exact["y"][0] <= 0.05 and exact["y"][-1] >= 0.9, exact
+
+    compared = text(cell_with(nb, "nbtune.compare("))
+    assert "[1/2] lora: finished, served from the store" in compared, compared  # the launched run, reused
+    assert "[2/2] full: finished, trained in" in compared and "Use " in compared, compared
+
+    asked = cell_with(nb, "comparison.generations(")
+    said = [o.text for o in asked.outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not said, said  # what transformers says while nbtune generates belongs in a log, not in the cell
+    rows = generation_rows(asked)
+    table = [r for r in rows if r[0].startswith("image:")]
+    assert len(table) == 5 and all(len(r) == 5 for r in table), rows  # image, expected, base, lora, full
+    for _, expected, base, *_ in table:
+        colour, shape, *place = CAPTION.fullmatch(expected).groups()
+        # the base sees what is in the image but says it in a pre-training form; the runs say it the new way
+        assert base != expected and colour in base and shape in base and " ".join(place) in base, (expected, base)
+    assert sum(r[3] == r[1] for r in table) >= 4 and sum(r[4] == r[1] for r in table) >= 4, table
+    shares = dict(re.findall(r"^(\w+): (\d+)% of these captions exact$", text(cell_with(nb, "answers.accuracy")),
+                             re.M))
+    assert shares.keys() == {"base", "lora", "full"} and shares["base"] == "0", shares
+    assert int(shares["lora"]) >= 80 and int(shares["full"]) >= 80, shares

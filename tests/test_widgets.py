@@ -416,6 +416,63 @@ def test_fp16_loss_scaling_over_fp16_weights_of_full_fine_tuning_is_not_ready():
     assert preflight.readiness(lora, "t4") == []
 
 
+def test_a_readiness_check_that_raises_says_why_instead_of_checking_for_ever(monkeypatch):
+    from nbtune import preflight
+
+    def fails(*args, **kwargs):
+        raise ValueError("Unrecognized configuration class LlamaConfig " + "for this kind of AutoModel " * 40)
+
+    monkeypatch.setattr(preflight, "readiness", fails)
+    b = Builder(tiny(), debounce_s=0)
+    said = html.unescape(re.sub(r"<[^>]+>", "", b.status.value))
+    assert said.startswith("✘ Not ready: the checks of whether this config can run failed: ValueError: "
+                           "Unrecognized configuration class LlamaConfig"), said
+    assert said.endswith("…") and len(said) < 420, said  # the exception's own text, cut short
+    assert not b.ready and b.launch_button.disabled and "nbtune-not-ready" in b.status._dom_classes
+
+
+CAPTION = re.compile(r"a \w+ (circle|cross|diamond|square|triangle) in the (top|bottom) (left|right)")
+
+
+def test_choosing_image_to_text_swaps_in_the_built_in_captioner_and_its_captions_and_previews_them():
+    from nbtune.widgets.builder import BUILT_IN_MODELS
+
+    from nbtune import embedded
+
+    # every task with a built-in dataset has its built-in model to swap in, one that nbtune ships
+    assert {d.task for d in embedded.DATASETS.values()} <= set(BUILT_IN_MODELS)
+    assert set(BUILT_IN_MODELS.values()) <= set(embedded.MODELS)
+    b = Builder(tiny(), debounce_s=0)
+    task, model, source = (b.controls[d] for d in ("model.task", "model.name_or_path", "data.source"))
+    assert (task.value, model.value, source.value) == ("causal-lm", "nbtune:tiny", "nbtune:capitals")
+    task.input.value = "image-to-text"  # as the user chooses it on the Task tab
+    assert (model.value, source.value) == ("nbtune:tiny-captioner", "nbtune:shape-captions")
+    assert b.config.model.task == "image-to-text" and b.config.model.name_or_path == "nbtune:tiny-captioner"
+    assert ("image-to-text: switched to the built-in nbtune:tiny-captioner on nbtune:shape-captions"
+            in b.switch_note.value)
+    assert "✔ Ready" in b.status.value and not b.launch_button.disabled, b.status.value
+    assert re.search(r"Methods for this task: full, freeze, bitfit, lora\b", b.task_note.value), b.task_note.value
+
+    result = b.preview()  # the captions under their images
+    assert result is not None and result["format"] == "image" and result["train_rows"] == 48
+    shown = b.preview_out.value
+    assert "<th>caption</th>" in shown and shown.count("src='data:image/png;base64,") == len(result["rows"]) == 5
+    captions = [r["target"] for r in result["rows"]]
+    assert all(CAPTION.fullmatch(c) and html.escape(c, quote=True) in shown for c in captions), captions
+
+    model.input.value = "./my-captioner"  # a model of the user's own: the note no longer says it was swapped in
+    assert b.switch_note.value == ""
+    task.input.value = "image-cls"  # ... and stays when the task changes; the built-in captions give way
+    assert (model.value, source.value) == ("./my-captioner", "nbtune:shapes")
+    assert "image-cls: switched to the built-in nbtune:shapes;" in b.switch_note.value
+    b.apply({"model.name_or_path": "nbtune:tiny-captioner", "data.source": "my_captions.jsonl"})
+    task.input.value = "seq-cls"  # a built-in model of another task gives way; the user's own data stays
+    assert (model.value, source.value) == ("nbtune:tiny", "my_captions.jsonl")
+    b.apply({"model.task": "image-to-text"})  # a change from code is taken as it is given
+    assert (task.value, model.value, source.value) == ("image-to-text", "nbtune:tiny", "my_captions.jsonl")
+    assert b.switch_note.value == ""
+
+
 def test_a_problem_reads_in_the_forms_words_and_says_where_it_is():
     b = Builder(tiny(), debounce_s=NEVER)
     lr = b.controls["training.learning_rate"]

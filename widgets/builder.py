@@ -12,6 +12,8 @@ fields are generated from the method registry, never written per method; every r
 validation (`TuneConfig.problems`), shown next to the field it names in the form's words. "Ready" means the config
 can run: valid, and nothing in `nbtune.preflight.readiness` in the way (the GPU's memory, the model's files, the
 precision); what reads files or the hub is judged when the estimate lands, on the estimate's thread.
+Choosing a task on the Task tab swaps a built-in model or dataset of another task for the task's own built-in
+ones (image-to-text: nbtune:tiny-captioner on nbtune:shape-captions); a model or data of the user's own stays.
 
 Displayed, the builder leaves one more output: a static copy of its config and estimate that a saved notebook
 shows without a kernel, hidden by the builder's STYLE where the live form renders.
@@ -30,7 +32,7 @@ from nbtune.widgets.data_preview import data_preview, preview_html
 from nbtune.widgets.forms import INPUT_MAX_WIDTH, LABEL_WIDTH, STYLE, FieldControl, described_choices
 from nbtune.widgets.memory_panel import DEFAULT_GPU, MemoryPanel, estimate_html
 
-from nbtune import distributed, preflight, stages
+from nbtune import distributed, embedded, preflight, stages
 from nbtune._lazy import import_heavy
 from nbtune.config import ConfigError, TuneConfig, config_from_values, describe_source, section_fields
 from nbtune.methods import registry
@@ -47,6 +49,11 @@ FORM_SECTIONS = ("model", "data", "training", "distributed")  # the config secti
 FSDP_ONLY = ("sharding",)  # distributed fields only FSDP reads (nbtune/distributed.py `problems`)
 OFFLOAD_ONLY = ("cpu_offload",)  # distributed fields only strategies that can offload read
 PLAIN = "nbtune builder (the live form needs a running kernel; a static copy of its config follows)"
+# The built-in model of each task (nbtune/embedded): choosing a task in the form swaps a built-in model or dataset
+# of another task for the new task's; a model or data of the user's own stays as it is.
+BUILT_IN_MODELS = {"causal-lm": embedded.EMBEDDED_MODEL, "seq-cls": embedded.EMBEDDED_MODEL,
+                   "image-cls": embedded.VISION_MODEL, "image-to-text": embedded.CAPTION_MODEL,
+                   "text-to-image": embedded.DIFFUSION_MODEL}
 
 
 class Builder:
@@ -76,6 +83,7 @@ class Builder:
         self.methods = _methods_for(config.method.name)
 
         self.sections = self._make_sections(config)
+        self.controls["model.task"].input.observe(lambda _: self._quiet or self._task_chosen(), names="value")
         self.memory = MemoryPanel(gpu=gpu, debounce_s=debounce_s, on_apply=self.apply,
                                   on_estimate=self._estimated)
         self.status = w.HTML("", layout=w.Layout(flex="1 1 auto", min_width="0"))
@@ -120,7 +128,9 @@ class Builder:
         self.preview_button.on_click(lambda _: self.preview())
         self.preview_out = w.HTML("")
         self.task_note = w.HTML("")
-        children = [w.VBox(model), w.VBox([*task, self.task_note]),
+        self.switched: dict[str, Any] = {}  # the task last chosen and the built-in model and data it swapped in
+        self.switch_note = w.HTML("")  # ... said in words while the form still holds them
+        children = [w.VBox(model), w.VBox([*task, self.switch_note, self.task_note]),
                     w.VBox([*data, w.HBox([self.preview_button]), self.preview_out]),
                     self._make_method_tab(config), w.VBox(training), w.VBox(scale_out)]
         sections = w.Tab(children=children, layout=w.Layout(flex="1 1 540px", min_width="0", max_width="820px"))
@@ -302,6 +312,28 @@ class Builder:
         if lr is not None:
             lr.input.placeholder = f"auto: {method.learning_rate:g} for {name}"
 
+    def _task_chosen(self) -> None:
+        """The user chose a task: a built-in model or dataset of another task gives way to the new task's built-in
+        one (the embedded captioner and its captions for image-to-text), said in a note on the Task tab."""
+        task = self.controls["model.task"].value
+        changes = built_in_changes(task, self.controls["model.name_or_path"].value,
+                                   None if self._rows is not None else self.controls["data.source"].value)
+        self.switched = {"model.task": task, **changes} if changes else {}
+        if changes:
+            self.apply(changes)
+        else:
+            self._show_switched()
+
+    def _show_switched(self) -> None:
+        """The note on what the last choice of a task swapped in, while the form still holds it."""
+        if not self.switched or any(self.controls[d].value != v for d, v in self.switched.items()):
+            self.switch_note.value = ""
+            return
+        task, *swapped = self.switched.values()
+        what = " on ".join(swapped)  # the model on the data, or either alone
+        self.switch_note.value = _note(f"{task}: switched to the built-in {what}; set your own on the Model and "
+                                       "Data tabs.")
+
     def _switch_method(self, name: str) -> None:
         """Swap the method's fields; values of fields the new method shares are kept when still valid."""
         with self._form_lock:
@@ -427,6 +459,7 @@ class Builder:
             else:
                 self._show_readiness(preflight.precision_blockers(config, self.memory.gpu.value), final=False)
         self.task_note.value = _task_note(self.methods, config)
+        self._show_switched()
         if config is not None:
             self.precision_note.value = ("<div class='nbtune-section-note nbtune-indented'>here: "
                                          f"{html.escape(precision_here(config).reason)}</div>")
@@ -457,7 +490,12 @@ class Builder:
     def _estimated(self, config: TuneConfig, estimate: MemoryEstimate | None) -> None:
         """The estimate of `config` landed (on its thread): judge everything that stands in the way of a run,
         and write the static copy the saved notebook keeps."""
-        blockers = preflight.readiness(config, self.memory.gpu.value, estimate)
+        try:
+            blockers = preflight.readiness(config, self.memory.gpu.value, estimate)
+        except Exception as err:  # it should never raise; if it does, say why rather than "Checking…" for ever
+            said = f"{type(err).__name__}: {err}"
+            blockers = [preflight.Blocker("", "the checks of whether this config can run failed: "
+                                              + (said if len(said) <= 300 else said[:300] + "…"))]
         with self._status_lock:
             if config is not self._config:  # the form changed meanwhile; its own estimate follows
                 return
@@ -537,6 +575,21 @@ class Builder:
         finally:
             self.launch_button.disabled = not self.ready
         return self.run
+
+
+def built_in_changes(task: str, model: Any, source: Any) -> dict[str, str]:
+    """What choosing `task` swaps in: its built-in model for a built-in model of another task, and its built-in
+    dataset for a built-in dataset of another task ({} where the form holds the user's own, or the task has no
+    built-in one)."""
+    changes = {}
+    wanted = BUILT_IN_MODELS.get(task)
+    if wanted and model in BUILT_IN_MODELS.values() and model != wanted:
+        changes["model.name_or_path"] = wanted
+    datasets = [f"nbtune:{d.name}" for d in embedded.DATASETS.values() if d.task == task]
+    name = source.removeprefix("nbtune:") if isinstance(source, str) and source.startswith("nbtune:") else None
+    if datasets and name in embedded.DATASETS and embedded.DATASETS[name].task != task:
+        changes["data.source"] = datasets[0]
+    return changes
 
 
 def _methods_for(name: str) -> list[registry.Method]:

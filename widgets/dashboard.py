@@ -231,7 +231,8 @@ class Dashboard:
         parts = [
             (0, self._status_record),
             (1, lambda: charts.final_bundle(self.figure)),  # replaces the live chart widget
-            (2, lambda: {"text/html": summary_html(self.run.summary, self.stage) + details_html(self.progress),
+            (2, lambda: {"text/html": summary_html(self.run.summary, self.stage) + samples_html(self.progress)
+                         + details_html(self.progress),
                          "text/plain": summary_text(self.run.summary, self.stage)}),
         ]
         for slot, bundle in parts:
@@ -315,7 +316,8 @@ class Dashboard:
         self.details.set_title(0, _messages_title(0))
         row = w.HBox([self.bar, self.progress_label, self.stop_button, self.resume_button, self.log_loss_toggle],
                      layout=w.Layout(align_items="center", gap="12px"))
-        controls = w.VBox([self.status_html, row, self.details], layout=w.Layout(padding="6px 0"))
+        self.samples_html = w.HTML()
+        controls = w.VBox([self.status_html, row, self.samples_html, self.details], layout=w.Layout(padding="6px 0"))
         controls._view_count = 0  # counted by the page that shows it (ipywidgets 7 and 8): see _open_chart
         controls.observe(self._on_shown, names="_view_count")
         return controls
@@ -340,6 +342,9 @@ class Dashboard:
         resumable = p.ended and self._resumable()
         self.resume_button.layout.display = None if resumable else "none"
         self.resume_button.disabled = not resumable
+        shown = samples_html(p)
+        if self.samples_html.value != shown:
+            self.samples_html.value = shown
         if p.message_count != self._messages_shown:  # throttled with the redraws
             self._messages_shown = p.message_count
             self.details.set_title(0, _messages_title(p.message_count))
@@ -414,6 +419,23 @@ def _messages_title(count: int) -> str:
 def _messages_pre(progress: RunProgress) -> str:
     text = "\n".join(progress.messages)
     return f"<pre style='font-size:11px;max-height:300px;overflow:auto;white-space:pre-wrap'>{html.escape(text)}</pre>"
+
+
+def samples_html(progress: RunProgress) -> str:
+    """A text-to-image run's drawn samples: a row per evaluation shown (the first and the latest), a column per
+    eval prompt ("" for runs that draw nothing)."""
+    if not progress.samples:
+        return ""
+    prompts = progress.samples[-1][2]
+    head = "".join(f"<th style='font-weight:normal;font-size:11px;max-width:90px'>{html.escape(p)}</th>"
+                   for p in prompts)
+    rows = "".join(
+        f"<tr><td style='font-size:11px;white-space:nowrap'>step {step}</td>"
+        + "".join(f"<td><img alt='step {step}: {html.escape(prompt)}' src='data:image/png;base64,{png}' "
+                  "style='width:64px;image-rendering:pixelated'></td>" for png, prompt in zip(pngs, prompts, strict=False))
+        + "</tr>" for step, pngs, _ in progress.samples)
+    return (f"<table class='nbtune-samples' style='margin:4px 0'><tr><th style='font-size:11px'>drawn</th>{head}"
+            f"</tr>{rows}</table>")
 
 
 def details_html(progress: RunProgress) -> str:

@@ -175,6 +175,7 @@ def accuracy_words(stage: Stage) -> str:
 
 ENDED = ("finished", "stopped", "failed", "interrupted")
 MAX_MESSAGES = 200  # library messages kept for display (the run's log.txt has them all)
+SAMPLE_ROWS = 4  # a text-to-image run's evaluations whose drawn samples are shown: the first and the latest
 
 
 class RunProgress:
@@ -206,6 +207,7 @@ class RunProgress:
         self.error: str | None = None
         self.trainable_params: int | None = None
         self.events = 0
+        self.samples: list[tuple[int, list[str], list[str]]] = []  # (step, PNGs, prompts) of drawing evals
 
     def apply(self, kind: str, data: dict[str, Any], when: float | None = None) -> None:
         self.events += 1
@@ -273,6 +275,9 @@ class RunProgress:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 name = stage_trace_name(metric, kind)
                 self.stage_series.setdefault(name, Series(self.max_points)).append(step, value)
+        if kind == "eval" and data.get("samples"):  # text-to-image: what the evaluation drew
+            self.samples = [*self.samples, (step, list(data["samples"]), list(data.get("sample_prompts") or []))]
+            self.samples = self.samples[:1] + self.samples[1:][-(SAMPLE_ROWS - 1):]
         loss = data.get("loss")  # the best eval: the base at step 0 is no checkpoint of this training
         if kind == "eval" and step > 0 and loss is not None and (not self.best_eval or loss < self.best_eval[1]):
             self.best_eval = (step, loss)

@@ -132,15 +132,26 @@ def apply_lora(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
 def _lora_config(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     from peft import LoraConfig
 
+    targets = default_targets("LORA", model, params["target_modules"], ctx.task)
     return LoraConfig(
         **task_arguments(ctx),
         r=params["r"],
         lora_alpha=params["alpha"],
         lora_dropout=params["dropout"],
-        target_modules=default_targets("LORA", model, params["target_modules"], ctx.task),
+        target_modules=targets,
         use_dora=params["use_dora"],
         use_rslora=params["use_rslora"],
+        fan_in_fan_out=adapts_conv1d(model, targets),
     )
+
+
+def adapts_conv1d(model: Any, targets: list[str] | str | None) -> bool:
+    """Whether the targeted modules are GPT-2's Conv1D (weights stored transposed: peft's `fan_in_fan_out`,
+    which peft would otherwise set itself, warning once per module)."""
+    if not isinstance(targets, list):
+        return False
+    ends = tuple("." + t for t in targets)
+    return any(type(m).__name__ == "Conv1D" for name, m in model.named_modules() if name.endswith(ends))
 
 
 def qlora_load_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, Any]:
@@ -236,8 +247,9 @@ def apply_p_tuning_v2(model: Any, params: dict[str, Any], ctx: MethodContext) ->
 def apply_ia3(model: Any, params: dict[str, Any], ctx: MethodContext) -> Any:
     from peft import IA3Config
 
+    targets = default_targets("IA3", model, params["target_modules"])
     return get_peft_model(model, IA3Config(
-        **task_arguments(ctx), target_modules=default_targets("IA3", model, params["target_modules"]),
+        **task_arguments(ctx), target_modules=targets, fan_in_fan_out=adapts_conv1d(model, targets),
         feedforward_modules=params["feedforward_modules"] or _ia3_feedforward(model, params)))
 
 
