@@ -244,3 +244,18 @@ def test_an_identical_run_is_served_from_the_store_and_runs_compare(drawn, pipel
     rows_ = {row["variant"]: row for row in comparison.rows()}
     assert rows_["lora"]["served_from_store"] and rows_["full"]["served_from_store"]
     assert rows_["lora"]["trainable_percent"] < rows_["full"]["trainable_percent"]
+
+
+def test_the_dashboard_of_a_drawing_run_shows_what_each_shown_evaluation_drew(drawn):
+    from nbtune.widgets.dashboard import Dashboard, samples_html
+    from nbtune.widgets.progress import SAMPLE_ROWS, RunProgress
+
+    board = Dashboard(drawn[0]["lora"], widgets=False)
+    page = samples_html(board.progress)
+    assert page.count("<img ") == 2 * 4 and "step 0" in page and "step 4" in page  # the base's, the last's
+    assert "a blue square" in page
+    progress = RunProgress()
+    for step in range(0, 10):
+        progress.apply("eval", {"step": step, "samples": [f"png{step}"], "sample_prompts": ["p"]})
+    assert [s for s, _, _ in progress.samples] == [0, *range(10 - SAMPLE_ROWS + 1, 10)]
+    assert samples_html(RunProgress()) == ""
