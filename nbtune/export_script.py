@@ -19,6 +19,7 @@ from typing import Any
 
 from nbtune import export as ex
 from nbtune.config import TuneConfig
+from nbtune.tasks import TASKS, TEXT_TASKS
 
 SCRIPT = "train.py"
 PAIR = ("prompt", "chosen", "rejected")
@@ -30,6 +31,11 @@ def check_expressible(config: TuneConfig) -> None:
     from nbtune.methods import registry
 
     method = registry.get(config.method.name)
+    if TASKS[config.model.task].inputs != "text":
+        raise ex.ExportRefused("model.task", (
+            f"model.task {config.model.task}: the script export writes text tasks only "
+            f"({', '.join(TEXT_TASKS)}); image tasks train with nbtune, and their artifacts load without it "
+            "(nbtune_run.json says how)"))
     if method.compute_loss is not None:
         raise ex.ExportRefused("method.name", (
             f"method.name {method.name}: the method computes its own training loss inside nbtune (e.g. against a "
@@ -246,8 +252,6 @@ def _imports(r: ex.Resolved) -> str:
 
 
 def _auto_class(r: ex.Resolved) -> str:
-    from nbtune.tasks import TASKS
-
     return TASKS[r.config.model.task].auto_class
 
 

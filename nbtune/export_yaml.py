@@ -23,6 +23,7 @@ from typing import Any
 
 from nbtune import export as ex
 from nbtune.config import TuneConfig
+from nbtune.tasks import TASKS
 
 TOOLS = {"axolotl": "axolotl", "llamafactory": "LLaMA-Factory"}
 STAGES = {"axolotl": ("sft", "dpo", "kto", "grpo"), "llamafactory": ("sft", "dpo", "kto")}
@@ -37,7 +38,8 @@ def check_expressible(config: TuneConfig, target: str) -> None:
     if config.model.task != "causal-lm":
         raise ex.ExportRefused("model.task", (
             f"model.task {config.model.task}: the {tool} export writes causal language model training only; "
-            "export --to script for this task"))
+            + ("export --to script for this task" if TASKS[config.model.task].inputs == "text" else
+               "image tasks train with nbtune, and their artifacts load without it")))
     if config.training.stage not in STAGES[target]:
         raise ex.ExportRefused("training.stage", (
             f"training.stage {config.training.stage}: {tool} has no such stage (it trains "

@@ -217,3 +217,13 @@ def test_the_builder_is_ready_for_caption_rows_and_names_a_wrong_caption_column(
     assert [b.field for b in preflight.readiness(caption_config(), "T4", None)] == []
     blockers = preflight.readiness(caption_config(target_column="words"), "T4", None)
     assert [b.field for b in blockers] == ["data.target_column"]
+
+
+def test_the_script_and_yaml_exports_refuse_an_image_task_saying_what_to_do_instead(tmp_path):
+    from nbtune import export
+
+    for to in ("script", "axolotl"):
+        with pytest.raises(export.ExportRefused, match=r"model.task image-to-text: .*image tasks train with "
+                                                       r"nbtune, and their artifacts load without it"):
+            export.export(caption_config(), to, tmp_path / to)
+        assert not (tmp_path / to).exists()

@@ -259,3 +259,18 @@ def test_the_dashboard_of_a_drawing_run_shows_what_each_shown_evaluation_drew(dr
         progress.apply("eval", {"step": step, "samples": [f"png{step}"], "sample_prompts": ["p"]})
     assert [s for s, _, _ in progress.samples] == [0, *range(10 - SAMPLE_ROWS + 1, 10)]
     assert samples_html(RunProgress()) == ""
+
+
+def test_a_merged_lora_export_is_one_pipeline_folder_drawing_as_the_run_does(drawn, tmp_path):
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from nbtune import diffusion
+
+    run = drawn[0]["lora"]
+    folder = run.merge(tmp_path / "merged")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    merged = diffusion.DiffusionModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    ours, theirs = run.draw("a red circle")[0], merged.draw(["a red circle"])[0]
+    assert np.abs(np.asarray(ours, float) - np.asarray(theirs, float)).max() <= 2.0  # merged weights round
+    assert json.loads((folder / "nbtune_run.json").read_text())["merged_from_run"] == run.id

@@ -258,6 +258,8 @@ def export_merged(run: Any, directory: str | Path) -> Path:
         raise ValueError(f"merged export folder {directory} already exists and is not empty; choose a new folder")
     if method.is_peft:
         _refuse_prompt_learning(method, artifact)
+    if TASKS[config.model.task].draws:
+        return _export_pipeline(run, method, directory)
     labels = run.summary.labels if run.summary is not None else []
     data_format = (run.summary.data or {}).get("format") if run.summary is not None else None
     tokenizer = models.load_tokenizer(config)
@@ -277,6 +279,28 @@ def export_merged(run: Any, directory: str | Path) -> Path:
         raise
     if directory.exists():
         directory.rmdir()  # empty (checked above): the complete folder takes its place
+    partial.rename(directory)
+    return directory
+
+
+def _export_pipeline(run: Any, method: Method, directory: Path) -> Path:
+    """A text-to-image run as one pipeline folder: its LoRA folded into the UNet, or its trained UNet."""
+    from nbtune.training import load_trained_model
+
+    model = load_trained_model(run)
+    if method.is_peft:
+        model.unet = model.unet.merge_and_unload()
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.pipeline(sampling=False).save_pretrained(partial)
+        ctx = MethodContext(task=run.config.model.task, model_config=model.unet.config)
+        write_record(partial, {**describe(run.config, method, ctx, "diffusers-pipeline"), "merged_from_run": run.id})
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if directory.exists():
+        directory.rmdir()
     partial.rename(directory)
     return directory
 
