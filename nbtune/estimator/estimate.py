@@ -6,7 +6,8 @@ fake-tensor simulation (`simulate.py`) and against published measurements (bench
 composes one small record per category (weights, gradients and optimizer, activations, logits) into the memory
 held at each phase of the step; `estimate_memory` adds the fixed overheads and picks the peak. The stage's
 entry in `nbtune/stages.py` adds its terms: sequences per example (DPO's pairs), TRL's fused head, a reference
-copy of the base, and a generation phase (KV cache) for a stage that samples completions.
+copy of the base, and a generation phase (KV cache) for a stage that samples completions. Image-to-text models
+(a vision encoder and a text decoder with cross-attention) have their blocks' terms in `vision_text.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nbtune.config import TuneConfig
 from nbtune.dtypes import BYTES
 from nbtune.estimator import sharding
 from nbtune.estimator.gpus import GIB, GPUS, gpu_bytes
-from nbtune.estimator.skeleton import Facts, LayerFacts, facts
+from nbtune.estimator.skeleton import VISION_TEXT, Facts, LayerFacts, facts
 from nbtune.methods import registry
 from nbtune.optimizers import OPTIMIZERS
 from nbtune.precision import for_plan
@@ -371,11 +372,22 @@ def step_shape(config: TuneConfig, f: Facts) -> StepShape:
     # prepare_model_for_kbit_training upcasts embeddings and norms to fp32: the hidden states follow them
     hidden = f.residual_bytes or BYTES[config.model.dtype]
     autocast = t.precision in ("fp16", "bf16") and hidden == 4
-    seq = f.dims.get("image_tokens") if TASKS[config.model.task].inputs == "image" else None
+    # an image's tokens are its patches and class token; an image-to-text model's decoder reads the caption
+    # (its encoder's image tokens are vision_text.encoder_tokens)
+    task = TASKS[config.model.task]
+    seq = f.dims.get("image_tokens") if task.inputs == "image" and not task.captions else None
+    seq = caption_tokens(config, f) if task.captions else seq
     seq, batch = (seq or sequence_tokens(config)) + f.virtual_tokens, sequences_per_micro_batch(config)
     return StepShape(hidden_bytes=hidden, autocast=autocast, matmul_bytes=2 if (hidden == 2 or autocast) else 4,
                      batch=batch, tokens=batch * seq, kv_length=seq + f.prefix_tokens,
                      checkpointing=t.gradient_checkpointing or f.forced_checkpointing)
+
+
+def caption_tokens(config: TuneConfig, f: Facts) -> int:
+    """Tokens of an image-to-text model's caption, the decoder's sequence: data.max_length (nbtune/captions.py
+    cuts captions there), or the decoder's position limit where that is shorter (no longer caption can run)."""
+    positions = f.dims.get("positions") or config.data.max_length
+    return min(config.data.max_length, positions)
 
 
 def weight_terms(config: TuneConfig, f: Facts) -> WeightTerms:
@@ -415,7 +427,9 @@ def four_bit_bytes(elems: int, double_quant: bool, block: int = 64) -> tuple[int
 def optimizer_terms(config: TuneConfig, f: Facts, fused: bool) -> OptimizerTerms:
     """Gradients, the optimizer's state and its step's transients, from what the optimizer keeps per parameter."""
     optimizer = OPTIMIZERS[config.training.optimizer]
-    trainable, n = f.trainable_bytes, f.trainable_params
+    # a parameter that never gets a gradient (a vision encoder-decoder's pooler) has no optimizer state either
+    trainable = f.trainable_bytes - f.gradless_elems * f.trainable_elem_bytes
+    n = f.trainable_params - f.gradless_elems
     if optimizer.eight_bit:  # blockwise 8-bit moments; small tensors keep 32-bit states
         big = n - f.small_trainable_elems
         state, step_temp = 2 * big + 2 * 4 * (big // 256) + 8 * f.small_trainable_elems, 0
@@ -436,20 +450,23 @@ def optimizer_terms(config: TuneConfig, f: Facts, fused: bool) -> OptimizerTerms
 def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str) -> ActivationTerms:
     """What the blocks save for the backward, with and without checkpointing."""
     h, act = f.dims["h"], shape.matmul_bytes
-    per_layer = [_layer_bytes(config, f, shape, layer, device) * shape.tokens
-                 + 2 * act * h * f.prefix_tokens * shape.batch for layer in f.layers]
+    per_layer = _per_layer(config, f, shape, device)
     one_layer = int(max(per_layer) if per_layer else 0)
     if shape.checkpointing and per_layer:
         # Only each block's input is kept through the forward; one block's activations exist again while it is
         # recomputed in the backward, after the loss has freed the logits: the two never coexist
         residual = 4 if (shape.autocast or shape.hidden_bytes == 4) else shape.hidden_bytes
-        stored = residual * h * shape.tokens * len(per_layer)
+        stored = residual * sum(width * tokens for width, tokens in _block_inputs(f, shape))
         layer_acts = stored + one_layer  # everything the step ever saves (what the CPU measurement sees)
     else:
         stored = layer_acts = sum(per_layer)
     held = 0  # what stays beside the stored block inputs through the backward (T5's checkpoint inputs)
     if f.family == "t5":
         final, held = _t5_stack_bytes(f, shape, device)
+    elif f.family == VISION_TEXT:
+        from nbtune.estimator import vision_text
+
+        final, held = vision_text.outside_bytes(config, f, shape, device)
     else:
         final = ((4 + act) * h + (act * h if f.head_trainable else 0)) * shape.tokens \
             if f.layers or f.head_trainable else 0
@@ -470,7 +487,7 @@ def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str
     # grow, so the two are not added. A recomputed tensor is freed once its gradient op has read it, so the
     # transients are gradients, not a second copy of the block: the gradient reaching the MLP's widest tensor
     # and the one its backward produces (measured on CPU: bench/results/estimator-bias-2026-12-02.md)
-    transients = 2 * shape.tokens * max(f.dims["I"], h) * _mlp_bytes(f, shape)
+    transients = 2 * _widest(f, shape) * _mlp_bytes(f, shape)
     recomputed = (block_copies // max(len(f.layers), 1)) if shape.checkpointing else 0
     copies = head_copy + (0 if shape.checkpointing else block_copies)
     return ActivationTerms(
@@ -478,6 +495,31 @@ def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str
         recompute=int(one_layer + recomputed + transients + dequant),
         stored_in_backward=int(stored + held) if shape.checkpointing else 0, stored=int(stored),
         one_layer=one_layer, saved=int(layer_acts + final + copies + recomputed))
+
+
+def _per_layer(config: TuneConfig, f: Facts, shape: StepShape, device: str) -> list[float]:
+    """Bytes each block on the gradient path saves for the backward over the micro-batch."""
+    if f.family == VISION_TEXT:
+        from nbtune.estimator import vision_text
+
+        return [vision_text.block_bytes(config, f, shape, layer, device) for layer in f.layers]
+    h, act = f.dims["h"], shape.matmul_bytes
+    return [_layer_bytes(config, f, shape, layer, device) * shape.tokens
+            + 2 * act * h * f.prefix_tokens * shape.batch for layer in f.layers]
+
+
+def _block_inputs(f: Facts, shape: StepShape) -> list[tuple[int, int]]:
+    """(width, tokens) of each block's input on the gradient path: a vision encoder-decoder's encoder blocks
+    run over the image tokens, at the encoder's width."""
+    encoder = (f.dims.get("enc_h", 0), shape.batch * f.dims.get("image_tokens", 0))
+    return [encoder if layer.stack == "encoder" else (f.dims["h"], shape.tokens) for layer in f.layers]
+
+
+def _widest(f: Facts, shape: StepShape) -> int:
+    """Elements of the widest MLP tensor of a block on the gradient path (tokens × the MLP's width)."""
+    encoder = shape.batch * f.dims.get("image_tokens", 0) * max(f.dims.get("enc_I", 0), f.dims.get("enc_h", 0))
+    widest = shape.tokens * max(f.dims["I"], f.dims["h"])
+    return max(widest, encoder) if any(layer.stack == "encoder" for layer in f.layers) else widest
 
 
 def _autocast_copies(f: Facts, shape: StepShape) -> tuple[int, int]:
@@ -518,14 +560,7 @@ def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFac
     # (attention itself is autocast: sdpa runs in 16-bit; the MLP's elementwise ops stay in hidden_bytes)
     act_l = shape.hidden_bytes if layer.quantized else act
     per = _t5_block_bytes(config, f, shape, layer, device) if f.family == "t5" else _layer_core(f, shape, layer, act_l)
-    mixed = config.training.precision in ("fp16", "bf16")
-    for d_in, r, p, lbytes in layer.lora:
-        la = 2 if mixed else lbytes  # lora_A runs under autocast
-        mask = (1 if device == "cuda" else lbytes) if p > 0 else 0
-        per += d_in * (la + mask) + r * la
-    for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
-        per += act * (d_in + min(d_in, d_out))
-    per += act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
+    per += method_bytes(config, shape, layer, device)
     per_example = packed_attention.PACKED[config.model.attn_implementation].loads_as == packed_attention.NAME
     if packs(config) and per_example and layer.full:
         # attention per example (nbtune/packed_attention.py): no mask, grouped keys/values stay grouped; the
@@ -536,6 +571,28 @@ def _layer_bytes(config: TuneConfig, f: Facts, shape: StepShape, layer: LayerFac
         per += a * kv_length * (4 + (act_l if act_l < 4 else 0))
         if f.dims.get("attn_dropout"):  # attention dropout: its mask and its output (BERT, GPT-2)
             per += a * kv_length * (1 if device == "cuda" else 4) + a * kv_length * 4
+    return per
+
+
+def method_bytes(config: TuneConfig, shape: StepShape, layer: LayerFacts, device: str) -> float:
+    """Per token, what the method's modules in a block save: LoRA's, added Linear layers' (adapters) and scaling
+    vectors' (IA3)."""
+    act = shape.matmul_bytes
+    per = lora_bytes(config, layer.lora, device)
+    for d_in, d_out in layer.added:  # the input of an added Linear, and its bottleneck activation
+        per += act * (d_in + min(d_in, d_out))
+    return per + act * layer.vectors  # IA3-style scaling vectors save the tensor they scale
+
+
+def lora_bytes(config: TuneConfig, lora: tuple[tuple[int, int, float, int], ...], device: str) -> float:
+    """Per token of their input, what LoRA-style modules save: lora_A's input (and its dropout's mask) and
+    lora_B's."""
+    mixed = config.training.precision in ("fp16", "bf16")
+    per = 0.0
+    for d_in, r, p, lbytes in lora:
+        la = 2 if mixed else lbytes  # lora_A runs under autocast
+        mask = (1 if device == "cuda" else lbytes) if p > 0 else 0
+        per += d_in * (la + mask) + r * la
     return per
 
 
@@ -778,6 +835,8 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
     if f.family == "t5":  # data.py truncates targets at data.max_length too
         notes.append(f"the decoder is counted at {config.data.max_length} target tokens (data.max_length), its "
                      "longest; shorter targets need less")
+    if f.family == VISION_TEXT:
+        notes.append(_caption_note(config, f))
     if tm.shape.checkpointing and not config.training.gradient_checkpointing:
         notes.append("the method turns gradient checkpointing on by itself")
     method = registry.get(config.method.name)
@@ -793,6 +852,14 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
         gpu=str(gpu) if gpu is not None else None, notes=notes, processes=tm.shard.processes,
         cpu_bytes=sum(tm.shard.cpu.values()), cpu_breakdown=dict(tm.shard.cpu), config=config,
         model_config=model_config)
+
+
+def _caption_note(config: TuneConfig, f: Facts) -> str:
+    """How an image-to-text estimate counts its two sequences."""
+    tokens = caption_tokens(config, f)
+    why = "data.max_length" if tokens == config.data.max_length else "the decoder's position limit"
+    return (f"the encoder is counted at {f.dims['image_tokens']} tokens an image (its patches and the class "
+            f"token), the decoder at {tokens} caption tokens ({why}), their longest; shorter captions need less")
 
 
 # ----- suggestions ---------------------------------------------------------------------------------------------
@@ -971,7 +1038,8 @@ def _options(config: TuneConfig) -> list[_Option]:
     options += [_option(f"method {name}", f"switch the method to {name}", {"method.name": name})
                 for name in lighter if registry.find(name) is not None]
     length, halvings = config.data.max_length // 2, 1
-    while length >= 128 and TASKS[config.model.task].inputs == "text":  # an image's tokens are its patches
+    task = TASKS[config.model.task]  # an image's tokens are its patches; a captioner's decoder reads max_length
+    while length >= 128 and (task.inputs == "text" or task.captions):
         options.append(_option("max_length", f"shorter sequences: max_length {length}",
                                {"data.max_length": length}, halvings, max_length=length))
         length, halvings = length // 2, halvings + 1

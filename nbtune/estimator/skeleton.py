@@ -18,6 +18,12 @@ from nbtune.tasks import TASKS
 
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
 _BEFORE_LAYERS = ("embed", "wte", "wpe", "shared", "prompt_encoder", "prefix", "token_type")
+# A vision encoder-decoder (image-to-text): its decoder's cross-attention keys and values read the encoder's states
+# (GPT-2's crossattention.c_attn, TrOCR's encoder_attn.k_proj / v_proj), and the encoder's pooler, whose output
+# the decoder never reads, gets no gradient
+_CROSS_KV = re.compile(r"\.(?:crossattention\.c_attn|encoder_attn\.[kv]_proj)\.")
+_GRADLESS = re.compile(r"(?:^|\.)encoder\.pooler\.")
+VISION_TEXT = "vision-encoder-decoder"  # the family of image-to-text models (estimator/vision_text.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,10 @@ class LayerFacts:
     added: tuple[tuple[int, int], ...] = ()  # (in, out) of trainable Linear layers the method added (adapters)
     vectors: int = 0  # elements of trainable scaling vectors (IA3): each saves the tensor it scales
     cross_attention: bool = False  # a decoder block of an encoder-decoder (T5): it also attends to the encoder
+    stack: str = ""  # a vision encoder-decoder's "encoder" or "decoder" block ("" for other models)
+    kv_lora: tuple[tuple[int, int, float, int], ...] = ()  # LoRA modules of the cross-attention keys/values
+    kv_vectors: int = 0  # IA3 vector elements scaling the cross-attention keys/values (per encoder token)
+    input_grad: bool = True  # its input needs a gradient (not the lowest block of a stack over frozen embeddings)
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,17 @@ class Facts:
     weight_elems: int = 0  # elements of the non-quantized parameters (weight_bytes counts their bytes)
     largest_block: UnitParams = UnitParams()  # the block with the most parameter bytes
     outside_blocks: UnitParams = UnitParams()  # embeddings, final norm, head, soft prompts: FSDP's root unit
+    gradless_elems: int = 0  # trainable elements that never get a gradient (a vision encoder-decoder's pooler)
+    encoder_trains: bool = False  # a vision encoder-decoder's encoder states need a gradient (something in it trains)
+    encoder_embeddings_train: bool = False  # its encoder's patch embeddings train (their convolution saves pixels)
+    output_trains: bool = False  # the output head's weight trains (its matmul saves its input)
 
 
 def model_dims(model_config: Any) -> dict[str, int]:
     """Hidden size, MLP size, heads, kv heads, head dim, vocabulary and layers, for any common architecture."""
     c = model_config
+    if _composite(c):
+        return _composite_dims(c)
 
     def first(*names: str, default: Any = None) -> Any:
         for name in names:
@@ -116,10 +132,62 @@ def model_dims(model_config: Any) -> dict[str, int]:
     return dims
 
 
+def _composite(model_config: Any) -> bool:
+    """A config made of an encoder's and a decoder's configs (VisionEncoderDecoderConfig)."""
+    return all(hasattr(getattr(model_config, part, None), "to_dict") for part in ("encoder", "decoder"))
+
+
+def _composite_dims(c: Any) -> dict[str, int]:
+    """An encoder-decoder made of two models (VisionEncoderDecoderConfig): the decoder's dimensions (its hidden
+    states, heads and vocabulary make the logits), the encoder's under "enc_" names, its tokens (an image's
+    patches and the class token, "image_tokens"), the width of the encoder states the cross-attention reads
+    ("states": the decoder's when enc_to_dec_proj projects them), the decoder's position limit ("positions", 0
+    when it does not say), dropout flags and the tensors each MLP activation saves."""
+    enc, dec = model_dims(c.encoder), model_dims(c.decoder)
+    dims = {**dec, **{f"enc_{k}": v for k, v in enc.items() if k not in ("V", "image_tokens")}}
+    inner = getattr(c.decoder, "decoder_ffn_dim", None)  # TrOCR's name for the MLP width
+    dims["I"] = int(inner or dims["I"])
+    projected = enc["h"] != dec["h"] and getattr(c.decoder, "cross_attention_hidden_size", None) is None
+    positions = next((int(v) for n in ("n_positions", "max_position_embeddings")
+                      if isinstance(v := getattr(c.decoder, n, None), int) and v > 0), 0)
+    dims.update(L=enc["L"] + dec["L"], dec_L=dec["L"], states=dec["h"] if projected else enc["h"],
+                positions=positions, proj=int(projected), **_dropouts(c.decoder, ""), **_dropouts(c.encoder, "enc_"),
+                act_saves=_activation_saves(c.decoder), enc_act_saves=_activation_saves(c.encoder))
+    if "image_tokens" in enc:
+        e = c.encoder
+        channels = int(getattr(e, "num_channels", 3))
+        height, width = _pair(e.image_size)
+        ph, pw = _pair(e.patch_size)
+        dims.update(image_tokens=enc["image_tokens"], pixels=channels * height * width,
+                    patch_elems=enc["h"] * channels * ph * pw)
+    return dims
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    """(height, width) of a size given as an int or a pair."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _dropouts(c: Any, prefix: str) -> dict[str, int]:
+    """Whether a model drops out its residual branches, embeddings and MLP activations (1) or not (0)."""
+    def on(*names: str) -> int:
+        return int(any(float(getattr(c, n, 0) or 0) > 0 for n in names))
+
+    return {f"{prefix}dropout": on("resid_pdrop", "hidden_dropout_prob", "dropout"),
+            f"{prefix}embd_dropout": on("embd_pdrop", "hidden_dropout_prob", "dropout"),
+            f"{prefix}act_dropout": on("activation_dropout")}
+
+
+def _activation_saves(c: Any) -> int:
+    """Tensors of the MLP's width its activation saves: GPT-2's gelu_new is Python ops (its input, tanh, 1 + tanh
+    and input / 2), quick_gelu two (input and sigmoid), the fused ones one."""
+    name = str(getattr(c, "activation_function", None) or getattr(c, "hidden_act", "") or "")
+    return {"gelu_new": 4, "quick_gelu": 2}.get(name, 1)
+
+
 def _patch_grid(image_size: Any, patch_size: Any) -> int:
     """Patches of an image: (height / patch) x (width / patch); sizes are ints or (height, width) pairs."""
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    (height, width), (ph, pw) = _pair(image_size), _pair(patch_size)
     return (height // ph) * (width // pw)
 
 
@@ -130,8 +198,6 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
     bitsandbytes would quantize (the skeleton keeps them as ordinary Linear weights).
     """
     import copy
-
-    import torch
 
     from nbtune import models
 
@@ -148,7 +214,7 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
             skip = set(quant["skip"]) | {"lm_head", "score", "classifier"}
             out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and module is not out_emb and not (set(name.split(".")) & skip):
+                if isinstance(module, linear_types()) and module is not out_emb and not (set(name.split(".")) & skip):
                     quantized.add(id(module.weight))
             setattr(model, f"is_loaded_in_{quant['bits']}bit", True)
         info["base_ids"] = {id(p) for p in model.parameters()}
@@ -156,6 +222,15 @@ def build_model(config: TuneConfig, model_config: Any, device: str = "meta") -> 
     built = models.build(config, device=device, model_config=model_config, prepare=mark_quantized)
     return built.model, {**info, "quantized_ids": quantized, "method": built.method, "params": built.params,
                          "ctx": built.ctx}
+
+
+def linear_types() -> tuple[type, ...]:
+    """Modules whose weight is a matmul's: torch's Linear and transformers' Conv1D (GPT-2's Linear with its weight
+    transposed, which bitsandbytes quantizes too, transformers/integrations/bitsandbytes.py)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, Conv1D
 
 
 def _quant_settings(qc: Any) -> dict[str, Any]:
@@ -191,15 +266,22 @@ _CACHE: dict[str, Facts] = {}
 def read_facts(config: TuneConfig, model_config: Any) -> Facts:
     """Build the skeleton of the config's model with its method and read every fact off its parameters."""
     model, info = build_model(config, model_config)
-    lora_ids, lora_by_block = _lora_modules(model)
-    tally = _tally_parameters(model, info, lora_ids)
+    composite = _composite(model_config)
+    lora_ids, lora_by_block, kv_lora = _lora_modules(model, composite)
+    tally = _tally_parameters(model, info, lora_ids, composite)
     virtual, prefix = _virtual_tokens(model, info["method"], info["params"])
     keys = list(tally.blocks)
-    trained = [i for i, k in enumerate(keys) if tally.blocks[k].trains() or k in lora_by_block]
+    trained = [i for i, k in enumerate(keys) if tally.blocks[k].trains() or k in lora_by_block or k in kv_lora]
     # Gradients flow from the top down to the lowest block that trains, or through all when what trains sits
     # below the blocks (embeddings, soft prompts) or is a prefix every block's attention reads
     first = 0 if tally.before_trainable or prefix else trained[0] if trained else len(keys)
-    layers = tuple(tally.blocks[k].facts(lora_by_block.get(k, ())) for k in keys[first:])
+    encoder_trains = composite and _encoder_trains(model)
+    path = _stack_path(model, keys, {keys[i] for i in trained}, encoder_trains) if composite else \
+        [(k, True) for k in keys[first:]]
+    chosen = [k for k, _ in path]
+    uncopied = _uncopied(model, info["quantized_ids"]) if composite and not encoder_trains else (0, 0)
+    layers = tuple(tally.blocks[k].facts(lora_by_block.get(k, ()), kv_lora.get(k, ()),
+                                         _stack(k) if composite else "", input_grad) for k, input_grad in path)
     teacher = info["ctx"].extras.get("teacher")
     trainable, total = tally.trainable, tally.total
     if trainable:  # the methods' own counting, so the estimator and a real run agree on the numbers
@@ -215,12 +297,13 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         largest_linear_elems=tally.largest_quantized, quantized_tensor_elems=tuple(tally.quantized_tensors),
         layers=layers, total_layers=len(keys),
         head_trainable=tally.head_trainable,
-        autocast_copy_elems=sum(tally.blocks[k].linear for k in keys[first:]) + tally.outside_linear,
+        autocast_copy_elems=sum(tally.blocks[k].linear for k in chosen) + tally.outside_linear - sum(uncopied),
         virtual_tokens=virtual, prefix_tokens=prefix, forced_checkpointing=_checkpointing(_base(model)),
         residual_bytes=_embedding_bytes(model),
         teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher is not None else 0,
         reference_copy_bytes=_reference_copy_bytes(model, info["base_ids"]),
-        dims=model_dims(model_config), family=_family(model, model_config), head_copy_elems=tally.outside_linear,
+        dims={**model_dims(model_config), **(_structure(model) if composite else {})},
+        family=_family(model, model_config), head_copy_elems=tally.outside_linear - uncopied[1],
         quant_compute_bytes=info["quant"]["compute_bytes"], weight_elems=tally.weight_elems,
         largest_block=max((b.params for b in tally.blocks.values()), key=lambda u: u.bytes + u.quantized,
                           default=UnitParams()),
@@ -228,13 +311,90 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         activation=str(getattr(model_config, "dense_act_fn", None) or getattr(model_config, "hidden_act", "") or ""),
         gated_mlp=any(".wi_0." in n for n, _ in model.named_parameters()),
         position_bias_tables=sum(1 for n, p in model.named_parameters()
-                                 if "relative_attention_bias" in n and p.requires_grad))
+                                 if "relative_attention_bias" in n and p.requires_grad),
+        **(_composite_facts(model, encoder_trains) if composite else {}))
+
+
+def _composite_facts(model: Any, encoder_trains: bool) -> dict[str, Any]:
+    """The facts only a vision encoder-decoder has, by their Facts field names."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {"gradless_elems": sum(p.numel() for n, p in named if _GRADLESS.search(n)),
+            "encoder_trains": encoder_trains, "output_trains": _output_trains(model),
+            "encoder_embeddings_train": any(_stack(n) == "encoder" and "embed" in n and not _LAYER.match(n)
+                                            for n, _ in named)}
+
+
+def _structure(model: Any) -> dict[str, int]:
+    """What a vision encoder-decoder's module names say: whether its decoder's self-attention projects queries,
+    keys and values in one Linear (GPT-2's c_attn)."""
+    names = [n for n, _ in model.named_modules()]
+    return {"fused_qkv": int(any(n.endswith(".attn.c_attn") for n in names))}
+
+
+def _output_trains(model: Any) -> bool:
+    """Whether the output head's weight (the LM head, tied or not) trains."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    weight = getattr(head, "weight", None)
+    return bool(weight is not None and weight.requires_grad)
+
+
+def _uncopied(model: Any, quantized_ids: set[int]) -> tuple[int, int]:
+    """Elements of a vision encoder-decoder's Linear weights that read its frozen encoder's states, whose 16-bit
+    autocast copies no matmul saves (a frozen matmul's input needs no gradient): (in the decoder's blocks: the
+    cross-attention keys/values and their lora_A, outside them: the encoder's pooler)."""
+    inside = outside = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, linear_types()) or weight is None or id(weight) in quantized_ids:
+            continue
+        if _CROSS_KV.search(name + ".") and ".lora_B" not in name:
+            inside += weight.numel()
+        elif _GRADLESS.search(name + "."):
+            outside += weight.numel()
+    return inside, outside
+
+
+def _stack(name: str) -> str:
+    """Which model of a vision encoder-decoder a parameter or block name is in: "encoder" or "decoder"."""
+    return next((part for part in name.split(".") if part in ("encoder", "decoder")), "")
+
+
+def _encoder_trains(model: Any) -> bool:
+    """Whether a vision encoder-decoder's encoder states need a gradient: something of the encoder (or the
+    projection of its states) trains, its pooler aside (its output is never read)."""
+    return any(p.requires_grad and not _GRADLESS.search(n) and (_stack(n) == "encoder" or "enc_to_dec_proj" in n)
+               for n, p in model.named_parameters())
+
+
+def _stack_path(model: Any, keys: list[str], trained: set[str], encoder_trains: bool) -> list[tuple[str, bool]]:
+    """The blocks of a vision encoder-decoder that gradients flow through, bottom to top, each with whether its
+    input needs a gradient: the encoder's from its lowest block that trains (all when its embeddings train);
+    the decoder's all when the encoder's states or the decoder's embeddings need a gradient (every
+    cross-attention reads the states), else from its lowest block that trains. The lowest block of each stack
+    on the path reads an input without a gradient unless that stack's embeddings train."""
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and not _LAYER.match(n)]
+
+    def from_lowest(stack: str, all_of_it: bool, embeds: bool) -> list[tuple[str, bool]]:
+        mine = [k for k in keys if _stack(k) == stack]
+        lowest = next((i for i, k in enumerate(mine) if k in trained), len(mine))
+        return [(k, embeds or i > 0) for i, k in enumerate(mine[0 if all_of_it else lowest:])]
+
+    embeds = {s: any(_stack(n) == s and any(part in n for part in _BEFORE_LAYERS) for n in outside)
+              for s in ("encoder", "decoder")}
+    return from_lowest("encoder", embeds["encoder"], embeds["encoder"]) + \
+        from_lowest("decoder", encoder_trains or embeds["decoder"], embeds["decoder"])
 
 
 def _family(model: Any, model_config: Any) -> str:
     """Which activation formulas a model's blocks follow (estimate.py): T5-style encoder-decoders (relative
-    position bias, cross-attention), Llama-like gated blocks, or GPT/BERT-like blocks."""
+    position bias, cross-attention), vision encoder-decoders (estimator/vision_text.py), Llama-like gated
+    blocks, or GPT/BERT-like blocks."""
     names = [n for n, _ in model.named_parameters()]
+    if _composite(model_config) and "image_tokens" in model_dims(model_config):
+        return VISION_TEXT
     if getattr(model_config, "is_encoder_decoder", False) and any("relative_attention_bias" in n for n in names):
         return "t5"
     return "gated" if any(".gate_proj." in n or ".w1." in n for n in names) else "gpt"
@@ -252,9 +412,11 @@ class _BlockTally:
     vectors: int = 0  # elements of scaling vectors the method added
     cross_attention: bool = False  # it holds a cross-attention (a T5 decoder block)
     params: UnitParams = UnitParams()  # what its parameters add up to
+    kv_vectors: int = 0  # scaling vectors of the cross-attention keys/values (a vision encoder-decoder's)
 
-    def trained(self, name: str, prm: Any, is_linear: bool, is_new: bool) -> None:
-        """Count a trainable parameter of this block that is not part of a LoRA module."""
+    def trained(self, name: str, prm: Any, is_linear: bool, is_new: bool, kv: bool = False) -> None:
+        """Count a trainable parameter of this block that is not part of a LoRA module (`kv`: one of a vision
+        encoder-decoder's cross-attention keys/values, which read the encoder's states)."""
         if is_linear and is_new:
             self.added.append((int(prm.shape[1]), int(prm.shape[0])))
         elif is_linear:
@@ -262,15 +424,19 @@ class _BlockTally:
         else:
             self.other_trainable += prm.numel()
             if is_new and prm.dim() >= 1 and not name.endswith("bias"):
-                self.vectors += prm.numel()
+                if kv:
+                    self.kv_vectors += prm.numel()
+                else:
+                    self.vectors += prm.numel()
 
     def trains(self) -> bool:
         return bool(self.full or self.other_trainable or self.added)
 
-    def facts(self, lora: Any) -> LayerFacts:
+    def facts(self, lora: Any, kv_lora: Any = (), stack: str = "", input_grad: bool = True) -> LayerFacts:
         return LayerFacts(full=self.full, quantized=self.quantized, lora=tuple(lora),
                           other_trainable=self.other_trainable, added=tuple(self.added), vectors=self.vectors,
-                          cross_attention=self.cross_attention)
+                          cross_attention=self.cross_attention, stack=stack, kv_lora=tuple(kv_lora),
+                          kv_vectors=self.kv_vectors, input_grad=input_grad)
 
 
 @dataclass
@@ -329,10 +495,8 @@ class _Tally:
             self.small_trainable += n
 
 
-def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int]) -> _Tally:
-    import torch
-
-    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int], composite: bool = False) -> _Tally:
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, linear_types())}
     base_ids = info["base_ids"]
     if not base_ids & {id(p) for p in model.parameters()}:  # a new model (a distillation student) is all "base"
         base_ids = {id(p) for p in model.parameters()}
@@ -340,7 +504,7 @@ def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int]) -> _
     for name, prm in model.named_parameters():  # each shared parameter once, under its first name
         match = _LAYER.match(name)
         block = tally.blocks.setdefault(f"{match[1]}.{match[2]}", _BlockTally()) if match else None
-        if block is not None and ".EncDecAttention." in name:
+        if block is not None and (".EncDecAttention." in name or (composite and _CROSS_KV.search(name))):
             block.cross_attention = True
         is_linear = id(prm) in linear_ids
         tally.stored(prm, block, is_linear, id(prm) in info["quantized_ids"])
@@ -349,7 +513,8 @@ def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int]) -> _
         tally.trained(prm)
         if block is not None:
             if id(prm) not in lora_ids:
-                block.trained(name, prm, is_linear, id(prm) not in base_ids)
+                kv = composite and bool(_CROSS_KV.search(name))
+                block.trained(name, prm, is_linear, id(prm) not in base_ids, kv)
         elif any(part in name for part in _BEFORE_LAYERS):
             tally.before_trainable = True
         else:
@@ -357,12 +522,17 @@ def _tally_parameters(model: Any, info: dict[str, Any], lora_ids: set[int]) -> _
     return tally
 
 
-def _lora_modules(model: Any) -> tuple[set[int], dict[str, list[tuple[int, int, float, int]]]]:
-    """The trainable parameters of LoRA-style modules, and per block (in_features, r, dropout, bytes) of each."""
+_ByBlock = dict[str, list[tuple[int, int, float, int]]]  # per block, (in_features, r, dropout, bytes) of LoRA modules
+
+
+def _lora_modules(model: Any, composite: bool = False) -> tuple[set[int], _ByBlock, _ByBlock]:
+    """The trainable parameters of LoRA-style modules, and per block (in_features, r, dropout, bytes) of each; of
+    a vision encoder-decoder (`composite`) those of the cross-attention keys/values apart, per block too."""
     import torch
 
     lora_ids: set[int] = set()
-    by_block: dict[str, list[tuple[int, int, float, int]]] = {}
+    by_block: _ByBlock = {}
+    kv_by_block: _ByBlock = {}
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if not (isinstance(lora_a, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and len(lora_a)):
@@ -378,8 +548,10 @@ def _lora_modules(model: Any) -> tuple[set[int], dict[str, list[tuple[int, int, 
         lora_ids |= {id(prm) for prm in module.parameters() if prm.requires_grad}
         match = _LAYER.match(name + ".")
         if match:
-            by_block.setdefault(f"{match[1]}.{match[2]}", []).append((*a_shape, p, a_bytes))
-    return lora_ids, by_block
+            kv = composite and _CROSS_KV.search(name + ".")
+            table = kv_by_block if kv else by_block
+            table.setdefault(f"{match[1]}.{match[2]}", []).append((*a_shape, p, a_bytes))
+    return lora_ids, by_block, kv_by_block
 
 
 def _reference_copy_bytes(model: Any, base_ids: set[int]) -> int:
