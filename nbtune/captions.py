@@ -60,13 +60,8 @@ def columns(config: TuneConfig, row: dict[str, Any]) -> tuple[str, str]:
     from nbtune import images
 
     d = config.data
-    chosen = (("image_column", d.image_column or images.DEFAULT_IMAGE_COLUMN),
-              ("target_column", d.target_column or DEFAULT_CAPTION_COLUMN))
-    for name, column in chosen:
-        if column not in row:
-            raise ConfigError([(f"data.{name}", f"data.{name} must be one of the data's columns {sorted(row)} "
-                                                f"(got {column!r})")])
-    return chosen[0][1], chosen[1][1]
+    return images.checked_columns(row, ("image_column", d.image_column or images.DEFAULT_IMAGE_COLUMN),
+                                  ("target_column", d.target_column or DEFAULT_CAPTION_COLUMN))
 
 
 def caption_labels(tokenizer: Any, caption: Any, max_length: int) -> tuple[list[int], bool]:

@@ -134,13 +134,8 @@ def columns(config: TuneConfig, row: dict[str, Any]) -> tuple[str, str]:
     from nbtune import images
 
     d = config.data
-    chosen = (("image_column", d.image_column or images.DEFAULT_IMAGE_COLUMN),
-              ("text_column", d.text_column or DEFAULT_PROMPT_COLUMN))
-    for name, column in chosen:
-        if column not in row:
-            raise ConfigError([(f"data.{name}", f"data.{name} must be one of the data's columns {sorted(row)} "
-                                                f"(got {column!r})")])
-    return chosen[0][1], chosen[1][1]
+    return images.checked_columns(row, ("image_column", d.image_column or images.DEFAULT_IMAGE_COLUMN),
+                                  ("text_column", d.text_column or DEFAULT_PROMPT_COLUMN))
 
 
 def pixels(image: Any, size: int) -> Any:

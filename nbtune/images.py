@@ -77,8 +77,12 @@ def image_folder_split(config: TuneConfig, split: str) -> list[dict[str, Any]]:
 def columns(config: TuneConfig, row: dict[str, Any]) -> tuple[str, str]:
     """(image column, label column) of the rows, checked on `row`."""
     d = config.data
-    chosen = (("image_column", d.image_column or DEFAULT_IMAGE_COLUMN),
-              ("label_column", d.label_column or DEFAULT_LABEL_COLUMN))
+    return checked_columns(row, ("image_column", d.image_column or DEFAULT_IMAGE_COLUMN),
+                           ("label_column", d.label_column or DEFAULT_LABEL_COLUMN))
+
+
+def checked_columns(row: dict[str, Any], *chosen: tuple[str, str]) -> tuple[str, str]:
+    """The columns chosen for two data fields, each (field, column) checked to be one of `row`'s."""
     for name, column in chosen:
         if column not in row:
             raise ConfigError([(f"data.{name}", f"data.{name} must be one of the data's columns {sorted(row)} "
