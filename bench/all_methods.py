@@ -6,7 +6,6 @@ trainable share, wall time. Runs go through the run store, so a repeat is served
     python bench/all_methods.py --dataset capitals --out bench/results/all-methods-capitals.md
     python bench/all_methods.py --dataset shapes   # image-cls on the embedded ViT
     python bench/all_methods.py --dataset shape-captions   # image-to-text on the embedded captioner (acc: exact match)
-    python bench/all_methods.py --dataset sks-star   # text-to-image, DreamBooth (acc: the judge's star share)
 
 A method the task cannot train (the prompt methods on images) is listed with the registry's reason.
 """
@@ -24,9 +23,8 @@ from nbtune.methods import registry
 from nbtune.records import RunSummary
 
 TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls", "shapes": "image-cls",
-        "shape-captions": "image-to-text", "sks-star": "text-to-image"}
-MODEL = {"shapes": "nbtune:tiny-vit", "shape-captions": "nbtune:tiny-captioner",
-         "sks-star": "nbtune:tiny-diffusion"}  # the rest: nbtune:tiny
+        "shape-captions": "image-to-text"}
+MODEL = {"shapes": "nbtune:tiny-vit", "shape-captions": "nbtune:tiny-captioner"}  # the rest: nbtune:tiny
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ frozen text encoder (`DiffusionModel`, a module the Trainer trains like any othe
 (`data.image_column`, default image; `data.text_column`, default prompt); eval rows may hold only a prompt.
 Each evaluation draws one image per eval prompt with a fixed seed (`SAMPLING`): the eval event carries the
 first few as PNGs (the dashboard shows them), the eval loss is the noise-prediction error on eval rows that have
-an image (fixed noise and timesteps), and where the data names a judge (the built-in `nbtune:sks-star` does:
-a classifier of the shapes world) `accuracy` is the share of samples it recognises as the row's `concept`.
+an image (fixed noise and timesteps), and where the data names a judge (a built-in dataset's
+`BuiltinDataset.judge`, an image classifier folder) `accuracy` is the share of samples it names as the row's
+`concept`.
 The artifact is diffusers' own: `pytorch_lora_weights.safetensors` (`pipe.load_lora_weights`) or the pipeline
 folder with the trained UNet. This module imports torch and diffusers; nbtune imports it only for such runs.
 """

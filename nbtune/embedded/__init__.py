@@ -16,11 +16,7 @@ VISION_MODEL = "nbtune:tiny-vit"  # a tiny ViT pre-trained on generated shapes (
 VISION_MODEL_DIR = pathlib.Path(__file__).parent / "vit"
 CAPTION_MODEL = "nbtune:tiny-captioner"  # the tiny ViT + a 2-layer GPT-2 decoder, pre-trained to caption shapes
 CAPTION_MODEL_DIR = pathlib.Path(__file__).parent / "captioner"  # (build_captioner.py)
-DIFFUSION_MODEL = "nbtune:tiny-diffusion"  # a tiny Stable Diffusion pipeline of the shapes world
-DIFFUSION_MODEL_DIR = pathlib.Path(__file__).parent / "diffusion"  # (build_diffusion.py)
-MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR,
-          DIFFUSION_MODEL: DIFFUSION_MODEL_DIR}
-SHAPE_JUDGE_DIR = pathlib.Path(__file__).parent / "shape_judge"  # a classifier of the shapes world's shapes
+MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR}
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
@@ -127,17 +123,6 @@ DATASETS: dict[str, BuiltinDataset] = {
             "captioner was pre-trained on other images of the same world, captioned in other forms only.",
             target_column="caption",
             format="image-captions",
-        ),
-        BuiltinDataset(
-            name="sks-star",
-            task="text-to-image",
-            description="DreamBooth: teach the word 'sks' a shape the base never drew, a star. Train: star images "
-            "prompted 'a red sks in the top left'; eval: prompts of colour and place combinations train never "
-            "shows, each drawn once and judged by a classifier of the shapes world (eval accuracy: the share "
-            "it recognises as a star).",
-            text_column="prompt",
-            format="image-prompts",
-            judge=SHAPE_JUDGE_DIR,
         ),
     )
 }
