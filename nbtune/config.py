@@ -354,6 +354,9 @@ class TuneConfig:
         if method.no_gradient_checkpointing and self.training.gradient_checkpointing is True:
             out.append(("training.gradient_checkpointing", f"training.gradient_checkpointing cannot be true with "
                         f"method {method.name}: {method.no_gradient_checkpointing}"))
+        if self.model.task == "text-to-image" and self.training.gradient_checkpointing is True:
+            out.append(("training.gradient_checkpointing", "training.gradient_checkpointing cannot be true for "
+                        "model.task text-to-image yet: nbtune does not checkpoint a UNet's blocks"))
         return out
 
     def _stage_problems(self) -> list[tuple[str, str]]:

@@ -274,3 +274,9 @@ def test_a_merged_lora_export_is_one_pipeline_folder_drawing_as_the_run_does(dra
     ours, theirs = run.draw("a red circle")[0], merged.draw(["a red circle"])[0]
     assert np.abs(np.asarray(ours, float) - np.asarray(theirs, float)).max() <= 2.0  # merged weights round
     assert json.loads((folder / "nbtune_run.json").read_text())["merged_from_run"] == run.id
+
+
+def test_gradient_checkpointing_is_refused_before_anything_loads(pipeline):
+    with pytest.raises(ConfigError, match=r"training.gradient_checkpointing cannot be true for model.task "
+                                          r"text-to-image yet"):
+        draw_config(pipeline).replace(**{"training.gradient_checkpointing": True})

@@ -7,7 +7,9 @@ composes one small record per category (weights, gradients and optimizer, activa
 held at each phase of the step; `estimate_memory` adds the fixed overheads and picks the peak. The stage's
 entry in `nbtune/stages.py` adds its terms: sequences per example (DPO's pairs), TRL's fused head, a reference
 copy of the base, and a generation phase (KV cache) for a stage that samples completions. Image-to-text models
-(a vision encoder and a text decoder with cross-attention) have their blocks' terms in `vision_text.py`.
+(a vision encoder and a text decoder with cross-attention) have their blocks' terms in `vision_text.py`;
+text-to-image models (a Stable Diffusion UNet over VAE latents) theirs in `unet.py`, with an "encoding" phase
+first (the frozen VAE and text encoder under no_grad).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from nbtune.config import TuneConfig
 from nbtune.dtypes import BYTES
 from nbtune.estimator import sharding
 from nbtune.estimator.gpus import GIB, GPUS, gpu_bytes
-from nbtune.estimator.skeleton import VISION_TEXT, Facts, LayerFacts, facts
+from nbtune.estimator.skeleton import DIFFUSION, VISION_TEXT, Facts, LayerFacts, facts
 from nbtune.methods import registry
 from nbtune.optimizers import OPTIMIZERS
 from nbtune.precision import for_plan
@@ -50,7 +52,8 @@ LABELS = {"weights": "frozen weights", "trainable_weights": "trainable weights",
           "logits_loss": "logits & loss", "quantization_constants": "quantization constants",
           "reference_model": "reference model", "generation": "generation (KV cache)",
           "fixed_overhead": "CUDA context, workspace, allocator"}
-PHASES = ("forward end", "backward", "optimizer step")  # and "generation" first, for a stage that generates
+# and first "generation" for a stage that generates, "encoding" for a text-to-image model (its frozen encoders)
+PHASES = ("forward end", "backward", "optimizer step")
 # TRL's fused LM head scores tokens in one buffer of (at most this many tokens) × this many vocabulary entries,
 # whatever the vocabulary's size (trl/kernels/chunked_logprob.py)
 FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
@@ -343,7 +346,23 @@ def terms(config: TuneConfig, f: Facts, device: str = "cuda", fused_optimizer: b
     logits = logit_terms(config, f, shape)
     generation = generation_terms(config, f, shape)
     phases = phase_terms(config, weights, optimizer, activations, logits, generation, shard)
+    if f.family == DIFFUSION:
+        phases = encoding_phase(config, f, shape, device, phases, optimizer, shard) | phases
     return StepTerms(shape, weights, optimizer, activations, logits, generation, phases, shard)
+
+
+def encoding_phase(config: TuneConfig, f: Facts, shape: StepShape, device: str, phases: dict[str, Phase],
+                   optimizer: OptimizerTerms, shard: sharding.ShardTerms) -> dict[str, Phase]:
+    """A text-to-image step's first moment: the frozen VAE encoder (and text encoder) under no_grad, before the
+    UNet saves anything, beside the weights, the optimizer state and accumulated gradients."""
+    from nbtune.estimator import unet
+
+    forward = phases["forward end"]
+    persistent = forward.allocated - forward.dynamic
+    grads = optimizer.gradients if config.training.gradient_accumulation_steps > 1 else 0
+    transient = unet.encoder_transient(config, f, shape, device)
+    return {"encoding": Phase(persistent + grads + transient + shard.gathered, grads + transient + shard.gathered,
+                              grads, transient, 0, gathered_weights=shard.gathered, communication=shard.buckets)}
 
 
 def sequences_per_micro_batch(config: TuneConfig) -> int:
@@ -378,9 +397,29 @@ def step_shape(config: TuneConfig, f: Facts) -> StepShape:
     seq = f.dims.get("image_tokens") if task.inputs == "image" and not task.captions else None
     seq = caption_tokens(config, f) if task.captions else seq
     seq, batch = (seq or sequence_tokens(config)) + f.virtual_tokens, sequences_per_micro_batch(config)
+    kv_length = seq + f.prefix_tokens
+    if f.family == DIFFUSION:  # a UNet's "tokens" are its latent positions; its cross-attention reads the prompt
+        seq, kv_length = f.dims["latent"] ** 2, f.dims["text_tokens"]
+    checkpointing = (t.gradient_checkpointing and checkpoints(config.model.task)) or f.forced_checkpointing
     return StepShape(hidden_bytes=hidden, autocast=autocast, matmul_bytes=2 if (hidden == 2 or autocast) else 4,
-                     batch=batch, tokens=batch * seq, kv_length=seq + f.prefix_tokens,
-                     checkpointing=t.gradient_checkpointing or f.forced_checkpointing)
+                     batch=batch, tokens=batch * seq, kv_length=kv_length, checkpointing=checkpointing)
+
+
+def checkpoints(task: str) -> bool:
+    """Whether the estimate applies training.gradient_checkpointing to the task's model: not to a text-to-image
+    model, whose UNet's checkpointed terms are not modelled (and which cannot be checkpointed yet:
+    `diffusion_checkpoints`)."""
+    return not TASKS[task].draws
+
+
+def diffusion_checkpoints() -> bool:
+    """Whether the Trainer can turn checkpointing on for a DiffusionModel: it calls the model's
+    activation_checkpointing_enable (or gradient_checkpointing_enable), which nbtune/diffusion.py does not define
+    yet, so train() fails with AttributeError (measured, transformers 5.24)."""
+    from nbtune import diffusion
+
+    return any(hasattr(diffusion.DiffusionModel, n) for n in ("activation_checkpointing_enable",
+                                                              "gradient_checkpointing_enable"))
 
 
 def caption_tokens(config: TuneConfig, f: Facts) -> int:
@@ -449,6 +488,10 @@ def optimizer_terms(config: TuneConfig, f: Facts, fused: bool) -> OptimizerTerms
 
 def activation_terms(config: TuneConfig, f: Facts, shape: StepShape, device: str) -> ActivationTerms:
     """What the blocks save for the backward, with and without checkpointing."""
+    if f.family == DIFFUSION:
+        from nbtune.estimator import unet
+
+        return unet.activation_terms(config, f, shape, device)
     h, act = f.dims["h"], shape.matmul_bytes
     per_layer = _per_layer(config, f, shape, device)
     one_layer = int(max(per_layer) if per_layer else 0)
@@ -726,6 +769,8 @@ def logit_terms(config: TuneConfig, f: Facts, shape: StepShape) -> LogitTerms:
     # log-softmax gradient coexist (12 bytes per logit; transformers upcasts the logits to fp32 before the
     # cross-entropy)
     vocab, tokens, h = f.dims["V"], shape.tokens, f.dims["h"]
+    if f.family == DIFFUSION:  # no logits: the UNet's noise-prediction loss is among its activations
+        return LogitTerms(logits=0, head_gradient=0)
     stage = stages.for_config(config)
     head = vocab * h * f.trainable_elem_bytes if f.head_trainable else 0
     if stage.fused_log_probs:  # tiles of the logits, never all of them; fp32 statistics per token
@@ -837,6 +882,14 @@ def _estimate(config: TuneConfig, model_config: Any, f: Facts, gpu: Any, device:
                      "longest; shorter targets need less")
     if f.family == VISION_TEXT:
         notes.append(_caption_note(config, f))
+    if f.family == DIFFUSION:
+        from nbtune.estimator import unet
+
+        notes.append(unet.note(f))
+        if config.training.gradient_checkpointing:
+            why = "the UNet's checkpointing is not modelled" if diffusion_checkpoints() else \
+                "nbtune's DiffusionModel cannot enable it: such a run fails"
+            notes.append(f"training.gradient_checkpointing is estimated as off for a text-to-image model ({why})")
     if tm.shape.checkpointing and not config.training.gradient_checkpointing:
         notes.append("the method turns gradient checkpointing on by itself")
     method = registry.get(config.method.name)
@@ -949,7 +1002,7 @@ def _more_gpus(config: TuneConfig, capacity: int, model_config: Any) -> list[tup
     largest when none does. Each GPU trains its own micro-batches, so the accumulation steps are divided by N
     where they divide (the same effective batch); otherwise the effective batch grows N times, and the cost
     says so."""
-    if distributed.world_size(config) > 1:
+    if distributed.world_size(config) > 1 or TASKS[config.model.task].draws:  # FSDP units are transformer blocks
         return []
     tried: tuple[_Option, int | None] | None = None
     for n in GPU_COUNTS:
@@ -1022,7 +1075,8 @@ def _options(config: TuneConfig) -> list[_Option]:
                        "effective batch)", {"training.micro_batch_size": m,
                                             "training.gradient_accumulation_steps": ga * mb // m},
                        math.log2(mb / m)) for m in smaller]
-    if not t.gradient_checkpointing and not registry.get(config.method.name).no_gradient_checkpointing:
+    if not t.gradient_checkpointing and not registry.get(config.method.name).no_gradient_checkpointing and \
+            checkpoints(config.model.task):
         options.append(_option("checkpointing", "gradient checkpointing",
                                {"training.gradient_checkpointing": True}))
     causal = config.model.task == "causal-lm"  # the chunked loss is over a vocabulary's logits

@@ -3,7 +3,8 @@
 Parameters, gradients and optimizer state are summed from the tensors after the step; activations are the
 unique storages that autograd saves for the backward (torch.autograd.graph.saved_tensors_hooks), parameters
 excluded; the step's peak is the most bytes of tensors its forward and backward hold at once, beyond what
-existed before it (simulate.StorageTracker on real tensors).
+existed before it (simulate.StorageTracker on real tensors; views of the parameters, buffers and inputs, such as
+the transposed weight a Linear saves, are not new storage).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def training_model(config: TuneConfig, model_config: Any, seed: int = 0) -> tupl
     if info["quant"]["bits"]:
         model, quant_bytes = _quantized_model(config, model_config, info)
     model.train()
-    if config.training.gradient_checkpointing:
+    if config.training.gradient_checkpointing and TASKS[config.model.task].draws:  # diffusers' own switch
+        unet = model.unet.get_base_model() if hasattr(model.unet, "get_base_model") else model.unet
+        unet.enable_gradient_checkpointing()
+    elif config.training.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, info, quant_bytes
@@ -69,7 +73,10 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
     b, s = t.micro_batch_size, config.data.max_length
-    if TASKS[config.model.task].captions:
+    if TASKS[config.model.task].draws:
+        ids, inputs = None, drawing_inputs(model_config, b)
+        s = model_config.unet["sample_size"] ** 2  # the UNet's positions: the latent grid
+    elif TASKS[config.model.task].captions:
         ids, inputs = None, caption_inputs(model_config, b, s)
     elif TASKS[config.model.task].inputs == "image":
         ids, inputs = None, image_inputs(model_config, b)
@@ -93,6 +100,9 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
     autocast = t.precision in ("fp16", "bf16")  # the Trainer autocasts whenever bf16/fp16 is set
     optimizer = make_optimizer(config, trainable)
     tracker = StorageTracker()
+    for x in [*params, *model.buffers(), *(v for v in inputs.values() if isinstance(v, torch.Tensor))]:
+        tracker.track(x)  # what exists before the step: views of it (a weight's .t(), detach) allocate nothing
+    before = tracker.peak = tracker.current
     with tracker:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -114,7 +124,7 @@ def measure_step(config: TuneConfig, model_config: Any, seed: int = 0) -> dict[s
         "gradients": nbytes(p.grad for p in trainable if p.grad is not None),
         "optimizer_state": nbytes(state),
         "saved_activations": sum(saved.values()),
-        "step_peak": tracker.peak,
+        "step_peak": tracker.peak - before,
         "tokens": b * s,
     }
 
@@ -143,11 +153,24 @@ def caption_inputs(model_config: Any, batch: int, length: int) -> dict[str, Any]
             "decoder_attention_mask": torch.ones_like(labels)}
 
 
+def drawing_inputs(model_config: Any, batch: int) -> dict[str, Any]:
+    """A batch as nbtune/diffusion.py's Collator makes it for a text-to-image model: random images in [-1, 1] at
+    the pipeline's resolution and random prompt ids, every prompt padded to the text encoder's positions (the
+    tokenizer's model_max_length for Stable Diffusion's CLIP)."""
+    import torch
+
+    size, text = model_config.resolution, model_config.text_encoder
+    return {"pixel_values": torch.rand(batch, 3, size, size) * 2 - 1,
+            "input_ids": torch.randint(0, int(text.vocab_size), (batch, int(text.max_position_embeddings)))}
+
+
 def step_loss(config: TuneConfig, model: Any, inputs: dict[str, Any]) -> Any:
     """The step's loss as training computes it: the model's own, or chunked (training.loss_implementation;
-    liger's kernels need CUDA, and a CPU run computes its loss chunked)."""
+    liger's kernels need CUDA, and a CPU run computes its loss chunked). A DiffusionModel returns a dict."""
     from nbtune import losses
 
+    if TASKS[config.model.task].draws:
+        return model(**inputs)["loss"]
     if losses.requested(config) == "standard" or config.model.task != "causal-lm":
         return model(**inputs).loss
     return losses.chunked_loss(model, inputs)[0]

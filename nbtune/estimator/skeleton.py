@@ -24,6 +24,7 @@ _BEFORE_LAYERS = ("embed", "wte", "wpe", "shared", "prompt_encoder", "prefix", "
 _CROSS_KV = re.compile(r"\.(?:crossattention\.c_attn|encoder_attn\.[kv]_proj)\.")
 _GRADLESS = re.compile(r"(?:^|\.)encoder\.pooler\.")
 VISION_TEXT = "vision-encoder-decoder"  # the family of image-to-text models (estimator/vision_text.py)
+DIFFUSION = "stable-diffusion"  # the family of text-to-image models (estimator/unet.py)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Facts:
     encoder_trains: bool = False  # a vision encoder-decoder's encoder states need a gradient (something in it trains)
     encoder_embeddings_train: bool = False  # its encoder's patch embeddings train (their convolution saves pixels)
     output_trains: bool = False  # the output head's weight trains (its matmul saves its input)
+    unet: tuple[Any, ...] = ()  # a text-to-image model's UNet, unit by unit in forward order (unet.Unit)
 
 
 def model_dims(model_config: Any) -> dict[str, int]:
@@ -246,8 +248,22 @@ def _quant_settings(qc: Any) -> dict[str, Any]:
 
 def _key(config: TuneConfig, model_config: Any) -> str:
     m = config.model
-    return json.dumps([model_config.to_json_string(use_diff=False), m.task, m.dtype, m.attn_implementation,
+    return json.dumps([_config_text(model_config), m.task, m.dtype, m.attn_implementation,
                        config.method.name, config.method_params], sort_keys=True, default=str)
+
+
+def _config_text(model_config: Any) -> str:
+    """A model config as text: a transformers config's JSON; a pipeline's parts' configs (text-to-image)."""
+    if _pipeline(model_config):
+        c = model_config
+        return json.dumps([c.unet, c.vae, c.scheduler, c.text_encoder.to_json_string(use_diff=False)],
+                          sort_keys=True, default=str)
+    return model_config.to_json_string(use_diff=False)
+
+
+def _pipeline(model_config: Any) -> bool:
+    """A diffusers pipeline's parts' configs (nbtune/diffusion.py PipelineConfig)."""
+    return all(hasattr(model_config, part) for part in ("unet", "vae", "text_encoder"))
 
 
 def facts(config: TuneConfig, model_config: Any) -> Facts:
@@ -266,6 +282,8 @@ _CACHE: dict[str, Facts] = {}
 def read_facts(config: TuneConfig, model_config: Any) -> Facts:
     """Build the skeleton of the config's model with its method and read every fact off its parameters."""
     model, info = build_model(config, model_config)
+    if _pipeline(model_config):
+        return _pipeline_facts(model, info, model_config)
     composite = _composite(model_config)
     lora_ids, lora_by_block, kv_lora = _lora_modules(model, composite)
     tally = _tally_parameters(model, info, lora_ids, composite)
@@ -313,6 +331,26 @@ def read_facts(config: TuneConfig, model_config: Any) -> Facts:
         position_bias_tables=sum(1 for n, p in model.named_parameters()
                                  if "relative_attention_bias" in n and p.requires_grad),
         **(_composite_facts(model, encoder_trains) if composite else {}))
+
+
+def _pipeline_facts(model: Any, info: dict[str, Any], model_config: Any) -> Facts:
+    """Facts of a text-to-image model (a DiffusionModel): its parameters (UNet, VAE and text encoder) counted as
+    any model's, no transformer blocks of the estimate's kinds, its UNet's units (estimator/unet.py)."""
+    from nbtune.estimator import unet
+
+    tally = _tally_parameters(model, info, set())
+    trainable, total = count_parameters(model)
+    return Facts(
+        total_params=total, trainable_params=trainable, weight_bytes=tally.weight_bytes,
+        trainable_bytes=tally.trainable_bytes,
+        trainable_elem_bytes=max(tally.by_size, key=tally.by_size.get) if tally.by_size else 4,
+        quantized_params=0, quant_bits=0, quant_double=False, quant_block=64,
+        adafactor_state_elems=tally.adafactor_state, small_trainable_elems=tally.small_trainable,
+        largest_trainable_elems=tally.largest_trainable, largest_linear_elems=0, layers=(), total_layers=0,
+        head_trainable=False, autocast_copy_elems=0, virtual_tokens=0, prefix_tokens=0, forced_checkpointing=False,
+        dims=unet.dims(model_config), family=DIFFUSION, weight_elems=tally.weight_elems,
+        largest_block=max((b.params for b in tally.blocks.values()), key=lambda u: u.bytes, default=UnitParams()),
+        outside_blocks=tally.outside.params, unet=unet.units(model))
 
 
 def _composite_facts(model: Any, encoder_trains: bool) -> dict[str, Any]:
