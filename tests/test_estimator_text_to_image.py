@@ -227,14 +227,16 @@ def test_the_memory_estimate_suggests_no_text_only_changes(pipeline):
                         "distributed.strategy"}, kinds
 
 
-def test_gradient_checkpointing_is_estimated_as_off_and_said(pipeline):
+def test_gradient_checkpointing_is_neither_suggested_nor_accepted(pipeline):
+    """A UNet is not checkpointed yet: the config refuses it (tests/test_text_to_image.py), so the estimate
+    never suggests it."""
+    from nbtune.config import ConfigError
     from nbtune.estimator import estimate_memory
 
     plain = estimate_memory(draw_config(pipeline, "lora", "bf16"), gpu="T4")
-    asked = estimate_memory(draw_config(pipeline, "lora", "bf16").replace(**{"training.gradient_checkpointing": True}),
-                            gpu="T4")
-    assert asked.total_bytes == plain.total_bytes
-    assert any("training.gradient_checkpointing is estimated as off" in n for n in asked.notes), asked.notes
+    assert not any("training.gradient_checkpointing" in s.changes for s in plain.suggestions)
+    with pytest.raises(ConfigError, match="training.gradient_checkpointing cannot be true"):
+        draw_config(pipeline, "lora", "bf16").replace(**{"training.gradient_checkpointing": True})
 
 
 def test_the_simulated_estimate_says_it_runs_text_models_only(pipeline):

@@ -144,8 +144,11 @@ def test_a_chunked_run_trains_and_evaluates_as_a_standard_one(store, packing, dt
         assert run.summary.state == "finished", run.summary.error
     assert set(calls) == {True, False}  # the chunked run's training steps and its evaluation
     standard, chunked = runs["standard"].summary, runs["chunked"].summary
-    assert chunked.final_train_loss == pytest.approx(standard.final_train_loss, rel=1e-5)
-    assert chunked.final_eval_loss == pytest.approx(standard.final_eval_loss, rel=1e-5)
+    # bf16 weights: an update rounds to bf16, so the last gradients' last bits move the weights the eval reads
+    # (measured 1e-4 relative on a CPU with native bf16, an Intel Xeon; equal to 1e-5 where bf16 is emulated)
+    tolerance = 1e-5 if dtype == "fp32" else 1e-3
+    assert chunked.final_train_loss == pytest.approx(standard.final_train_loss, rel=tolerance)
+    assert chunked.final_eval_loss == pytest.approx(standard.final_eval_loss, rel=tolerance)
     assert runs["chunked"].config.content_hash != runs["standard"].config.content_hash
 
 
