@@ -10,47 +10,13 @@ Stable Diffusion 1.5 is estimated from its configs alone (nothing is downloaded)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from nbtune.config import TuneConfig
 
 pytest.importorskip("diffusers")
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "sks", "in", "the", "top",
-         "left", "right", "bottom"]
 BATCH = 2
 ROWS = {"train": [{"image": "unused.png", "prompt": "a red circle"}]}  # the estimate reads no rows
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion pipeline folder (word-level tokenizer, 32x32 images, 16x16 latents)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=12)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                        sample_size=32)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                            scheduler=DDPMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
-    return folder
 
 
 def pipeline_configs(sample: int, sd2: bool = False):
@@ -70,7 +36,7 @@ def pipeline_configs(sample: int, sd2: bool = False):
     vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
            "block_out_channels": [16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 3,
            "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 4 * sample}
-    text = CLIPTextConfig(vocab_size=len(WORDS), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    text = CLIPTextConfig(vocab_size=16, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=2, max_position_embeddings=20 if sd2 else 12, bos_token_id=1,
                           eos_token_id=2, pad_token_id=0)
     return PipelineConfig(unet=unet, vae=vae, text_encoder=text,

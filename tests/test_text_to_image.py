@@ -18,38 +18,6 @@ from nbtune.events import EventStream
 
 pytest.importorskip("diffusers")
 SHAPES = Path(__file__).parents[1] / "nbtune" / "embedded" / "data" / "shapes" / "train"
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "sks", "in", "the", "top",
-         "left", "right", "bottom"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion pipeline folder (word-level tokenizer, 32x32 images, 16x16 latents)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=12)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                        sample_size=32)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(folder)
-    return folder
 
 
 def rows() -> dict[str, list[dict]]:
@@ -80,12 +48,15 @@ def decoded(png: str):
 
 
 def test_rows_become_pixels_in_minus_one_to_one_and_padded_prompt_ids(pipeline):
+    from nbtune import models
+
     out = prepared(draw_config(pipeline))
     assert len(out.train) == 8 and len(out.eval) == 4 and out.stats["image_size"] == [3, 32, 32]
     first = out.train[0]
     assert tuple(first["pixel_values"].shape) == (3, 32, 32)
     assert -1.0 <= float(first["pixel_values"].min()) < 0.0 < float(first["pixel_values"].max()) <= 1.0
-    assert len(first["input_ids"]) == 12 and first["input_ids"][:2] == [WORDS.index("a"), WORDS.index("red")]
+    tokenizer = models.load_tokenizer(draw_config(pipeline))
+    assert len(first["input_ids"]) == 12 and first["input_ids"][:2] == tokenizer.convert_tokens_to_ids(["a", "red"])
     assert ["pixel_values" in r for r in out.eval] == [True, True, False, False]
 
 
