@@ -23,8 +23,9 @@ from nbtune.methods import registry
 from nbtune.records import RunSummary
 
 TASK = {"capitals": "causal-lm", "regions": "seq-cls", "sentiment": "seq-cls", "shapes": "image-cls",
-        "shape-captions": "image-to-text"}
-MODEL = {"shapes": "nbtune:tiny-vit", "shape-captions": "nbtune:tiny-captioner"}  # the rest: nbtune:tiny
+        "shape-captions": "image-to-text", "sks-star": "text-to-image"}
+MODEL = {"shapes": "nbtune:tiny-vit", "shape-captions": "nbtune:tiny-captioner",
+         "sks-star": "nbtune:tiny-diffusion"}  # the rest: nbtune:tiny
 
 
 def main() -> None:

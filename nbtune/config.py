@@ -495,7 +495,7 @@ class TuneConfig:
         """A copy with dotted-name changes, e.g. `cfg.replace(**{"training.learning_rate": 1e-3, "method.r": 8})`.
 
         `method="ia3"` switches the method and drops the old method's parameters; `"method.name": "qlora"`
-        switches it and keeps the parameters both methods have.
+        switches it and keeps the parameters both methods have; `"method.params": {...}` sets all of them.
         """
         d = self.to_dict()
         for key, value in changes.items():
@@ -508,6 +508,9 @@ class TuneConfig:
                 method = registry.find(value)
                 shared = {f.name for f in method.fields} if method else set()
                 d["method"] = {"name": value, **{k: v for k, v in d["method"].items() if k in shared}}
+                continue
+            if key == "method.params":  # all of the method's parameters at once (the missing ones: defaults)
+                d["method"] = {"name": d["method"]["name"], **value}
                 continue
             section, _, name = key.partition(".")
             if section not in d or not name:

@@ -310,10 +310,17 @@ def fresh_model(config: PipelineConfig, dtype: Any = None) -> DiffusionModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel
 
+    from diffusers.utils import logging as diffusers_logging
+
     parts = [UNet2DConditionModel.from_config(config.unet), AutoencoderKL.from_config(config.vae),
              AutoModel.from_config(config.text_encoder)]
     if dtype is not None:
-        parts = [part.to(dtype) for part in parts]
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its warning that none of these parts asks to stay fp32
+        try:
+            parts = [part.to(dtype) for part in parts]
+        finally:
+            diffusers_logging.set_verbosity(level)
     return DiffusionModel(*parts, tokenizer=None, scheduler=DDPMScheduler.from_config(config.scheduler))
 
 

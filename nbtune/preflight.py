@@ -266,11 +266,17 @@ def _smallest_adapted_layer(config: TuneConfig, model_config: Any, targets: Any)
 
     from nbtune import models
 
-    targets = targets or _default_targets(model_config)
+    task = TASKS[config.model.task]
+    targets = targets or (list(task.default_targets) or _default_targets(model_config))
     if not targets:
         return None
     with torch.device("meta"):
-        model = models.auto_class(config.model.task).from_config(model_config)
+        if task.draws:  # the method adapts a pipeline's UNet only
+            from nbtune import diffusion
+
+            model = diffusion.fresh_model(model_config).unet
+        else:
+            model = models.auto_class(config.model.task).from_config(model_config)
     found = None
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

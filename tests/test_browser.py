@@ -9,6 +9,7 @@ asserts the browser logged no errors. Screenshots and the measured figures are k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +58,11 @@ IMAGE_CONFIG = ('nbtune.TuneConfig(model={"name_or_path": "nbtune:tiny-vit", "ta
 # swaps in the embedded captioner and its captions. 300 steps: held-out exact match from 0 to about 1 (~15 s here).
 CAPTION_CONFIG = ('nbtune.TuneConfig(training={"max_steps": 300, "micro_batch_size": 16, "log_every": 5, '
                   '"eval_every": 100})')
+
+# The diffusion notebook starts from the text default too; choosing text-to-image swaps in the tiny pipeline and
+# its DreamBooth concept. 40 steps: a short run whose three evaluations each draw the 32 held-out prompts.
+DRAW_CONFIG = ('nbtune.TuneConfig(training={"max_steps": 40, "micro_batch_size": 8, "log_every": 2, '
+               '"eval_every": 20})')
 
 
 def _notebook(path: Path, config: str = f"nbtune.TuneConfig().replace(**{CONFIG!r})") -> None:
@@ -153,6 +159,11 @@ def image_lab(tmp_path: Path):
 @pytest.fixture
 def caption_lab(tmp_path: Path):
     yield from _server(tmp_path, "lab", CAPTION_CONFIG)
+
+
+@pytest.fixture
+def draw_lab(tmp_path: Path):
+    yield from _server(tmp_path, "lab", DRAW_CONFIG)
 
 
 def _kernel_idle(server: dict) -> bool:
@@ -466,13 +477,12 @@ def _record(measured: dict, app: str) -> None:
     (SHOTS / f"{app}-measured.json").write_text(json.dumps(measured, indent=1))
 
 
-def test_an_image_classifier_previews_its_images_and_charts_accuracy_to_the_end_in_jupyterlab(image_lab: dict):
-    """The image task in a real browser: the builder is Ready with an estimate, "Preview data" shows the images
-    with their labels, and the launched run's dashboard charts the loss and the held-out accuracy to Finished."""
+@contextlib.contextmanager
+def _chromium_page(errors: list[str]):  # noqa: ANN202
+    """A page of a headless chromium (1300x1500) whose console errors and page errors land in `errors`."""
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
@@ -480,24 +490,32 @@ def test_an_image_classifier_previews_its_images_and_charts_accuracy_to_the_end_
         page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(f"page: {e}"))
         try:
-            builder = _open_builder(image_lab, page, "/lab/tree/builder.ipynb")
-            _show_tab(page, "Data")
-            page.click(".nbtune-builder button:has-text('Preview data')")
-            page.wait_for_selector(".nbtune-builder img[src^='data:image/png']", timeout=60_000)
-            shown = builder.inner_text()
-            assert "Format image" in shown and "per label:" in shown, shown[-600:]
-            assert page.locator(".nbtune-builder img[src^='data:image/png']").count() == 5
-            builder.screenshot(path=str(SHOTS / "image-builder.png"))
-            page.click(".nbtune-builder button:has-text('Launch')")
-            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
-            page.wait_for_selector(".nbtune-status:has-text('Finished')", timeout=240_000)
-            traces = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
-                                   ".flatMap(p => (p.data || []).map(t => t.name))")
-            assert "train loss" in traces and any("accuracy" in (name or "") for name in traces), traces
-            _shoot_dashboard(page, lambda stage, target: target.screenshot(path=str(SHOTS / "image-finished.png")),
-                             "finished")
+            yield page
         finally:
             browser.close()
+
+
+def test_an_image_classifier_previews_its_images_and_charts_accuracy_to_the_end_in_jupyterlab(image_lab: dict):
+    """The image task in a real browser: the builder is Ready with an estimate, "Preview data" shows the images
+    with their labels, and the launched run's dashboard charts the loss and the held-out accuracy to Finished."""
+    errors: list[str] = []
+    with _chromium_page(errors) as page:
+        builder = _open_builder(image_lab, page, "/lab/tree/builder.ipynb")
+        _show_tab(page, "Data")
+        page.click(".nbtune-builder button:has-text('Preview data')")
+        page.wait_for_selector(".nbtune-builder img[src^='data:image/png']", timeout=60_000)
+        shown = builder.inner_text()
+        assert "Format image" in shown and "per label:" in shown, shown[-600:]
+        assert page.locator(".nbtune-builder img[src^='data:image/png']").count() == 5
+        builder.screenshot(path=str(SHOTS / "image-builder.png"))
+        page.click(".nbtune-builder button:has-text('Launch')")
+        page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+        page.wait_for_selector(".nbtune-status:has-text('Finished')", timeout=240_000)
+        traces = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                               ".flatMap(p => (p.data || []).map(t => t.name))")
+        assert "train loss" in traces and any("accuracy" in (name or "") for name in traces), traces
+        _shoot_dashboard(page, lambda stage, target: target.screenshot(path=str(SHOTS / "image-finished.png")),
+                         "finished")
     assert not errors, "\n".join(errors)
 
 
@@ -517,53 +535,81 @@ def test_an_image_captioner_chosen_on_the_task_tab_previews_captions_and_charts_
     captions, and the launched run's dashboard charts the held-out exact match, from 0 to about 1, to Finished."""
     import re
 
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1300, "height": 1500})
-        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"page: {e}"))
-        try:
-            builder = _open_builder(caption_lab, page, "/lab/tree/builder.ipynb")  # the text default, Ready
-            _show_tab(page, "Task")
-            page.select_option(".nbtune-field-model-task select", label="image-to-text")
-            page.wait_for_function(f"() => ({FIELD_VALUE})('model-name-or-path') === 'nbtune:tiny-captioner'",
-                                   timeout=30_000)
-            assert page.evaluate(FIELD_VALUE, "data-source") == "nbtune:shape-captions"
-            assert "switched to the built-in nbtune:tiny-captioner on nbtune:shape-captions" in builder.inner_text()
-            # Ready is said once the captioner's own estimate has landed: the memory panel shows that estimate
-            page.wait_for_selector(".nbtune-ready:has-text('nbtune:tiny-captioner')", timeout=90_000)
-            shown = builder.inner_text()
-            assert "No estimate" not in shown and "fits on" in shown, shown[-800:]
+    with _chromium_page(errors) as page:
+        builder = _open_builder(caption_lab, page, "/lab/tree/builder.ipynb")  # the text default, Ready
+        # Ready is said once the captioner's own estimate has landed: the memory panel shows that estimate
+        _choose_task(page, builder, "image-to-text", "nbtune:tiny-captioner", "nbtune:shape-captions")
 
-            _show_tab(page, "Data")
-            page.click(".nbtune-builder button:has-text('Preview data')")
-            page.wait_for_selector(".nbtune-builder img[src^='data:image/png']", timeout=60_000)
-            shown = builder.inner_text()
-            assert "Format image" in shown and "640 training rows" in shown, shown[-800:]
-            assert page.locator(".nbtune-builder th:text-is('caption')").count() == 1
-            captions = re.findall(r"a \w+ (?:circle|cross|diamond|square|triangle) in the (?:top|bottom) "
-                                  r"(?:left|right)", shown)
-            assert page.locator(".nbtune-builder img[src^='data:image/png']").count() == len(captions) == 5, shown
-            builder.screenshot(path=str(SHOTS / "caption-builder.png"))
+        _show_tab(page, "Data")
+        page.click(".nbtune-builder button:has-text('Preview data')")
+        page.wait_for_selector(".nbtune-builder img[src^='data:image/png']", timeout=60_000)
+        shown = builder.inner_text()
+        assert "Format image" in shown and "640 training rows" in shown, shown[-800:]
+        assert page.locator(".nbtune-builder th:text-is('caption')").count() == 1
+        captions = re.findall(r"a \w+ (?:circle|cross|diamond|square|triangle) in the (?:top|bottom) "
+                              r"(?:left|right)", shown)
+        assert page.locator(".nbtune-builder img[src^='data:image/png']").count() == len(captions) == 5, shown
+        builder.screenshot(path=str(SHOTS / "caption-builder.png"))
 
-            page.click(".nbtune-builder button:has-text('Launch')")
-            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
-            page.wait_for_selector(".nbtune-status:has-text('Finished')", timeout=240_000)
-            page.wait_for_timeout(600)  # the live chart may just be giving way to the record
-            plots = [plot for plot in page.evaluate(EXACT_MATCH) if plot["exact"]]
-            assert plots, page.evaluate(EXACT_MATCH)
-            chart = plots[-1]
-            assert "<b>Held-out exact match of greedy captions</b>" in chart["titles"], chart["titles"]
-            # evaluations at steps 0, 100, 200, 300: the base matches no held-out caption, the run nearly all
-            assert len(chart["exact"]) >= 3 and chart["exact"][0] <= 0.05 and chart["exact"][-1] >= 0.9, chart
-            assert chart["loss"], chart
-            _shoot_dashboard(page, lambda stage, target: target.screenshot(path=str(SHOTS / "caption-finished.png")),
-                             "finished")
-        finally:
-            browser.close()
+        page.click(".nbtune-builder button:has-text('Launch')")
+        page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+        page.wait_for_selector(".nbtune-status:has-text('Finished')", timeout=240_000)
+        page.wait_for_timeout(600)  # the live chart may just be giving way to the record
+        plots = [plot for plot in page.evaluate(EXACT_MATCH) if plot["exact"]]
+        assert plots, page.evaluate(EXACT_MATCH)
+        chart = plots[-1]
+        assert "<b>Held-out exact match of greedy captions</b>" in chart["titles"], chart["titles"]
+        # evaluations at steps 0, 100, 200, 300: the base matches no held-out caption, the run nearly all
+        assert len(chart["exact"]) >= 3 and chart["exact"][0] <= 0.05 and chart["exact"][-1] >= 0.9, chart
+        assert chart["loss"], chart
+        _shoot_dashboard(page, lambda stage, target: target.screenshot(path=str(SHOTS / "caption-finished.png")),
+                         "finished")
+    assert not errors, "\n".join(errors)
+
+
+def _choose_task(page, builder, task: str, model: str, source: str) -> None:  # noqa: ANN001
+    """Choose `task` on the Task tab; the builder swaps in its built-in model and data and is Ready with that
+    model's own estimate."""
+    _show_tab(page, "Task")
+    page.select_option(".nbtune-field-model-task select", label=task)
+    page.wait_for_function(f"() => ({FIELD_VALUE})('model-name-or-path') === '{model}'", timeout=30_000)
+    assert page.evaluate(FIELD_VALUE, "data-source") == source
+    assert f"switched to the built-in {model} on {source}" in builder.inner_text()
+    page.wait_for_selector(f".nbtune-ready:has-text('{model}')", timeout=90_000)
+    shown = builder.inner_text()
+    assert "No estimate" not in shown and "fits on" in shown, shown[-800:]
+
+
+DRAWN = "() => [...document.querySelectorAll('.nbtune-samples tr')].map(r => r.querySelectorAll('img').length)"
+
+
+def test_a_diffusion_model_chosen_on_the_task_tab_previews_its_prompts_and_shows_what_it_draws_in_jupyterlab(
+        draw_lab: dict):
+    """Text-to-image in a real browser: choosing the task swaps in the tiny pipeline and the DreamBooth concept,
+    the builder is Ready with the pipeline's estimate, "Preview data" shows the concept images with their
+    prompts, and the launched run's dashboard charts the judged share and shows what each evaluation drew, to
+    Finished."""
+    errors: list[str] = []
+    with _chromium_page(errors) as page:
+        builder = _open_builder(draw_lab, page, "/lab/tree/builder.ipynb")
+        _choose_task(page, builder, "text-to-image", "nbtune:tiny-diffusion", "nbtune:sks-star")
+        _show_tab(page, "Data")
+        page.click(".nbtune-builder button:has-text('Preview data')")
+        page.wait_for_selector(".nbtune-builder img[src^='data:image/png']", timeout=60_000)
+        shown = builder.inner_text()
+        assert "24 training rows" in shown and shown.count("sks in the") == 5, shown[-800:]
+        builder.screenshot(path=str(SHOTS / "draw-builder.png"))
+
+        page.click(".nbtune-builder button:has-text('Launch')")
+        page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+        page.wait_for_selector(".nbtune-status:has-text('Finished')", timeout=240_000)
+        page.wait_for_timeout(600)
+        chart = [plot for plot in page.evaluate(EXACT_MATCH) if plot["exact"]][-1]
+        assert any("concept recognition" in t for t in chart["titles"]), chart["titles"]
+        assert len(chart["exact"]) == 3 and all(0 <= a <= 1 for a in chart["exact"]) and chart["loss"], chart
+        # the prompts' row, then the first 4 images each evaluation drew (steps 0, 20, 40)
+        assert page.evaluate(DRAWN) == [0, 4, 4, 4], page.evaluate(DRAWN)
+        _shoot_dashboard(page, lambda stage, target: target.screenshot(path=str(SHOTS / "draw-finished.png")),
+                         "finished")
     assert not errors, "\n".join(errors)

@@ -78,6 +78,8 @@ def test_replace_changes_dotted_fields_and_switches_method():
     assert changed.training.micro_batch_size == 2 and changed.method.params["r"] == 4
     switched = changed.replace(method="full")
     assert switched.method.name == "full" and switched.method.params == {}
+    reset = changed.replace(**{"method.params": {"alpha": 8}})  # all parameters at once: r back to its default
+    assert reset.method.params == {"alpha": 8} and reset.method_params["r"] == TuneConfig().method_params["r"]
 
 
 def test_dataframe_source_becomes_rows():

@@ -13,6 +13,7 @@ import pytest
 from nbtune.embedded import BASE_MODEL_DIR, DATA_DIR, DATASETS, EMBEDDED_MODEL, dataset_path, load_rows
 from nbtune.embedded import world as world_gen
 from nbtune.embedded.build import CHAT_TEMPLATE, CORPUS_BYTES, SEED, SEQ_LEN
+from nbtune.tasks import TASKS
 
 KNOWLEDGE_TASKS = ("capitals", "regions")
 COLUMN_DATASETS = sorted(n for n, d in DATASETS.items() if d.format == "columns")
@@ -121,7 +122,7 @@ def test_generator_is_deterministic_and_matches_shipped_data():
     assert first == list(world_gen.corpus_documents(world, SEED, 50_000))
     rows = world_gen.dataset_rows(world, SEED)
     for name, spec in DATASETS.items():
-        for split in spec.splits if not spec.task.startswith("image-") else ():  # images: shapes.py
+        for split in spec.splits if TASKS[spec.task].inputs == "text" else ():  # images: shapes.py
             assert load_rows(name, split) == rows[name][split]
 
 
@@ -424,3 +425,21 @@ def test_the_embedded_captioner_captions_eval_images_in_its_pretraining_forms_on
     correct = sum(build_captioner.parse(m) == t for m, t in zip(made, truth, strict=True)) / len(rows)
     downstream = sum(m == r["caption"] for m, r in zip(made, rows, strict=True)) / len(rows)
     assert correct >= 0.8 and downstream <= 0.05, (correct, downstream, made[:5])
+
+
+def test_every_shipped_embedded_file_is_package_data():
+    """A wheel carries only the files pyproject's package-data globs name (`*` does not cross folders): each file
+    of nbtune/embedded that is not Python must match one, or a pip-installed nbtune lacks it."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "nbtune.embedded"]
+    embedded = root / "nbtune" / "embedded"
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", str(embedded)],
+                             cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    shipped = [Path(f).relative_to("nbtune/embedded").as_posix() for f in tracked if not f.endswith(".py")]
+    unmatched = [f for f in shipped if not any(
+        fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert shipped and not unmatched, unmatched

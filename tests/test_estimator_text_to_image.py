@@ -5,7 +5,7 @@ tests/test_estimator_image_to_text.py checks captioners.
 Random pipelines are made here: tests/test_text_to_image.py's tiny one (32x32 images, 16x16 latents, UNet (32, 64)),
 a larger UNet (32, 64, 64) with two cross-attention down blocks at 16x16 and 32x32 latents, and one in Stable
 Diffusion 2's layout (Linear projections, two transformer layers and two ResNets a block, 20 prompt tokens).
-Stable Diffusion 1.5 is estimated from its configs alone (nothing is downloaded).
+Stable Diffusion 1.5 is estimated from the built-in catalogue's configs alone (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -132,35 +132,15 @@ def test_the_estimate_of_a_real_steps_peak(method, precision):
     assert t.phases["encoding"].activations > 0  # the frozen VAE's no-grad forward, before the UNet
 
 
-def sd15_configs():
-    """Stable Diffusion 1.5's parts' configs (runwayml/stable-diffusion-v1-5), written out: no weights, no hub."""
-    from transformers import CLIPTextConfig
-
-    from nbtune.diffusion import PipelineConfig
-
-    unet = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-            "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "norm_num_groups": 32}
-    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 512,
-           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-           "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "scaling_factor": 0.18215}
-    text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                          projection_dim=768)
-    scheduler = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False}
-    return PipelineConfig(unet=unet, vae=vae, text_encoder=text, scheduler=scheduler)
-
-
 def test_stable_diffusion_1_5_is_estimated_from_its_configs_with_a_breakdown():
     """860 M UNet + 123 M text encoder + 84 M VAE parameters; LoRA in bf16 weights fits a T4 with ~1 GiB of
     activations at one 512x512 image, full fine-tuning in fp32 does not; activations grow with the micro-batch."""
     from nbtune.estimator import estimate_memory
+    from nbtune.estimator.catalogue import from_catalogue
     from nbtune.estimator.gpus import GIB
 
-    mc = sd15_configs()
-    full = estimate_memory(draw_config("runwayml/stable-diffusion-v1-5", "full", "fp32", batch=1), mc, gpu="T4")
+    mc = from_catalogue("runwayml/stable-diffusion-v1-5")  # the built-in catalogue's: no weights, no hub
+    full = estimate_memory(draw_config("runwayml/stable-diffusion-v1-5", "full", "fp32", batch=1), gpu="T4")
     assert full.trainable_params == 859_520_964  # the UNet's
     assert full.total_params - full.trainable_params == 123_060_480 + 83_653_863  # CLIP ViT-L/14's text, the VAE
     assert full.breakdown["weights"] + full.breakdown["trainable_weights"] == 4 * full.total_params

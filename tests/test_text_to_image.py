@@ -86,6 +86,21 @@ def test_lora_adapts_the_unets_attention_only(pipeline):
     assert adapted <= {"to_q", "to_k", "to_v", "0"}  # to_out.0 ends in 0
 
 
+def test_lora_on_chosen_unet_layers_is_checked_against_their_sizes_before_loading(pipeline):
+    """method.target_modules may name other UNet layers (the feed-forward); a rank above the smallest of them
+    is refused naming method.r, as for text models."""
+    from nbtune import models, preflight
+
+    chosen = draw_config(pipeline).replace(**{"method.params": {"target_modules": ["to_k", "ff.net.2"], "r": 4}})
+    preflight.check(chosen)
+    built = models.build(chosen, tokenizer=models.load_tokenizer(chosen))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in built.model.named_parameters() if p.requires_grad}
+    assert adapted == {"to_k", "2"}  # ff.net.2 ends in 2
+    with pytest.raises(ConfigError, match=r"method.r must be <= 32, .* \(down_blocks.0.attentions.0.*\.to_k\) "
+                                          r"\(got 64\)"):
+        preflight.check(chosen.replace(**{"method.params": {"target_modules": ["to_k", "ff.net.2"], "r": 64}}))
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_each_method_trains_and_every_evaluation_draws_the_eval_prompts(pipeline, tmp_path, method):
     from nbtune.training import execute

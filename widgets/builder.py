@@ -52,7 +52,8 @@ PLAIN = "nbtune builder (the live form needs a running kernel; a static copy of 
 # The built-in model of each task (nbtune/embedded): choosing a task in the form swaps a built-in model or dataset
 # of another task for the new task's; a model or data of the user's own stays as it is.
 BUILT_IN_MODELS = {"causal-lm": embedded.EMBEDDED_MODEL, "seq-cls": embedded.EMBEDDED_MODEL,
-                   "image-cls": embedded.VISION_MODEL, "image-to-text": embedded.CAPTION_MODEL}
+                   "image-cls": embedded.VISION_MODEL, "image-to-text": embedded.CAPTION_MODEL,
+                   "text-to-image": embedded.DIFFUSION_MODEL}
 
 
 class Builder:

@@ -16,7 +16,11 @@ VISION_MODEL = "nbtune:tiny-vit"  # a tiny ViT pre-trained on generated shapes (
 VISION_MODEL_DIR = pathlib.Path(__file__).parent / "vit"
 CAPTION_MODEL = "nbtune:tiny-captioner"  # the tiny ViT + a 2-layer GPT-2 decoder, pre-trained to caption shapes
 CAPTION_MODEL_DIR = pathlib.Path(__file__).parent / "captioner"  # (build_captioner.py)
-MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR}
+DIFFUSION_MODEL = "nbtune:tiny-diffusion"  # a tiny Stable Diffusion pipeline of the shapes world
+DIFFUSION_MODEL_DIR = pathlib.Path(__file__).parent / "diffusion"  # (build_diffusion.py)
+MODELS = {EMBEDDED_MODEL: BASE_MODEL_DIR, VISION_MODEL: VISION_MODEL_DIR, CAPTION_MODEL: CAPTION_MODEL_DIR,
+          DIFFUSION_MODEL: DIFFUSION_MODEL_DIR}
+SHAPE_JUDGE_DIR = pathlib.Path(__file__).parent / "shape_judge"  # a classifier of the shapes world's shapes
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
@@ -25,7 +29,7 @@ class BuiltinDataset:
     """A built-in dataset: its task, its rows' format and, for "columns" rows, how a row becomes model input."""
 
     name: str
-    task: str  # "causal-lm", "seq-cls", "image-cls" or "image-to-text"
+    task: str  # a task of nbtune/tasks.py
     description: str
     text_column: str | None = None  # the input; for causal-lm the prompt
     target_column: str | None = None  # the completion (causal-lm), else None
@@ -123,6 +127,19 @@ DATASETS: dict[str, BuiltinDataset] = {
             "captioner was pre-trained on other images of the same world, captioned in other forms only.",
             target_column="caption",
             format="image-captions",
+        ),
+        BuiltinDataset(
+            name="sks-star",
+            task="text-to-image",
+            description="DreamBooth: teach the word 'sks' a shape the base never drew, a star. Train: star images "
+            "prompted 'a red sks in the top left'; eval: prompts of colour and place combinations train never "
+            "shows, each drawn from 4 seeds and judged by a classifier of the shapes world (eval accuracy: the "
+            "share it recognises as a star). On nbtune:tiny-diffusion, LoRA learns it in ~1200 steps of 8 "
+            "images when it also adapts the UNet's feed-forward and ResNet convolutions "
+            "(bench/text_to_image_concept.py).",
+            text_column="prompt",
+            format="image-prompts",
+            judge=SHAPE_JUDGE_DIR,
         ),
     )
 }

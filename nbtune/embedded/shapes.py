@@ -139,3 +139,71 @@ def make_split(split: str, per_combo: int, seed: int = SEED) -> list[Sample]:
 def rows(samples: list[Sample]) -> list[dict]:
     """The attributes of samples as dicts (no image): shape = the label, colour, position, radius."""
     return [{"label": s.shape, "colour": s.colour, "position": s.position, "radius": s.radius} for s in samples]
+
+
+# ----- the concept shape of `nbtune:sks-star` (build_diffusion.py): a shape that no SHAPES image shows -----------
+
+CONCEPT = "star"  # not in SHAPES: the text-to-image base never sees it, a DreamBooth-style fine-tune teaches it
+CONCEPT_SEED = 7  # the seed of the shipped concept images (nbtune/embedded/data/sks-star)
+
+
+def star_outline(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """A five-pointed star centred on (cx, cy), one point up; its points reach 1.15 r (about the visual area of
+    the other shapes), its inner corners 0.45 of that."""
+    import math
+
+    outer = r * 1.15
+    inner = outer * 0.45
+    return [
+        (cx + (outer if k % 2 == 0 else inner) * math.sin(math.pi * k / 5),
+         cy - (outer if k % 2 == 0 else inner) * math.cos(math.pi * k / 5))
+        for k in range(10)
+    ]  # fmt: skip
+
+
+def draw_concept(colour: str, position: str, rng: random.Random) -> Sample:
+    """One 32x32 RGB image of the concept (a star) in `colour` in the quadrant `position`, drawn in the style of
+    `draw` (the same background, size, jitter and shade, taken from `rng` in the same order)."""
+    from PIL import ImageDraw
+
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; allowed: {', '.join(COLOURS)}")
+    if position not in _CENTRES:
+        raise ValueError(f"unknown position {position!r}; allowed: {', '.join(POSITIONS)}")
+    image = _background(rng)
+    r = rng.randint(*RADIUS)
+    x, y = _CENTRES[position]
+    cx, cy = x + rng.randint(-JITTER, JITTER) - 0.5, y + rng.randint(-JITTER, JITTER) - 0.5
+    fill = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[colour])
+    ImageDraw.Draw(image).polygon(star_outline(cx, cy, r), fill=fill)
+    return Sample(image, CONCEPT, colour, position, r)
+
+
+def concept_heldout() -> frozenset[tuple[str, str]]:
+    """The (colour, position) pairs of the concept that its train split never shows: for position p the colours
+    c with (c + p) % len(COLOURS) in (0, 1), two per position (8 of 20)."""
+    colours = list(COLOURS)
+    return frozenset(
+        (colours[c], position)
+        for p, position in enumerate(POSITIONS)
+        for c in range(len(colours))
+        if (c + p) % len(colours) in (0, 1)
+    )
+
+
+def concept_combos(split: str) -> Iterator[tuple[str, str]]:
+    """(colour, position) of a concept split ("train": 12 pairs, "eval": the 8 held-out ones, "all": 20)."""
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"unknown split {split!r}; allowed: train, eval, all")
+    held = concept_heldout()
+    for colour in COLOURS:
+        for position in POSITIONS:
+            if split == "all" or ((colour, position) in held) == (split == "eval"):
+                yield colour, position
+
+
+def make_concept(split: str, per_combo: int, seed: int = CONCEPT_SEED) -> list[Sample]:
+    """`per_combo` concept images of every (colour, position) of a split, from a generator seeded by `seed` and
+    the split's name, ordered by colour, position."""
+    rng = random.Random(f"concept-{seed}-{split}")
+    return [draw_concept(colour, position, rng) for colour, position in concept_combos(split) for _ in range(per_combo)]

@@ -33,14 +33,21 @@ def lookup(name: str) -> dict[str, Any] | None:
 
 
 def from_catalogue(name: str) -> Any:
-    """A transformers PretrainedConfig from the catalogue, or None when the name is not in it."""
+    """A transformers PretrainedConfig from the catalogue (a diffusion pipeline's: nbtune.diffusion's
+    PipelineConfig of its parts' configs), or None when the name is not in it."""
     values = lookup(name)
     if values is None:
         return None
     from transformers import AutoConfig
 
     values = dict(values)
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    model_type = values.pop("model_type")
+    if model_type == "stable-diffusion":
+        from nbtune.diffusion import PipelineConfig
+
+        text = dict(values.pop("text_encoder"))
+        return PipelineConfig(text_encoder=AutoConfig.for_model(text.pop("model_type"), **text), **values)
+    return AutoConfig.for_model(model_type, **values)
 
 
 def model_config_for(config: Any) -> Any:
