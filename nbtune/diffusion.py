@@ -308,9 +308,8 @@ def load_config(path: str | Path, **kwargs: Any) -> PipelineConfig:
 def fresh_model(config: PipelineConfig, dtype: Any = None) -> DiffusionModel:
     """The pipeline of `config` with fresh weights (on the current default device: meta for counting)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoModel
-
     from diffusers.utils import logging as diffusers_logging
+    from transformers import AutoModel
 
     parts = [UNet2DConditionModel.from_config(config.unet), AutoencoderKL.from_config(config.vae),
              AutoModel.from_config(config.text_encoder)]
