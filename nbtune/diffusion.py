@@ -26,6 +26,18 @@ from typing import Any
 
 import torch
 
+# at import, not in the functions: diffusers' lazy module is not thread-safe, and the builder's estimate and a
+# cell's can import it at once (two threads: "cannot import name 'AutoencoderKL'"); a module's import is locked
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import logging as diffusers_logging
+
 from nbtune.config import ConfigError, TuneConfig
 
 DEFAULT_PROMPT_COLUMN = "prompt"
@@ -76,7 +88,6 @@ class DiffusionModel(torch.nn.Module):
     def pipeline(self, sampling: bool = True) -> Any:
         """A diffusers StableDiffusionPipeline of these parts (the UNet as trained), with DPM-Solver's steps for
         `sampling`, else the training scheduler (what an artifact keeps)."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
         unet = self.unet.get_base_model() if hasattr(self.unet, "get_base_model") else self.unet
         scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config) if sampling else \
@@ -105,7 +116,6 @@ class DiffusionModel(torch.nn.Module):
 
 def pipeline_parts(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     """The parts of a Stable Diffusion pipeline folder (or hub id), loaded by diffusers."""
-    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
                                                    **kwargs)
@@ -296,7 +306,6 @@ class PipelineConfig:
 
 def load_config(path: str | Path, **kwargs: Any) -> PipelineConfig:
     """The configs of a pipeline folder's UNet, VAE, text encoder and scheduler (no weights read)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoConfig
 
     return PipelineConfig(unet=dict(UNet2DConditionModel.load_config(path, subfolder="unet", **kwargs)),
@@ -307,8 +316,6 @@ def load_config(path: str | Path, **kwargs: Any) -> PipelineConfig:
 
 def fresh_model(config: PipelineConfig, dtype: Any = None) -> DiffusionModel:
     """The pipeline of `config` with fresh weights (on the current default device: meta for counting)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import AutoModel
 
     parts = [UNet2DConditionModel.from_config(config.unet), AutoencoderKL.from_config(config.vae),
@@ -330,8 +337,6 @@ def save_artifact(model: DiffusionModel, is_peft: bool, directory: Path) -> str:
     if not is_peft:
         model.pipeline(sampling=False).save_pretrained(directory)
         return "diffusers-pipeline"
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     model.unet.save_pretrained(str(directory))  # adapter_config.json + adapter_model.safetensors
@@ -345,7 +350,6 @@ def save_artifact(model: DiffusionModel, is_peft: bool, directory: Path) -> str:
 
 def load_unet(directory: str | Path, like: Any) -> Any:
     """The trained UNet of a pipeline-folder artifact, on the device and in the dtype of `like`."""
-    from diffusers import UNet2DConditionModel
 
     device = next(like.parameters()).device
     return UNet2DConditionModel.from_pretrained(directory, subfolder="unet", dtype=like.dtype).to(device).eval()

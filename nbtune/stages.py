@@ -49,6 +49,7 @@ class Stage:
     fused_log_probs: bool = False  # scores tokens through TRL's fused LM head: never the (tokens, vocab) logits
     accuracy_means: str = HELD_OUT_ACCURACY  # what its eval "accuracy" measures, in words (else the task's)
     language_model_loss: bool = True  # its loss is a token cross-entropy (so exp(loss) is a perplexity)
+    throughput: str = "tokens"  # what its speed is counted in per second: tokens, or images (the task's)
 
     def unsupported(self, method: Method, task: str) -> str | None:
         """Why `method` cannot train with this stage on `task`, in words; None when it can."""
@@ -202,11 +203,16 @@ def for_config(config: TuneConfig) -> Stage:
 
 def of_task(name: str, task: str) -> Stage:
     """Stage `name` as it trains `task`: where the stage's eval accuracy is plain held-out accuracy, it
-    measures what the task's does (image-to-text: the exact match of greedy captions)."""
+    measures what the task's does (image-to-text: the exact match of greedy captions); its loss is a language
+    model's only where the task's is a token loss; its speed is counted in the task's units (images or tokens)."""
     stage = STAGES[name]
-    if stage.accuracy_means != HELD_OUT_ACCURACY or task not in TASKS:
+    if task not in TASKS:
         return stage
-    return dataclasses.replace(stage, accuracy_means=TASKS[task].accuracy_means)
+    t = TASKS[task]
+    plain = stage.accuracy_means == HELD_OUT_ACCURACY
+    return dataclasses.replace(stage, accuracy_means=t.accuracy_means if plain else stage.accuracy_means,
+                               language_model_loss=stage.language_model_loss and t.token_loss,
+                               throughput="images" if t.inputs == "image" else "tokens")
 
 
 def trainers_of(fmt: str) -> list[str]:

@@ -304,8 +304,7 @@ def _attempt(config: TuneConfig, run_dir: Path, events: EventStream, stop: threa
     prepared = _prepare(config, events)
     args = _training_arguments(config, prepared, run_dir)
     stage = prepared.stage
-    callback = EventCallback(events, stop, prepared.total_steps, dict(stage.logged),
-                             stage.language_model_loss and TASKS[config.model.task].token_loss)
+    callback = EventCallback(events, stop, prepared.total_steps, dict(stage.logged), stage.language_model_loss)
     trainer = _build_trainer(prepared, args, callback, extra_callbacks)
     _announce_start(events, config, prepared, resume_from)
     outcome = _train(trainer, prepared, stop, resume_from)

@@ -418,3 +418,23 @@ def test_the_live_figure_widget_gains_the_reward_panel_in_place_and_then_only_re
     names = [t.name for t in widget.data]
     assert list(widget.data[names.index("reward margin")].y) == [0.008, 0.027]
     assert charts.point_counts(dash.figure)["reward margin"] == 2 and dash.figure["layout"]["height"] > 470
+
+
+@pytest.mark.parametrize("task", ["image-cls", "image-to-text", "text-to-image"])
+def test_an_image_run_charts_images_per_second_and_its_summary_counts_no_tokens(task):
+    """Image runs count no tokens (their tokens_per_s is 0): the speed panel charts images per second, and the
+    summary has no tokens / s row; a text run keeps tokens per second."""
+    image = RunProgress(stage=stages.of_task("sft", task))
+    text = RunProgress(stage=stages.of_task("sft", "causal-lm"))
+    for progress in (image, text):
+        for n in (1, 2):
+            progress.apply("step", {**step(n).data, "tokens_per_s": 0.0 if progress is image else 500.0,
+                                    "samples_per_s": 40.0 + n})
+    figure = charts.training_figure(image, "run", final=True)
+    assert panel_titles(figure)[3] == "Images / s" and "tokens/s" not in traces_by_name(figure)
+    assert traces_by_name(figure)["images/s"]["y"] == [41.0, 42.0]
+    words = panel_titles(charts.training_figure(text, "run", final=True))[3]
+    assert words == "Tokens / s" and "images/s" not in traces_by_name(charts.training_figure(text, "run"))
+    summary = RunSummary(state="finished", step=2, tokens_per_s=0.0, wall_time_s=3.0)
+    assert "tokens / s" not in dict(summary_rows(summary, image.stage))
+    assert dict(summary_rows(summary, text.stage))["tokens / s"] == "0"

@@ -266,3 +266,29 @@ def test_gradient_checkpointing_is_refused_before_anything_loads(pipeline):
     with pytest.raises(ConfigError, match=r"training.gradient_checkpointing cannot be true for model.task "
                                           r"text-to-image yet"):
         draw_config(pipeline).replace(**{"training.gradient_checkpointing": True})
+
+
+def test_estimates_in_two_threads_at_once_both_import_diffusers(tmp_path):
+    """The builder estimates on its thread while a cell estimates on the kernel's: in a fresh interpreter, three
+    threads estimating a pipeline at once all succeed (diffusers' lazy module is not thread-safe on its own)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(
+        "import threading\n"
+        "from nbtune import TuneConfig\n"
+        "from nbtune.estimator import estimate_memory\n"
+        "errors = []\n"
+        "def estimate():\n"
+        "    try:\n"
+        "        estimate_memory(TuneConfig(model={'name_or_path': 'nbtune:tiny-diffusion', 'task': 'text-to-image'},\n"
+        "                                   data={'source': 'nbtune:sks-star'}), gpu='t4')\n"
+        "    except Exception as error:\n"
+        "        errors.append(repr(error))\n"
+        "threads = [threading.Thread(target=estimate) for _ in range(3)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print('errors:', errors)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert "errors: []" in done.stdout, (done.stdout, done.stderr[-2000:])

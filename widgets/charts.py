@@ -19,6 +19,7 @@ from typing import Any
 from nbtune.widgets.progress import (
     EVAL_TRACES,
     PANELS,
+    THROUGHPUT,
     TRACES,
     RunProgress,
     accuracy_words,
@@ -106,8 +107,10 @@ def training_figure(progress: RunProgress, title: str, final: bool = False, log_
     shown_eval = next((name for name in evals if len(series[name])), evals[-1])
     points = (lambda s: s.full(FINAL_MAX_POINTS)) if final else (lambda s: s.view())
     data = []
+    speed, speed_title = THROUGHPUT[stage.throughput]
     for trace in TRACES:
-        if trace.name in EVAL_TRACES and trace.name != shown_eval:
+        if (trace.name in EVAL_TRACES and trace.name != shown_eval) or (trace.panel == "Throughput" and
+                                                                        trace.name != speed):
             continue
         xs, ys = points(series[trace.name])
         if not xs:  # plotly.js draws NaN paths for an empty trace beside a one-point trace; leave it out
@@ -124,8 +127,8 @@ def training_figure(progress: RunProgress, title: str, final: bool = False, log_
     accuracy = shown_eval == "eval accuracy"
     eval_panel = Panel(accuracy_words(stage).capitalize() if accuracy else shown_eval.capitalize(),
                        hover=stage.accuracy_means if accuracy else None)
-    panels = [eval_panel if name == "Eval" else Panel(name, {"rangemode": "tozero"} if name in (
-        "Tokens / s", "Memory (GiB)") else {}) for name in PANELS]
+    panels = [eval_panel if name == "Eval" else Panel(speed_title if name == "Throughput" else name, {
+        "rangemode": "tozero"} if name in ("Throughput", "Memory (GiB)") else {}) for name in PANELS]
     data += _stage_traces(progress, panels, points)
     return {"data": data, "layout": _layout(title, panels, progress.total_steps, log_loss)}
 

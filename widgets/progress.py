@@ -116,14 +116,16 @@ def _key(name: str) -> Callable[[dict[str, Any]], Any]:
     return lambda data: data.get(name)
 
 
-PANELS = ("Loss", "Learning rate", "Grad norm", "Tokens / s", "Memory (GiB)", "Eval")
+PANELS = ("Loss", "Learning rate", "Grad norm", "Throughput", "Memory (GiB)", "Eval")
 EVAL_TRACES = ("eval accuracy", "eval perplexity")  # the "Eval" panel shows whichever the run has
+THROUGHPUT = {"tokens": ("tokens/s", "Tokens / s"), "images": ("images/s", "Images / s")}  # by Stage.throughput
 TRACES = (
     Trace("train loss", "Loss", "step", _key("loss"), "#1f77b4"),
     Trace("eval loss", "Loss", "eval", _key("loss"), "#ff7f0e"),
     Trace("learning rate", "Learning rate", "step", _key("learning_rate"), "#2ca02c"),
     Trace("grad norm", "Grad norm", "step", _key("grad_norm"), "#d62728"),
-    Trace("tokens/s", "Tokens / s", "step", _key("tokens_per_s"), "#9467bd"),
+    Trace("tokens/s", "Throughput", "step", _key("tokens_per_s"), "#9467bd"),
+    Trace("images/s", "Throughput", "step", _key("samples_per_s"), "#9467bd"),
     Trace("memory (GiB)", "Memory (GiB)", "step", _memory_gib, "#8c564b"),
     Trace("eval accuracy", "Eval", "eval", _key("accuracy"), "#e377c2"),
     Trace("eval perplexity", "Eval", "eval", _key("perplexity"), "#17becf"),
@@ -370,7 +372,8 @@ def summary_rows(summary: RunSummary | None, stage: Stage | None = None) -> list
     stage = stage or STAGES["sft"]
     rows = [("state", str(summary.state)), ("stage", stage.title)]
     for label, key, write in SUMMARY_ROWS:
-        if getattr(summary, key) is None or (key == "final_perplexity" and not stage.language_model_loss):
+        if getattr(summary, key) is None or (key == "final_perplexity" and not stage.language_model_loss) or (
+                key == "tokens_per_s" and stage.throughput != "tokens"):  # an image run counts no tokens
             continue
         if key == "final_eval_accuracy":
             label = f"final {accuracy_words(stage)}"
