@@ -22,6 +22,7 @@ import peft
 
 import nbtune
 from nbtune.embedded.build_diffusion import cpu_model
+from nbtune.generation import SAMPLING
 
 # LoRA on the attention (diffusers' DreamBooth recipe, the task's default) and LoRA that also adapts the
 # transformer blocks' other linear layers and the ResNet convolutions, where this tiny UNet draws its shapes
@@ -63,8 +64,8 @@ def main() -> None:
               f"only; load average (1, 5, 15 min) at the end: {load}. torch {torch.__version__}, diffusers "
               f"{diffusers.__version__}, peft {peft.__version__}. Each run: {args.steps} steps of 8 images, eval every "
               f"{args.steps // 3} steps; total wall time {time.time() - started:.0f} s (cached rows cost "
-              f"nothing).\n\nStar share: of the 32 images drawn from the held-out prompts (nbtune.diffusion."
-              f"SAMPLING: DPM-Solver, 20 steps, guidance 3), the share the shape judge names a star.\n\n"
+              f"nothing).\n\nStar share: of the 32 images drawn from the held-out prompts ({SAMPLING.describe()}), "
+              f"the share the shape judge names a star.\n\n"
               "| method | target modules | seed | lr | trainable % | star share, base | after | time s | cached |\n"
               "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     print("\n" + report)

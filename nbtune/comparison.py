@@ -64,8 +64,9 @@ def compare(base_config: TuneConfig | None = None, methods: Sequence[str] | None
             target_model: str | None = None, gpu: str | None = None) -> Comparison:
     """Run every variant of `base_config` on the same data, model and budget and compare them.
 
-    `methods` names registry methods (each with its registry defaults); `variants` maps a name to a TuneConfig,
-    a method name, or dotted changes to the base (`{"lora-r4": {"method": "lora", "method.r": 4}}`). With
+    `methods` names registry methods (the base's own method with the base's parameters, the others with their
+    registry defaults); `variants` maps a name to a TuneConfig, a method name, or dotted changes to the base
+    (`{"lora-r4": {"method": "lora", "method.r": 4}}`). With
     neither, every built-in method that supports the base's task is compared. `seeds=n` trains each variant n
     times (training.seed, seed+1, ...) and reports mean ± spread. `gpu` (a catalogue name such as "t4") is the
     card the recommendation is for; with `target_model` too, every variant's cost is projected to that model on
@@ -94,11 +95,12 @@ def _variant_specs(base: TuneConfig, methods: Sequence[str] | None,
 
 
 def variant_config(base: TuneConfig, spec: VariantSpec) -> TuneConfig:
-    """The config of one variant: a TuneConfig as given, a method name, or dotted changes applied to `base`."""
+    """The config of one variant: a TuneConfig as given, a method name (the base's own keeps its parameters), or
+    dotted changes applied to `base`."""
     if isinstance(spec, TuneConfig):
         return spec
     if isinstance(spec, str):
-        return base.replace(method=spec)
+        return base if spec == base.method.name else base.replace(method=spec)
     if isinstance(spec, Mapping):
         return base.replace(**dict(spec))
     raise TypeError(f"a variant must be a TuneConfig, a method name or a dict of changes (got {type(spec).__name__})")

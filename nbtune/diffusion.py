@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,35 +27,40 @@ from typing import Any
 
 import torch
 
-# at import, not in the functions: diffusers' lazy module is not thread-safe, and the builder's estimate and a
-# cell's can import it at once (two threads: "cannot import name 'AutoencoderKL'"); a module's import is locked
-from diffusers import (
+from nbtune.config import ConfigError, TuneConfig
+from nbtune.generation import SAMPLING, Sampling
+
+
+def _import_diffusers() -> None:
+    """diffusers, imported here once: its lazy module is not thread-safe (the builder's estimate and a cell's
+    importing it at once failed "cannot import name 'AutoencoderKL'"), and this module's import is locked. Its
+    pipelines import transformers' CLIP image processor, which warns where torchvision is missing that it falls
+    back to PIL: said to nobody (it changes nothing nbtune does)."""
+    quiet = logging.getLogger("transformers.utils.import_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from diffusers import StableDiffusionPipeline  # noqa: F401 - the pipeline's own imports, resolved now
+    finally:
+        quiet.setLevel(level)
+
+
+_import_diffusers()
+from diffusers import (  # noqa: E402 - after _import_diffusers
     AutoencoderKL,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.utils import convert_state_dict_to_diffusers
-from diffusers.utils import logging as diffusers_logging
-
-from nbtune.config import ConfigError, TuneConfig
+from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 DEFAULT_PROMPT_COLUMN = "prompt"
 SHOWN_SAMPLES = 4  # samples an eval event carries as PNGs
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How evaluations and `Run.generate` draw images: DDPM's scheduler swapped for DPM-Solver's steps."""
-
-    steps: int = 20
-    guidance_scale: float = 3.0
-    seed: int = 0
-
-
-SAMPLING = Sampling()
 
 
 class DiffusionModel(torch.nn.Module):
@@ -117,8 +123,14 @@ class DiffusionModel(torch.nn.Module):
 def pipeline_parts(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     """The parts of a Stable Diffusion pipeline folder (or hub id), loaded by diffusers."""
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                   **kwargs)
+    shown = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": a notebook keeps it as a widget
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                       **kwargs)
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
     return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
             "scheduler": pipe.scheduler}
 
@@ -365,4 +377,5 @@ def how_to_load(record: dict[str, Any], base: str) -> str:
         load = (f"pipe = StableDiffusionPipeline.from_pretrained({base}, safety_checker=None, "
                 'requires_safety_checker=False)\npipe.load_lora_weights("ARTIFACT")')
     return (f"from diffusers import StableDiffusionPipeline\n{load}\n"
-            'image = pipe("PROMPT", num_inference_steps=20, guidance_scale=3.0).images[0]')
+            f'image = pipe("PROMPT", num_inference_steps={SAMPLING.steps}, '
+            f'guidance_scale={SAMPLING.guidance_scale}).images[0]')

@@ -127,6 +127,23 @@ class GenerationSettings:
         return f"{how}, up to {self.max_new_tokens} new tokens"
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How text-to-image evaluations, `Run.draw` and side-by-side tables draw images (nbtune/diffusion.py): the
+    pipeline's DDPM scheduler swapped for DPM-Solver's steps, the i-th prompt from seed `seed + i`."""
+
+    steps: int = 20
+    guidance_scale: float = 3.0
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"drawn with DPM-Solver ({self.steps} steps, guidance scale {self.guidance_scale}), the i-th "
+                f"prompt from seed {self.seed} + i")
+
+
+SAMPLING = Sampling()
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -178,7 +195,7 @@ def answers(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Genera
     if hasattr(model, "draw"):  # text-to-image (nbtune/diffusion.py): each answer an image, as a base64 PNG
         from nbtune import diffusion
 
-        drawn = model.draw(prompts, dataclasses.replace(diffusion.SAMPLING, seed=settings.seed))
+        drawn = model.draw(prompts, dataclasses.replace(SAMPLING, seed=settings.seed))
         return [diffusion.png(image, size=96) for image in drawn]
     if isinstance(tokenizer, captions.ImageTextProcessor):  # image-to-text: the prompts are images
         return captions.describe(model, tokenizer, prompts, settings.generation_config(tokenizer, model),
@@ -259,14 +276,13 @@ def generate(run: Run, prompts: str | Sequence[str], **settings: Any) -> list[st
 
 def draw(run: Run, prompts: str | Sequence[str], seed: int = 0) -> list[Any]:
     """`Run.draw`: a text-to-image run's images of `prompts`."""
-    from nbtune import diffusion
 
     texts = prompt_list(prompts)
     if run.config.model.task != "text-to-image":
         raise ValueError(f"run {run.id} does not draw (model.task {run.config.model.task}); draw is for "
                          "text-to-image runs: use run.generate(prompts)")
     with _quiet(run):
-        return run.model.draw(texts, dataclasses.replace(diffusion.SAMPLING, seed=seed))
+        return run.model.draw(texts, dataclasses.replace(SAMPLING, seed=seed))
 
 
 def _refuse_classifier(run: Run) -> None:
@@ -638,11 +654,17 @@ _STYLE = ("border-collapse:collapse;font-size:12px", "border:1px solid #ccc;padd
           "white-space:pre-wrap;text-align:left")
 
 
+def _how_answered(table: SideBySide) -> str:
+    """How the answers were made, in words: the drawing settings (text-to-image), else the generation's."""
+    settings = GenerationSettings(**table.settings)
+    return dataclasses.replace(SAMPLING, seed=settings.seed).describe() if table.draws else settings.describe()
+
+
 def side_by_side_html(table: SideBySide) -> str:
     """The table as HTML: one row per prompt, one column per model; prompts and answers escaped."""
     cell = _STYLE[1]
     head = ["prompt", *(["expected"] if table.expected else []), *table.columns]
-    lines = [f"<p>{html.escape(GenerationSettings(**table.settings).describe())}</p>"]
+    lines = [f"<p>{html.escape(_how_answered(table))}</p>"]
     lines += [f'<table class="nbtune-generations" style="{_STYLE[0]}">', "<thead><tr>"
               + "".join(f'<th style="{cell}">{html.escape(h)}</th>' for h in head) + "</tr></thead><tbody>"]
     for row in table.rows:

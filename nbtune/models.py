@@ -73,17 +73,22 @@ def model_identity(config: TuneConfig) -> str:
     """What identifies the base weights: a hash of local files, or hub id + revision."""
     path = Path(resolve_path(config.model.name_or_path))
     if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(path.rglob("*")):  # a pipeline folder holds its parts in subfolders
-            if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
-                digest.update(file.relative_to(path).as_posix().encode())
-                stat = file.stat()
-                if stat.st_size > 64 * 2**20:  # large weights: name, size and modification time stand for content
-                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-                else:
-                    digest.update(file.read_bytes())
-        return f"local:{digest.hexdigest()[:16]}"
+        return f"local:{folder_identity(path)}"
     return f"hub:{config.model.name_or_path}@{config.model.revision or 'main'}"
+
+
+def folder_identity(path: Path) -> str:
+    """A hash of a model folder's files (its subfolders' too: a pipeline holds its parts there)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
+            digest.update(file.relative_to(path).as_posix().encode())
+            stat = file.stat()
+            if stat.st_size > 64 * 2**20:  # large weights: name, size and modification time stand for content
+                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            else:
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_model_config(config: TuneConfig) -> Any:

@@ -25,7 +25,7 @@ from nbtune import disk
 
 log = logging.getLogger("nbtune")
 
-LIBRARIES = ("transformers", "peft", "accelerate")
+LIBRARIES = ("transformers", "peft", "accelerate", "diffusers")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # transformers' report is styled for a terminal
 
 

@@ -144,7 +144,7 @@ class Run:
 
     def draw(self, prompts: str | Sequence[str], seed: int = 0) -> list[Any]:
         """A text-to-image run's image (PIL) for each prompt, the i-th from seed `seed + i`, with the sampling
-        its evaluations use (nbtune.diffusion.SAMPLING)."""
+        its evaluations use (nbtune.generation.SAMPLING)."""
         from nbtune import generation
 
         return generation.draw(self, prompts, seed)

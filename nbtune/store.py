@@ -128,7 +128,8 @@ def check_remote_code(record: RunRecord, config: TuneConfig, trust_remote_code: 
 
 
 def cache_key(config: TuneConfig) -> CacheKey:
-    """What identifies a result: the config's content hash, the data actually used and the base weights.
+    """What identifies a result: the config's content hash, the data actually used (and a built-in dataset's
+    judge) and the base weights.
 
     Computing it reads the data rows (JSON) and hashes local model files, but imports no torch.
     """
@@ -144,6 +145,9 @@ def cache_key(config: TuneConfig) -> CacheKey:
     else:
         train, evaluation = data.load_rows(config)
         data_id = data.fingerprint(train, evaluation)
+    judge = getattr(data.builtin_dataset(d.source), "judge", None)
+    if judge is not None:  # its verdicts are the eval accuracy: another judge, another result
+        data_id += f"|judge:{models.folder_identity(judge)}"
     model_id = models.model_identity(config)
     return CacheKey(key=_key_hash(config.content_hash, data_id, model_id), config_hash=config.content_hash,
                     data_id=data_id, model_id=model_id)

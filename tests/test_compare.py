@@ -553,3 +553,16 @@ def test_a_grpo_variant_brings_its_own_metrics_and_accuracy_words(staged, monkey
     page = comparison.table_html()
     assert "mean reward" in re.findall(r"<th>(.*?)</th>", page) and "grpo: held-out exact match" in page
     assert "Group relative policy optimisation (GRPO): " in comparison.recommendation()
+
+
+def test_the_bases_own_method_keeps_its_parameters_and_the_others_take_their_defaults():
+    """compare(config, methods=["lora", "full"]) on a config that tunes LoRA with r=4 compares that LoRA (the run
+    already trained is reused), not the registry's r=8; a method named by a variant's dotted changes starts from
+    the registry's defaults too."""
+    from nbtune import TuneConfig
+    from nbtune.comparison import variant_config
+
+    base = TuneConfig(method={"name": "lora", "r": 4})
+    assert variant_config(base, "lora") == base
+    assert variant_config(base, "ia3").method.params == {} and variant_config(base, "ia3").method.name == "ia3"
+    assert variant_config(base, {"method": "lora"}).method_params["r"] == TuneConfig().method_params["r"]

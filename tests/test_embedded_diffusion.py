@@ -114,3 +114,25 @@ def test_each_embedded_folder_says_how_it_was_built(folder):
     assert info
     if folder != CONCEPT_DIR:
         assert info["cpu"] and info["threads"] >= 1
+
+
+def test_another_judge_is_another_result_in_the_store(tmp_path, monkeypatch):
+    """The judge's verdicts are sks-star's eval accuracy: a changed judge (rebuilt by --judge-only) changes the
+    cache key, so a run judged by the old one is not served as this one's."""
+    import dataclasses
+    import shutil
+
+    from nbtune import TuneConfig, embedded
+    from nbtune.store import cache_key
+
+    config = TuneConfig(model={"name_or_path": "nbtune:tiny-diffusion", "task": "text-to-image"},
+                        data={"source": "nbtune:sks-star"})
+    before = cache_key(config)
+    assert "|judge:" in before.data_id and cache_key(config) == before
+    judge = shutil.copytree(JUDGE_DIR, tmp_path / "judge")
+    spec = dataclasses.replace(embedded.DATASETS["sks-star"], judge=judge)
+    monkeypatch.setitem(embedded.DATASETS, "sks-star", spec)
+    assert cache_key(config) == before  # the same files elsewhere: the same judge
+    config_file = judge / "config.json"
+    config_file.write_text(config_file.read_text().replace('"circle"', '"ring"', 1))
+    assert cache_key(config).key != before.key

@@ -172,7 +172,7 @@ def test_the_lora_artifact_draws_with_diffusers_alone_as_the_run_does(drawn, pip
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from nbtune import diffusion
+    from nbtune import diffusion, generation
 
     run = drawn[0]["lora"]
     artifact = Path(run.artifact_path)
@@ -184,7 +184,7 @@ def test_the_lora_artifact_draws_with_diffusers_alone_as_the_run_does(drawn, pip
     exec(compile(code.replace("image = pipe", "_ = pipe"), "how_to_load", "exec"), namespace)  # noqa: S102
     pipe = namespace["pipe"]
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    sampling = diffusion.SAMPLING
+    sampling = generation.SAMPLING
     plain = pipe("a red circle", height=32, width=32, num_inference_steps=sampling.steps,
                  guidance_scale=sampling.guidance_scale, generator=[torch.Generator().manual_seed(0)]).images[0]
     ours = run.draw("a red circle")[0]
@@ -215,6 +215,7 @@ def test_images_side_by_side_show_the_base_and_every_run_and_are_kept(drawn):
     assert table.columns == ["base", "lora", "full"]
     assert all(decoded(png).size == (32, 32) for column in table.answers.values() for png in column)
     assert table.to_html().count("<img ") == 6
+    assert "drawn with DPM-Solver (20 steps, guidance scale 3.0), the i-th prompt from seed 0 + i" in table.to_html()
     assert side_by_side(runs, prompts).served_from_store
     with pytest.raises(ValueError, match=r"draws images \(model.task text-to-image\): use run.draw"):
         runs["lora"].generate("a red circle")

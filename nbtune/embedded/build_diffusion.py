@@ -12,7 +12,8 @@ this package),
   guidance). The vocabulary holds the concept word "sks", which pre-training never uses (its embedding is
   redrawn afterwards at the shape words' scale, `reserve_concept_word`). The saved weights are the EMA's.
 - `shape_judge/`: a small ConvNeXt image classifier (the 5 shapes and the concept, `shapes.CONCEPT`) trained
-  on generator images and their VAE reconstructions: it says which shape a generated image shows.
+  on generator images, their VAE reconstructions and reconstructions of blurred copies: it says which shape
+  a generated image shows (`--judge-only` retrains it alone, on the shipped pipeline's VAE).
 - `data/sks-star/`: DreamBooth-style concept data: `train.jsonl` (24 rows `{"image": "train/0000.png",
   "prompt": "a red sks in the top left"}` of star images) and `eval.jsonl` (`{"prompt": ..., "concept": "star"}`
   for the colour x position pairs train never shows, each 4 times: `EVAL_DRAWS`).
@@ -351,6 +352,50 @@ def reconstruct(vae: AutoencoderKL, x: torch.Tensor, batch: int = 500) -> torch.
                           for i in range(0, len(x), batch)])
 
 
+def blur(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image blurred by a 5x5 gaussian of its own width (sigma uniform in 0.3-1 pixels, from `seed`): the
+    softness of a drawn image, which the generator's crisp edges never show the judge."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sigmas = torch.empty(len(x)).uniform_(0.3, 1.0, generator=gen)
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    out = torch.empty_like(x)
+    for i, sigma in enumerate(sigmas):
+        k = torch.exp(-(r**2) / (2 * sigma**2))
+        k = (k[:, None] * k[None, :] / k.sum() ** 2).expand(x.shape[1], 1, 5, 5)
+        padded = torch.nn.functional.pad(x[i : i + 1], (2, 2, 2, 2), mode="replicate")
+        out[i] = torch.nn.functional.conv2d(padded, k, groups=x.shape[1])[0]
+    return out
+
+
+def train_judge(vae: AutoencoderKL, steps: int) -> tuple[ConvNextForImageClassification, dict]:
+    """The judge, trained on generator images of every class (JUDGE_SEEDS[0]), their VAE reconstructions and
+    reconstructions of blurred copies (what drawn images look like); checked on held-out generator images
+    (JUDGE_SEEDS[1]) and their reconstructions."""
+    import torch
+
+    samples = judge_set(JUDGE_SEEDS[0], JUDGE_PER_COMBO)
+    x, y = build_vision.pixels(samples), labels_of(samples)
+    x = torch.cat([x, reconstruct(vae, x), reconstruct(vae, blur(x, JUDGE_SEEDS[0]))])
+    torch.manual_seed(JUDGE_SEEDS[0])  # its init: the same whether the VAE was just trained or loaded
+    judge = make_judge()
+    info = build_vision.pretrain(judge, x, y.repeat(3), 0.0, steps, batch_size=64, lr=2e-3)
+    check = judge_set(JUDGE_SEEDS[1], JUDGE_CHECK_PER_COMBO)
+    cx, cy = build_vision.pixels(check), labels_of(check)
+    info.update(labels=list(JUDGE_LABELS), train_images=len(x), parameters=sum(p.numel() for p in judge.parameters()),
+                train_seeds=[JUDGE_SEEDS[0]], check_seed=JUDGE_SEEDS[1], check_accuracy=judge_accuracy(judge, cx, cy),
+                check_accuracy_vae_reconstructed=judge_accuracy(judge, reconstruct(vae, cx), cy))
+    return judge, info
+
+
+def save_judge(judge: ConvNextForImageClassification, folder: pathlib.Path, info: dict) -> None:
+    judge.config.problem_type = None
+    judge.save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    write_info(folder, info)
+
+
 def make_judge() -> ConvNextForImageClassification:
     """A small ConvNeXt over JUDGE_LABELS: a stride-2 stem, three stages of one block (32, 64, 128 channels)."""
     from transformers import ConvNextConfig, ConvNextForImageClassification
@@ -476,50 +521,70 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=3000, help="denoiser pre-training steps")
     parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--judge-steps", type=int, default=1500)
+    parser.add_argument("--judge-steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=2e-3, help="denoiser learning rate")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                         help="folder that receives diffusion/, shape_judge/ and data/sks-star")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-only", action="store_true", help="rewrite data/sks-star only")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="retrain shape_judge/ on the VAE of the pipeline under --out, and re-judge its base")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    sizes = write_concept_dataset(args.out)
-    write_info(args.out / "data" / "sks-star", {
+    write_concept_info(args.out)
+    if args.data_only:
+        return
+    if args.judge_only:
+        pipe = load_pipeline(args.out / "diffusion")
+        judge, judge_info = train_judge(pipe.vae, args.judge_steps)
+        info = json.loads((args.out / "diffusion" / "build_info.json").read_text())
+    else:
+        pipe, info = build_pipeline(args)
+        judge, judge_info = train_judge(pipe.vae, args.judge_steps)
+    print(f"judge: {judge_info}", flush=True)
+    known, wanted = known_prompts()
+    info["base_known_shapes"] = drawing_rate(pipe, judge, known, wanted, PRETRAIN_SEEDS[1])
+    info["base_concept_prompts"] = drawing_rate(pipe, judge, eval_prompts(), [shapes.CONCEPT] * len(eval_prompts()),
+                                                PRETRAIN_SEEDS[1])
+    print(f"base draws the prompted shape: {info['base_known_shapes']}; the concept prompt: "
+          f"{info['base_concept_prompts']}", flush=True)
+    cpu = {"cpu": cpu_model(), "threads": args.threads}
+    save_judge(judge, args.out / "shape_judge", {**judge_info, "base_samples_accuracy":
+                                                 info["base_known_shapes"]["rate"], **cpu})
+    if not args.judge_only:
+        pipe.save_pretrained(args.out / "diffusion")
+        info.update(build_seconds=round(time.time() - t0, 1), **cpu)
+    write_info(args.out / "diffusion", info)
+    print(f"wrote {args.out / 'diffusion'} and {args.out / 'shape_judge'} in {time.time() - t0:.0f}s", flush=True)
+
+
+def write_concept_info(out: pathlib.Path) -> None:
+    """data/sks-star and its build_info.json."""
+    sizes = write_concept_dataset(out)
+    write_info(out / "data" / "sks-star", {
         "concept": shapes.CONCEPT, "word": CONCEPT_WORD, "seed": shapes.CONCEPT_SEED, "sizes": sizes,
         "train_pairs": [list(c) for c in shapes.concept_combos("train")],
         "eval_pairs": [list(c) for c in shapes.concept_combos("eval")],
     })  # fmt: skip
-    print(f"wrote {args.out / 'data' / 'sks-star'}: {sizes}", flush=True)
-    if args.data_only:
-        return
+    print(f"wrote {out / 'data' / 'sks-star'}: {sizes}", flush=True)
+
+
+def build_pipeline(args: argparse.Namespace) -> tuple[StableDiffusionPipeline, dict]:
+    """The VAE pre-trained for reconstruction, then the text encoder and the UNet to denoise its latents of
+    the shapes world's images: the pipeline, and what its build_info.json records."""
+    import torch
 
     torch.manual_seed(SEED)
     samples = shapes.make_split("all", PRETRAIN_PER_COMBO, PRETRAIN_SEEDS[0])
     x = build_vision.pixels(samples)
-    print(f"pre-training set: {len(x)} images ({time.time() - t0:.0f}s)", flush=True)
     vae = make_vae()
     vae_info = pretrain_vae(vae, x, args.vae_steps)
     mean, std = encode(vae, x)
     vae_info["latents"] = centre_latents(vae, mean, std)
     check = build_vision.pixels(judge_set(JUDGE_SEEDS[1], JUDGE_CHECK_PER_COMBO))
-    check_y = labels_of(judge_set(JUDGE_SEEDS[1], JUDGE_CHECK_PER_COMBO))
-    recon_check = reconstruct(vae, check)
-    vae_info["check_mse"] = round(float((recon_check - check).pow(2).mean()), 6)
+    vae_info["check_mse"] = round(float((reconstruct(vae, check) - check).pow(2).mean()), 6)
     print(f"vae: {vae_info}", flush=True)
-
-    judge_samples = judge_set(JUDGE_SEEDS[0], JUDGE_PER_COMBO)
-    jx = build_vision.pixels(judge_samples)
-    jx, jy = torch.cat([jx, reconstruct(vae, jx)]), labels_of(judge_samples).repeat(2)
-    judge = make_judge()
-    judge_info = build_vision.pretrain(judge, jx, jy, 0.0, args.judge_steps, batch_size=64, lr=2e-3)
-    judge_info.update(labels=list(JUDGE_LABELS), train_images=len(jx), parameters=sum(p.numel() for p in judge.parameters()),
-                      train_seeds=[JUDGE_SEEDS[0]], check_seed=JUDGE_SEEDS[1],
-                      check_accuracy=judge_accuracy(judge, check, check_y),
-                      check_accuracy_vae_reconstructed=judge_accuracy(judge, recon_check, check_y))
-    print(f"judge: {judge_info}", flush=True)
-
     tokenizer = make_tokenizer()
     ids = token_ids(tokenizer, pretraining_prompts(samples, PRETRAIN_SEEDS[0]))
     text_encoder, unet = make_text_encoder(tokenizer), make_unet()
@@ -527,28 +592,14 @@ def main(argv: list[str] | None = None) -> None:
     den_info["concept_word_norm"] = reserve_concept_word(text_encoder, tokenizer)
     pipe = make_pipeline(vae, text_encoder, unet, tokenizer)
     pipe.set_progress_bar_config(disable=True)
-    known, wanted = known_prompts()
-    base = drawing_rate(pipe, judge, known, wanted, PRETRAIN_SEEDS[1])
-    concept = drawing_rate(pipe, judge, eval_prompts(), [shapes.CONCEPT] * len(eval_prompts()), PRETRAIN_SEEDS[1])
-    print(f"base draws the prompted shape: {base}; the concept prompt: {concept}", flush=True)
-    judge_info["base_samples_accuracy"] = base["rate"]
-
-    pipe.save_pretrained(args.out / "diffusion")
-    judge_dir = args.out / "shape_judge"
-    judge.config.problem_type = None
-    judge.save_pretrained(judge_dir)
-    image_processor().save_pretrained(judge_dir)
-    cpu = {"cpu": cpu_model(), "threads": args.threads}
-    write_info(judge_dir, {**judge_info, **cpu})
-    write_info(args.out / "diffusion", {
+    return pipe, {
         "vae": vae_info, "denoiser": den_info, "pretrain_images": len(x), "pretrain_seeds": list(PRETRAIN_SEEDS),
         "concept_word": CONCEPT_WORD, "vocabulary": vocabulary(), "guidance_scale": GUIDANCE,
-        "inference_steps": SAMPLE_STEPS, "base_known_shapes": base, "base_concept_prompts": concept,
+        "inference_steps": SAMPLE_STEPS,
         "parameters": {name: sum(p.numel() for p in m.parameters())
                        for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))},
-        "seed": SEED, "build_seconds": round(time.time() - t0, 1), **cpu,
-    })  # fmt: skip
-    print(f"wrote {args.out / 'diffusion'} and {judge_dir} in {time.time() - t0:.0f}s", flush=True)
+        "seed": SEED,
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
