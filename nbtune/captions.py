@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nbtune import noise
 from nbtune.config import ConfigError, TuneConfig
 
 DEFAULT_CAPTION_COLUMN = "caption"
@@ -52,7 +53,8 @@ def load_processor(path: str | Path, **kwargs: Any) -> ImageTextProcessor:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
-    return ImageTextProcessor(AutoImageProcessor.from_pretrained(path, **kwargs), tokenizer)
+    with noise.no_torchvision_note():
+        return ImageTextProcessor(AutoImageProcessor.from_pretrained(path, **kwargs), tokenizer)
 
 
 def columns(config: TuneConfig, row: dict[str, Any]) -> tuple[str, str]:

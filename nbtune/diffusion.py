@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,34 +26,23 @@ from typing import Any
 
 import torch
 
+from nbtune import noise
 from nbtune.config import ConfigError, TuneConfig
 from nbtune.generation import SAMPLING, Sampling
 
-
-def _import_diffusers() -> None:
-    """diffusers, imported here once: its lazy module is not thread-safe (the builder's estimate and a cell's
-    importing it at once failed "cannot import name 'AutoencoderKL'"), and this module's import is locked. Its
-    pipelines import transformers' CLIP image processor, which warns where torchvision is missing that it falls
-    back to PIL: said to nobody (it changes nothing nbtune does)."""
-    quiet = logging.getLogger("transformers.utils.import_utils")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        from diffusers import StableDiffusionPipeline  # noqa: F401 - the pipeline's own imports, resolved now
-    finally:
-        quiet.setLevel(level)
-
-
-_import_diffusers()
-from diffusers import (  # noqa: E402 - after _import_diffusers
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
+# diffusers is imported here, once: its lazy module is not thread-safe (the builder's estimate and a cell's
+# importing it at once failed "cannot import name 'AutoencoderKL'"), and this module's import is locked. Its
+# pipelines import transformers' CLIP image processor, whose torchvision note is kept out of the cell.
+with noise.no_torchvision_note():
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils import logging as diffusers_logging
 
 DEFAULT_PROMPT_COLUMN = "prompt"
 SHOWN_SAMPLES = 4  # samples an eval event carries as PNGs
@@ -252,7 +240,8 @@ def judged(judge: str | Path, drawn: Sequence[Any], concepts: Sequence[str]) -> 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(judge).eval()
-    processor = AutoImageProcessor.from_pretrained(judge)
+    with noise.no_torchvision_note():
+        processor = AutoImageProcessor.from_pretrained(judge)
     with torch.no_grad():
         classes = model(**processor(images=[i.convert("RGB") for i in drawn], return_tensors="pt")).logits.argmax(-1)
     names = [model.config.id2label[int(c)] for c in classes]

@@ -130,8 +130,11 @@ def load_tokenizer(config: TuneConfig) -> Any:
         return captions.load_processor(resolve_path(m.name_or_path), revision=m.revision,
                                        trust_remote_code=m.trust_remote_code)
     if TASKS[m.task].inputs == "image":
-        return AutoImageProcessor.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
-                                                  trust_remote_code=m.trust_remote_code)
+        from nbtune import noise
+
+        with noise.no_torchvision_note():
+            return AutoImageProcessor.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
+                                                      trust_remote_code=m.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(m.name_or_path), revision=m.revision,
                                               trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:

@@ -101,6 +101,19 @@ def captured(path: Path, events: Any = None) -> Iterator[Capture]:
         capture.close()
 
 
+@contextmanager
+def no_torchvision_note() -> Iterator[None]:
+    """Inside: transformers does not say, where torchvision is missing, that an image processor falls back to
+    its PIL version (it changes nothing nbtune does; said once, it reached the cell that first loaded one)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _is_library(name: str) -> bool:
     return name.split(".", 1)[0] in LIBRARIES
 
